@@ -1,0 +1,1859 @@
+# callbacks.py: a reference implementation of LangChain's callback system.
+# Version 0.1.0. https://pypi.org/project/callbacks-reference/
+#
+# MIT License
+#
+# Copyright (c) 2026 The callbacks-reference authors
+#
+# Permission is hereby granted, free of charge, to any person obtaining a copy of this software
+# and associated documentation files (the "Software"), to deal in the Software without
+# restriction, including without limitation the rights to use, copy, modify, merge, publish,
+# distribute, sublicense, and/or sell copies of the Software, and to permit persons to whom the
+# Software is furnished to do so, subject to the following conditions:
+#
+# The above copyright notice and this permission notice shall be included in all copies or
+# substantial portions of the Software.
+#
+# THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR IMPLIED, INCLUDING
+# BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY, FITNESS FOR A PARTICULAR PURPOSE AND
+# NONINFRINGEMENT. IN NO EVENT SHALL THE AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM,
+# DAMAGES OR OTHER LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM,
+# OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE SOFTWARE.
+
+"""The callback rules of LLM frameworks such as LangChain, in one readable file.
+
+Theory of operation
+-------------------
+A *run* is one execution of one runnable: a chain, an LLM call, a tool call, a retrieval. Runs
+nest: a chain's steps are its child runs. A *handler* is any object with ``on_*`` methods; it
+receives *events* (``on_chain_start``, ``on_llm_new_token``, ...), each tagged with the run's
+``run_id`` and its parent's ``parent_run_id``, so a handler can rebuild the tree of runs.
+
+Which handlers see which run is decided by *managers*. A `CallbackManager` holds three pairs of
+fields: ``handlers`` / ``inheritable_handlers``, ``tags`` / ``inheritable_tags`` and ``metadata``
+/ ``inheritable_metadata``, plus the parent run. The plain field is what the run about to start
+uses; the inheritable one is what its children get. Everything else follows from two rules:
+
+1. Values given at *request time* (``runnable.invoke(x, {"callbacks": [h]})``) or bound with
+   ``with_config`` are inheritable: they reach the run and every run below it.
+2. Values given to a *constructor* (``LLM(callbacks=[h])``) are local: that object's runs only.
+
+Starting a run turns a `CallbackManager` into a `RunManager`, which fires the start event and
+later exactly one end or error event. ``RunManager.get_child(tag)`` builds the manager of a
+child run from the inheritable half alone, with the run as parent. A runnable invoked inside a
+run without a config finds its parent through a `contextvars.ContextVar`, so user code does not
+have to thread the config through by hand (it may, by passing ``{"callbacks": child_manager}``).
+
+Dispatch calls each handler in order, skips handlers whose ``ignore_*`` flag covers the event,
+and never lets a handler's exception break the run unless that handler sets ``raise_error``.
+The `Event` enum is the one table of events: method names, run types, phases and ignore flags
+are read from it by the handler base class, the run managers, the dispatcher and the checker.
+
+The file reads top to bottom: events, payloads, handlers, dispatch, managers, runnables, extras
+(recorder, trace checker, deterministic ids) and a demo (``python callbacks.py``). Rule ids in
+comments (``S2``, ``D3``, ``R1``...) refer to the project's SPEC; the README lists them all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import copy
+import enum
+import inspect
+import itertools
+import logging
+import re
+import threading
+import uuid
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Final, NamedTuple, Self, TypedDict, final
+
+__version__ = "0.1.0"
+__license__ = "MIT"
+
+__all__ = [
+    "LLM",
+    "AIMessage",
+    "BaseCallbackHandler",
+    "BaseMessage",
+    "CallbackManager",
+    "Chain",
+    "ChatModel",
+    "Document",
+    "Event",
+    "Generation",
+    "HumanMessage",
+    "LLMResult",
+    "Lambda",
+    "Parallel",
+    "Record",
+    "Recorder",
+    "Retriever",
+    "RunManager",
+    "Runnable",
+    "RunnableConfig",
+    "SystemMessage",
+    "Tool",
+    "ToolMessage",
+    "TraceChecker",
+    "dispatch_custom_event",
+    "sequential_run_ids",
+]
+
+logger = logging.getLogger(__name__)
+
+# =================================================================================================
+# Events
+# =================================================================================================
+
+_KEYWORDS: Final = {
+    # Keyword arguments each kind of event carries besides its payload; start events also get
+    # ``name`` and whatever the emitter adds, through ``**kwargs``.
+    "start": ("run_id", "parent_run_id", "tags", "metadata"),
+    "custom": ("run_id", "tags", "metadata"),
+    "other": ("run_id", "parent_run_id", "tags"),
+}
+
+
+class Event(enum.Enum):
+    """Every callback event, with the facts that the rest of the module reads from it.
+
+    Each member carries ``method`` (the handler method, LangChain Python's name), ``js_name``
+    (LangChain JS's, or None), ``run_type`` (the kind of run it belongs to, ``"any"`` for notes
+    that any run may emit), ``phase`` (``start``, ``stream``, ``end``, ``error`` or ``note``),
+    ``ignore_flag`` (the handler attribute that silences it, or None: ``on_text`` cannot be
+    silenced), ``payload`` (its positional parameters) and ``keywords`` (the keyword arguments the
+    handler receives). ``signature`` renders the handler method's signature.
+    """
+
+    # fmt: off
+    #                   handler method          JS name                 run type      phase     ignore flag            payload
+    CHAT_MODEL_START = ("on_chat_model_start", "handleChatModelStart", "chat_model", "start",  "ignore_chat_model",   "serialized, messages")
+    LLM_START        = ("on_llm_start",        "handleLLMStart",       "llm",        "start",  "ignore_llm",          "serialized, prompts")
+    LLM_NEW_TOKEN    = ("on_llm_new_token",    "handleLLMNewToken",    "llm",        "stream", "ignore_llm",          "token, *, chunk=None")
+    LLM_END          = ("on_llm_end",          "handleLLMEnd",         "llm",        "end",    "ignore_llm",          "response")
+    LLM_ERROR        = ("on_llm_error",        "handleLLMError",       "llm",        "error",  "ignore_llm",          "error")
+    CHAIN_START      = ("on_chain_start",      "handleChainStart",     "chain",      "start",  "ignore_chain",        "serialized, inputs")
+    CHAIN_END        = ("on_chain_end",        "handleChainEnd",       "chain",      "end",    "ignore_chain",        "outputs")
+    CHAIN_ERROR      = ("on_chain_error",      "handleChainError",     "chain",      "error",  "ignore_chain",        "error")
+    TOOL_START       = ("on_tool_start",       "handleToolStart",      "tool",       "start",  "ignore_agent",        "serialized, input_str, *, inputs=None")
+    TOOL_END         = ("on_tool_end",         "handleToolEnd",        "tool",       "end",    "ignore_agent",        "output")
+    TOOL_ERROR       = ("on_tool_error",       "handleToolError",      "tool",       "error",  "ignore_agent",        "error")
+    RETRIEVER_START  = ("on_retriever_start",  "handleRetrieverStart", "retriever",  "start",  "ignore_retriever",    "serialized, query")
+    RETRIEVER_END    = ("on_retriever_end",    "handleRetrieverEnd",   "retriever",  "end",    "ignore_retriever",    "documents")
+    RETRIEVER_ERROR  = ("on_retriever_error",  "handleRetrieverError", "retriever",  "error",  "ignore_retriever",    "error")
+    TEXT             = ("on_text",             "handleText",           "any",        "note",   None,                  "text")
+    AGENT_ACTION     = ("on_agent_action",     "handleAgentAction",    "chain",      "note",   "ignore_agent",        "action")
+    AGENT_FINISH     = ("on_agent_finish",     "handleAgentEnd",       "chain",      "note",   "ignore_agent",        "finish")
+    RETRY            = ("on_retry",            None,                   "any",        "note",   "ignore_retry",        "retry_state")
+    CUSTOM_EVENT     = ("on_custom_event",     "handleCustomEvent",    "any",        "note",   "ignore_custom_event", "name, data")
+    # fmt: on
+
+    method: str
+    js_name: str | None
+    run_type: str
+    phase: str
+    ignore_flag: str | None
+    payload: tuple[str, ...]
+    keyword_payload: tuple[str, ...]
+    keywords: tuple[str, ...]
+
+    def __init__(
+        self,
+        method: str,
+        js_name: str | None,
+        run_type: str,
+        phase: str,
+        ignore_flag: str | None,
+        payload: str,
+    ) -> None:
+        self.method = method
+        self.js_name = js_name
+        self.run_type = run_type
+        self.phase = phase
+        self.ignore_flag = ignore_flag
+        positional, _, keyword = payload.partition(", *, ")
+        self.payload = tuple(positional.split(", "))
+        self.keyword_payload = tuple(k.partition("=")[0] for k in keyword.split(", ") if k)
+        kind = "start" if phase == "start" else "custom" if method == "on_custom_event" else "other"
+        self.keywords = _KEYWORDS[kind]
+
+    @property
+    def signature(self) -> inspect.Signature:
+        """The handler method's signature: payload positional, everything else keyword-only."""
+        p = inspect.Parameter
+        params = [p("self", p.POSITIONAL_OR_KEYWORD)]
+        params += [p(name, p.POSITIONAL_OR_KEYWORD) for name in self.payload]
+        params += [p(name, p.KEYWORD_ONLY, default=None) for name in self.keyword_payload]
+        for name in self.keywords:
+            params.append(
+                p(name, p.KEYWORD_ONLY, **({} if name == "run_id" else {"default": None}))
+            )
+        params.append(p("kwargs", p.VAR_KEYWORD))
+        return inspect.Signature(params)
+
+
+# Lookups derived from the table, for the hot paths.
+_START: Final = {e.run_type: e for e in Event if e.phase == "start"}
+_END: Final = {e.run_type: e for e in Event if e.phase == "end"}
+_ERROR: Final = {e.run_type: e for e in Event if e.phase == "error"}
+_FAMILY: Final = {"chat_model": "llm"}  # a chat run streams, ends and fails as an LLM run
+_METHODS: Final = frozenset(e.method for e in Event)
+
+
+# =================================================================================================
+# Payloads (R5): small classes shaped like LangChain's, so handlers port both ways
+# =================================================================================================
+
+
+@dataclass(frozen=True, slots=True)
+class BaseMessage:
+    """A chat message: ``type`` says who speaks, ``content`` what is said."""
+
+    content: str
+    type: ClassVar[str] = "base"
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class HumanMessage(BaseMessage):
+    """A message from the user."""
+
+    type: ClassVar[str] = "human"
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class AIMessage(BaseMessage):
+    """A message from the model."""
+
+    type: ClassVar[str] = "ai"
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class SystemMessage(BaseMessage):
+    """Instructions for the model."""
+
+    type: ClassVar[str] = "system"
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class ToolMessage(BaseMessage):
+    """A tool's answer, handed back to the model."""
+
+    type: ClassVar[str] = "tool"
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """One completion; chat completions also carry the ``message``."""
+
+    text: str
+    message: BaseMessage | None = None
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class LLMResult:
+    """What ``on_llm_end`` receives: ``generations[prompt_index][candidate_index]``."""
+
+    generations: list[list[Generation]]
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Document:
+    """A retrieved document."""
+
+    page_content: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+_ROLES: Final = {"system": "System", "human": "Human", "ai": "AI", "tool": "Tool"}
+
+
+def _buffer_string(messages: Sequence[Any]) -> str:
+    """Render a message list the way the chat fallback (D4) hands it to ``on_llm_start``."""
+    return "\n".join(f"{_ROLES.get(m.type, m.type)}: {m.content}" for m in messages)
+
+
+# =================================================================================================
+# Handlers
+# =================================================================================================
+
+
+def _install_event_methods(cls: type, make: Callable[[Event], Callable[..., Any]]) -> None:
+    """Give ``cls`` one method per event, named and documented from the table."""
+    for event in Event:
+        method = make(event)
+        method.__name__ = method.__qualname__ = event.method
+        method.__signature__ = event.signature  # type: ignore[attr-defined]
+        method.__doc__ = (
+            method.__doc__ or f"Called on {event.name} ({event.phase} of a {event.run_type} run)."
+        )
+        setattr(cls, event.method, method)
+
+
+class BaseCallbackHandler:
+    """Base for handlers: every event method is a no-op you may override.
+
+    The one exception is ``on_chat_model_start``: its default raises `NotImplementedError`, and
+    the dispatcher then calls ``on_llm_start`` with the messages rendered as strings (D4).
+    Subclassing is optional: the dispatcher accepts any object with the ``on_*`` methods it
+    cares about and reads the flags below with a default of False (so a handler written for
+    langchain_core runs here unchanged).
+
+    Flags (class or instance attributes):
+      ``raise_error``: a failure in this handler propagates out of the run (D2).
+      ``run_inline``: under async dispatch, run on the event loop in order (D5).
+      ``ignore_llm``, ``ignore_chat_model``, ``ignore_chain``, ``ignore_agent`` (agent *and*
+      tool events), ``ignore_retriever``, ``ignore_retry``, ``ignore_custom_event``: skip those
+      events (D1). ``on_text`` cannot be ignored.
+
+    Method signatures follow `Event.signature`: payload positional, then keyword-only ``run_id``,
+    ``parent_run_id``, ``tags`` and (start and custom events) ``metadata``, then ``**kwargs``
+    (start events get ``name`` there).
+    """
+
+    raise_error: bool = False
+    run_inline: bool = False
+    ignore_llm: bool = False
+    ignore_chat_model: bool = False
+    ignore_chain: bool = False
+    ignore_agent: bool = False
+    ignore_retriever: bool = False
+    ignore_retry: bool = False
+    ignore_custom_event: bool = False
+
+    if TYPE_CHECKING:  # the event methods are installed from the Event table below
+
+        def __getattr__(self, name: str) -> Callable[..., Any]: ...
+
+
+def _no_op(event: Event) -> Callable[..., Any]:
+    if event is Event.CHAT_MODEL_START:
+
+        def not_implemented(self: Any, *args: Any, **kwargs: Any) -> None:
+            """Not implemented: the dispatcher falls back to ``on_llm_start`` (D4)."""
+            raise NotImplementedError(
+                f"{type(self).__name__} does not implement on_chat_model_start"
+            )
+
+        return not_implemented
+
+    def no_op(self: Any, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    return no_op
+
+
+_install_event_methods(BaseCallbackHandler, _no_op)
+
+
+def _check_handler(obj: object) -> None:
+    """Raise `TypeError` unless ``obj`` plausibly is a handler (has an event method)."""
+    if isinstance(obj, BaseCallbackHandler):
+        return
+    if isinstance(obj, type) or not any(hasattr(obj, m) for m in _METHODS):
+        raise TypeError(
+            f"expected a callback handler (an object with on_* event methods), got {obj!r}"
+        )
+
+
+# =================================================================================================
+# Dispatch
+# =================================================================================================
+
+
+def _as_prompts(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    serialized, messages = args
+    return serialized, [_buffer_string(m) for m in messages]
+
+
+# D4: an event whose handler method is not implemented falls back to another event.
+_FALLBACK: Final = {Event.CHAT_MODEL_START: (Event.LLM_START, _as_prompts)}
+
+
+def _handler_failed(handler: object, event: Event, error: Exception) -> BaseException | None:
+    """Log a handler's failure (D2); return it when the handler wants it raised."""
+    logger.warning("error in %s.%s callback: %r", type(handler).__name__, event.method, error)
+    return error if getattr(handler, "raise_error", False) else None
+
+
+def _call_handler(
+    handler: object, event: Event, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> BaseException | None:
+    """Deliver one event to one handler; return the exception the run must raise, if any."""
+    flag = event.ignore_flag
+    if flag is not None and getattr(handler, flag, False):  # D1
+        return None
+    method = getattr(handler, event.method, None)
+    try:
+        if method is None:
+            if event in _FALLBACK:  # a duck-typed handler without the method: as if not implemented
+                raise NotImplementedError
+            return None
+        method(*args, **kwargs)
+    except NotImplementedError as error:
+        fallback = _FALLBACK.get(event)
+        if fallback is None:
+            return _handler_failed(handler, event, error)
+        other, convert = fallback
+        return _call_handler(handler, other, convert(args), kwargs)  # D4, obeys ignore_llm
+    except Exception as error:
+        return _handler_failed(handler, event, error)
+    except BaseException as error:  # KeyboardInterrupt and friends always propagate
+        return error
+    return None
+
+
+def _dispatch(
+    handlers: Sequence[object], event: Event, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    """Deliver ``event`` to each handler in order (D1), then raise the first failure to raise.
+
+    Every handler receives the event even when an earlier one failed, so that each handler's
+    trace stays balanced (D3); the failure raised is the first from a ``raise_error`` handler
+    or the first non-`Exception` (such as `KeyboardInterrupt`), and others are only logged.
+    """
+    first: BaseException | None = None
+    for handler in handlers:
+        error = _call_handler(handler, event, args, kwargs)
+        if error is not None and first is None:
+            first = error
+    if first is not None:
+        raise first
+
+
+# =================================================================================================
+# Managers: scoping and inheritance (S1-S9)
+# =================================================================================================
+
+
+def _check_tags(tags: object, what: str = "tags") -> tuple[str, ...]:
+    if isinstance(tags, str) or not isinstance(tags, Iterable):
+        raise TypeError(f"{what} must be a list of strings, got {tags!r}")
+    out = tuple(tags)
+    for tag in out:
+        if not isinstance(tag, str):
+            raise TypeError(f"{what} must be a list of strings, got {tag!r} in {tags!r}")
+    return out
+
+
+def _check_metadata(metadata: object, what: str = "metadata") -> dict[str, Any]:
+    if not isinstance(metadata, Mapping) or not all(isinstance(k, str) for k in metadata):
+        raise TypeError(f"{what} must be a dict with string keys, got {metadata!r}")
+    return dict(metadata)
+
+
+def _check_handlers(handlers: object, what: str = "callbacks") -> tuple[object, ...]:
+    if isinstance(handlers, (str, bytes)) or not isinstance(handlers, Iterable):
+        raise TypeError(f"{what} must be a list of handlers, got {handlers!r}")
+    out = tuple(handlers)
+    for handler in out:
+        _check_handler(handler)
+    return out
+
+
+def _add_unique(
+    items: tuple[Any, ...], new: Iterable[Any], *, by_identity: bool
+) -> tuple[Any, ...]:
+    """Append the new items not yet present: an ordered set (S6 by identity, S7 by equality)."""
+    out = list(items)
+    for item in new:
+        if not any((x is item) if by_identity else (x == item) for x in out):
+            out.append(item)
+    return tuple(out) if len(out) != len(items) else items
+
+
+class CallbackManager:
+    """The handlers, tags and metadata for the next run, split into current and inheritable.
+
+    ``handlers``, ``tags`` and ``metadata`` are what the run started by this manager uses;
+    ``inheritable_handlers``, ``inheritable_tags`` and ``inheritable_metadata`` are what that
+    run's children get (S1-S4). Inheritable values are always also current. Handler and tag
+    lists are ordered sets: a handler (by identity, S6) or tag (S7) is kept once, at its first
+    place. Metadata merges key by key, the last writer winning (S8). The fields are tuples and
+    dicts that the methods below replace rather than mutate: read them, change them through
+    the methods. A run that has started keeps the values it started with.
+
+    ``on_chain_start``, ``on_tool_start``, ``on_retriever_start`` fire a start event and return
+    the `RunManager` of the new run; ``on_llm_start`` and ``on_chat_model_start`` start one run
+    per prompt and return a list (R2). If a ``raise_error`` handler fails on the start event,
+    the run is closed with an error event and the failure propagates (D3).
+    """
+
+    __slots__ = (
+        "_parent",
+        "handlers",
+        "inheritable_handlers",
+        "inheritable_metadata",
+        "inheritable_tags",
+        "metadata",
+        "tags",
+    )
+
+    handlers: tuple[Any, ...]
+    inheritable_handlers: tuple[Any, ...]
+    tags: tuple[str, ...]
+    inheritable_tags: tuple[str, ...]
+    metadata: dict[str, Any]
+    inheritable_metadata: dict[str, Any]
+    _parent: RunManager | uuid.UUID | None
+
+    def __init__(
+        self,
+        handlers: Iterable[Any] = (),
+        inheritable_handlers: Iterable[Any] = (),
+        parent_run_id: uuid.UUID | None = None,
+        *,
+        tags: Iterable[str] = (),
+        inheritable_tags: Iterable[str] = (),
+        metadata: Mapping[str, Any] | None = None,
+        inheritable_metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        if parent_run_id is not None and not isinstance(parent_run_id, uuid.UUID):
+            raise TypeError(f"parent_run_id must be a uuid.UUID or None, got {parent_run_id!r}")
+        self._parent = parent_run_id
+        self.handlers = self.inheritable_handlers = self.tags = self.inheritable_tags = ()
+        self.metadata, self.inheritable_metadata = {}, {}
+        self.add_handlers(inheritable_handlers, inherit=True)
+        self.add_handlers(handlers, inherit=False)
+        self.add_tags(inheritable_tags, inherit=True)
+        self.add_tags(tags, inherit=False)
+        self.add_metadata(inheritable_metadata or {}, inherit=True)
+        self.add_metadata(metadata or {}, inherit=False)
+
+    @classmethod
+    def configure(
+        cls,
+        inheritable_callbacks: Iterable[Any] | CallbackManager | None = None,
+        local_callbacks: Iterable[Any] | CallbackManager | None = None,
+        inheritable_tags: Iterable[str] | None = None,
+        local_tags: Iterable[str] | None = None,
+        inheritable_metadata: Mapping[str, Any] | None = None,
+        local_metadata: Mapping[str, Any] | None = None,
+    ) -> CallbackManager:
+        """Build the manager for a run from request-time (inheritable) and constructor (local) values.
+
+        A manager as ``inheritable_callbacks`` is copied whole, parent run included: that is
+        how a child manager from `RunManager.get_child` continues the tree. A manager as
+        ``local_callbacks`` contributes its ``handlers``. Inheritable values come first, then
+        local ones (S5); a local value never removes an inheritable one (S6, S7), and a local
+        metadata key overrides an inheritable one for this run only (S8).
+        """
+        if isinstance(inheritable_callbacks, CallbackManager):
+            manager = inheritable_callbacks.copy()
+        else:
+            manager = cls()
+            manager.add_handlers(inheritable_callbacks or (), inherit=True)
+        if isinstance(local_callbacks, CallbackManager):
+            local_callbacks = local_callbacks.handlers
+        manager.add_handlers(local_callbacks or (), inherit=False)
+        manager.add_tags(inheritable_tags or (), inherit=True)
+        manager.add_tags(local_tags or (), inherit=False)
+        manager.add_metadata(inheritable_metadata or {}, inherit=True)
+        manager.add_metadata(local_metadata or {}, inherit=False)
+        return manager
+
+    @classmethod
+    def _make(cls, source: CallbackManager | RunManager, parent: Any) -> CallbackManager:
+        """A manager holding ``source``'s inheritable values, current and inheritable alike."""
+        self = cls.__new__(cls)
+        self.handlers = self.inheritable_handlers = source.inheritable_handlers
+        self.tags = self.inheritable_tags = source.inheritable_tags
+        self.metadata = self.inheritable_metadata = source.inheritable_metadata
+        self._parent = parent
+        return self
+
+    @property
+    def parent_run_id(self) -> uuid.UUID | None:
+        """The id of the run that the next run will be a child of, or None for a root."""
+        parent = self._parent
+        return parent.run_id if isinstance(parent, RunManager) else parent
+
+    def copy(self) -> CallbackManager:
+        """An independent manager with the same values and parent."""
+        other = copy.copy(self)
+        return other
+
+    def add_handler(self, handler: Any, inherit: bool = True) -> None:
+        """Add ``handler`` after the others, unless it is there already (S6, by identity).
+
+        With ``inherit`` it is (or becomes) inheritable too. `TypeError` if it is no handler.
+        """
+        self.add_handlers((handler,), inherit=inherit)
+
+    def add_handlers(self, handlers: Iterable[Any], inherit: bool = True) -> None:
+        """`add_handler` for each of ``handlers``, in order."""
+        new = _check_handlers(handlers)
+        self.handlers = _add_unique(self.handlers, new, by_identity=True)
+        if inherit:
+            self.inheritable_handlers = _add_unique(
+                self.inheritable_handlers, new, by_identity=True
+            )
+
+    def remove_handler(self, handler: Any) -> None:
+        """Remove ``handler`` from both lists; `ValueError` if it is not there."""
+        if not any(h is handler for h in self.handlers):
+            raise ValueError(f"handler {handler!r} is not registered with this manager")
+        self.handlers = tuple(h for h in self.handlers if h is not handler)
+        self.inheritable_handlers = tuple(h for h in self.inheritable_handlers if h is not handler)
+
+    def add_tags(self, tags: Iterable[str], inherit: bool = True) -> None:
+        """Add the tags not yet present, after the others (S7); with ``inherit``, make them inheritable."""
+        new = _check_tags(tags)
+        self.tags = _add_unique(self.tags, new, by_identity=False)
+        if inherit:
+            self.inheritable_tags = _add_unique(self.inheritable_tags, new, by_identity=False)
+
+    def remove_tags(self, tags: Iterable[str]) -> None:
+        """Remove the given tags from both lists; absent tags are ignored."""
+        gone = set(_check_tags(tags))
+        self.tags = tuple(t for t in self.tags if t not in gone)
+        self.inheritable_tags = tuple(t for t in self.inheritable_tags if t not in gone)
+
+    def add_metadata(self, metadata: Mapping[str, Any], inherit: bool = True) -> None:
+        """Merge ``metadata`` in, its values winning (S8); with ``inherit``, into the inheritable part too."""
+        new = _check_metadata(metadata)
+        if new:
+            self.metadata = {**self.metadata, **new}
+            if inherit:
+                self.inheritable_metadata = {**self.inheritable_metadata, **new}
+
+    def remove_metadata(self, keys: Iterable[str]) -> None:
+        """Remove the given keys from both dicts; absent keys are ignored."""
+        gone = set(keys)
+        self.metadata = {k: v for k, v in self.metadata.items() if k not in gone}
+        self.inheritable_metadata = {
+            k: v for k, v in self.inheritable_metadata.items() if k not in gone
+        }
+
+    def _start(
+        self, event: Event, args: tuple[Any, ...], run_id: uuid.UUID | None, kwargs: dict[str, Any]
+    ) -> RunManager:
+        run = RunManager._new(self, event.run_type, run_id)
+        if self.handlers:
+            run._open(event, args, kwargs)
+        return run
+
+    def on_chain_start(
+        self, serialized: Any, inputs: Any, run_id: uuid.UUID | None = None, **kwargs: Any
+    ) -> RunManager:
+        """Start a chain run: fire ``on_chain_start`` and return its `RunManager`."""
+        return self._start(Event.CHAIN_START, (serialized, inputs), run_id, kwargs)
+
+    def on_tool_start(
+        self,
+        serialized: Any,
+        input_str: str,
+        run_id: uuid.UUID | None = None,
+        inputs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> RunManager:
+        """Start a tool run: fire ``on_tool_start`` and return its `RunManager`."""
+        return self._start(
+            Event.TOOL_START, (serialized, input_str), run_id, {"inputs": inputs, **kwargs}
+        )
+
+    def on_retriever_start(
+        self, serialized: Any, query: str, run_id: uuid.UUID | None = None, **kwargs: Any
+    ) -> RunManager:
+        """Start a retriever run: fire ``on_retriever_start`` and return its `RunManager`."""
+        return self._start(Event.RETRIEVER_START, (serialized, query), run_id, kwargs)
+
+    def on_llm_start(
+        self,
+        serialized: Any,
+        prompts: Sequence[str],
+        run_id: uuid.UUID | None = None,
+        **kwargs: Any,
+    ) -> list[RunManager]:
+        """Start one LLM run per prompt, each seeing ``[prompt]``; ``run_id`` names the first (R2)."""
+        return [
+            self._start(Event.LLM_START, (serialized, [prompt]), run_id if i == 0 else None, kwargs)
+            for i, prompt in enumerate(prompts)
+        ]
+
+    def on_chat_model_start(
+        self,
+        serialized: Any,
+        messages: Sequence[Sequence[BaseMessage]],
+        run_id: uuid.UUID | None = None,
+        **kwargs: Any,
+    ) -> list[RunManager]:
+        """Start one chat-model run per message list; ``run_id`` names the first (R2)."""
+        return [
+            self._start(
+                Event.CHAT_MODEL_START, (serialized, [m]), run_id if i == 0 else None, kwargs
+            )
+            for i, m in enumerate(messages)
+        ]
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(handlers={list(self.handlers)!r}, "
+            f"inheritable_handlers={list(self.inheritable_handlers)!r}, "
+            f"parent_run_id={self.parent_run_id!r}, tags={list(self.tags)!r}, "
+            f"inheritable_tags={list(self.inheritable_tags)!r}, metadata={self.metadata!r}, "
+            f"inheritable_metadata={self.inheritable_metadata!r})"
+        )
+
+
+_ID_FACTORY: contextvars.ContextVar[Callable[[], uuid.UUID]] = contextvars.ContextVar(
+    "callbacks_run_id_factory", default=uuid.uuid4
+)
+
+
+@final
+class RunManager:
+    """One started run: fires its events and builds its children's managers.
+
+    Besides the fields of the `CallbackManager` it came from, it has ``run_id`` (made the first
+    time it is read, so an unobserved run costs no id, D7), ``parent_run_id`` and ``run_type``.
+    Its event methods are those of the `Event` table that are not start events: ``on_chain_end``,
+    ``on_llm_new_token``, ``on_tool_error``, ``on_text``... Each dispatches to ``handlers`` (D1,
+    D2), with ``run_id``, ``parent_run_id`` and ``tags``. An event of another run type
+    (``on_tool_end`` on a chain run) is a `TypeError`; any event after the run's end or error
+    event is a `RuntimeError`: a run ends exactly once (D3).
+    """
+
+    __slots__ = (
+        "_closed",
+        "_parent",
+        "_run_id",
+        "handlers",
+        "inheritable_handlers",
+        "inheritable_metadata",
+        "inheritable_tags",
+        "metadata",
+        "run_type",
+        "tags",
+    )
+
+    handlers: tuple[Any, ...]
+    inheritable_handlers: tuple[Any, ...]
+    tags: tuple[str, ...]
+    inheritable_tags: tuple[str, ...]
+    metadata: dict[str, Any]
+    inheritable_metadata: dict[str, Any]
+    run_type: str
+    _parent: RunManager | uuid.UUID | None
+    _run_id: uuid.UUID | None
+    _closed: bool
+
+    if TYPE_CHECKING:  # the event methods are installed from the Event table below
+
+        def __getattr__(self, name: str) -> Callable[..., None]: ...
+
+    def __init__(self) -> None:
+        raise TypeError("RunManager is created by CallbackManager.on_*_start, not directly")
+
+    @classmethod
+    def _new(cls, manager: CallbackManager, run_type: str, run_id: uuid.UUID | None) -> RunManager:
+        self = cls.__new__(cls)
+        self.handlers = manager.handlers
+        self.inheritable_handlers = manager.inheritable_handlers
+        self.tags = manager.tags
+        self.inheritable_tags = manager.inheritable_tags
+        self.metadata = manager.metadata
+        self.inheritable_metadata = manager.inheritable_metadata
+        self._parent = manager._parent
+        self.run_type = run_type
+        self._run_id = run_id
+        self._closed = False
+        return self
+
+    @property
+    def run_id(self) -> uuid.UUID:
+        """This run's id, made on first use (R6, D7)."""
+        run_id = self._run_id
+        if run_id is None:
+            run_id = self._run_id = _ID_FACTORY.get()()
+        return run_id
+
+    @property
+    def parent_run_id(self) -> uuid.UUID | None:
+        """The parent run's id, or None for a root run."""
+        parent = self._parent
+        return parent.run_id if isinstance(parent, RunManager) else parent
+
+    def get_child(self, tag: str | None = None) -> CallbackManager:
+        """The manager for a child run: this run's inheritable values, this run as parent (S4).
+
+        ``tag`` (such as ``"seq:step:2"``) is added for that child alone and is not inherited
+        further. LLM and chat runs are leaves (R2): `TypeError`.
+        """
+        if _FAMILY.get(self.run_type, self.run_type) == "llm":
+            raise TypeError(f"a {self.run_type} run is a leaf and has no child runs")
+        child = CallbackManager._make(self, self)
+        if tag is not None:
+            child.add_tags((tag,), inherit=False)
+        return child
+
+    def _kwargs(self, event: Event) -> dict[str, Any]:
+        keywords = event.keywords
+        kwargs: dict[str, Any] = {"run_id": self.run_id, "tags": list(self.tags)}
+        if "parent_run_id" in keywords:
+            kwargs["parent_run_id"] = self.parent_run_id
+        if "metadata" in keywords:
+            kwargs["metadata"] = dict(self.metadata)
+        return kwargs
+
+    def _open(self, event: Event, args: tuple[Any, ...], extra: dict[str, Any]) -> None:
+        """Fire the start event; if that raises, close the run with an error and re-raise (D3)."""
+        try:
+            _dispatch(self.handlers, event, args, {**self._kwargs(event), **extra})
+        except BaseException as error:
+            self._close(_ERROR, error, {})
+            raise
+
+    def _emit(self, event: Event, args: tuple[Any, ...], extra: dict[str, Any]) -> None:
+        if event.run_type != "any" and event.run_type != _FAMILY.get(self.run_type, self.run_type):
+            raise TypeError(f"{event.method} does not apply to a {self.run_type} run")
+        if self._closed:
+            raise RuntimeError(f"{event.method} after the end of {self.run_type} run {self.run_id}")
+        if event.phase in ("end", "error"):
+            self._closed = True
+        if self.handlers:
+            _dispatch(self.handlers, event, args, {**self._kwargs(event), **extra})
+
+    def _close(self, table: Mapping[str, Event], payload: Any, extra: dict[str, Any]) -> None:
+        """Fire the end (``table=_END``) or error (``_ERROR``) event, unless already closed."""
+        if not self._closed:
+            self._emit(table[_FAMILY.get(self.run_type, self.run_type)], (payload,), extra)
+
+    def __repr__(self) -> str:
+        return (
+            f"<RunManager {self.run_type} run_id={self._run_id} handlers={list(self.handlers)!r}>"
+        )
+
+
+def _run_manager_method(event: Event) -> Callable[..., None]:
+    def emit(self: RunManager, *args: Any, **kwargs: Any) -> None:
+        if len(args) != len(event.payload):
+            raise TypeError(
+                f"{event.method}() takes {len(event.payload)} positional payload argument(s)"
+            )
+        self._emit(event, args, kwargs)
+
+    emit.__doc__ = f"Fire {event.method} for this run (phase {event.phase})."
+    return emit
+
+
+for _event in Event:
+    if _event.phase != "start":
+        _method = _run_manager_method(_event)
+        _method.__name__ = _method.__qualname__ = _event.method
+        setattr(RunManager, _event.method, _method)
+del _event, _method
+
+
+# =================================================================================================
+# Runnables (R0-R6) and implicit propagation (S9-S11)
+# =================================================================================================
+
+# The run whose body is executing in this context, so that a runnable invoked inside it without
+# a config becomes its child (S10). Set only while a body runs, never across a ``yield``, and
+# reset afterwards: the caller's context is left as it was (S11).
+_CURRENT_RUN: contextvars.ContextVar[RunManager | None] = contextvars.ContextVar(
+    "callbacks_current_run", default=None
+)
+# The enclosing call's ``max_concurrency``, inherited by nested batches and parallels.
+_MAX_CONCURRENCY: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "callbacks_max_concurrency", default=None
+)
+
+
+class RunnableConfig(TypedDict, total=False):
+    """The per-call config accepted by ``invoke``, ``batch``, ``stream`` and ``with_config``."""
+
+    callbacks: Sequence[Any] | CallbackManager | None
+    tags: Sequence[str]
+    metadata: Mapping[str, Any]
+    run_name: str
+    run_id: uuid.UUID
+    max_concurrency: int
+
+
+def _expect(kind: type, what: str) -> Callable[[str, Any], Any]:
+    def check(key: str, value: Any) -> Any:
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise TypeError(f"config[{key!r}] must be {what}, got {value!r}")
+        return value
+
+    return check
+
+
+def _check_max_concurrency(key: str, value: Any) -> int:
+    _expect(int, "a positive int")(key, value)
+    if value < 1:
+        raise ValueError(f"config[{key!r}] must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _check_callbacks(key: str, value: Any) -> Any:
+    if isinstance(value, CallbackManager):
+        return value
+    return _check_handlers(value, f"config[{key!r}]")
+
+
+_CONFIG_KEYS: Final[dict[str, Callable[[str, Any], Any]]] = {
+    "callbacks": _check_callbacks,
+    "tags": lambda key, value: _check_tags(value, f"config[{key!r}]"),
+    "metadata": lambda key, value: _check_metadata(value, f"config[{key!r}]"),
+    "run_name": _expect(str, "a string"),
+    "run_id": _expect(uuid.UUID, "a uuid.UUID"),
+    "max_concurrency": _check_max_concurrency,
+}
+_NO_CONFIG: Final[dict[str, Any]] = {}
+
+
+def _check_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Validate a config: `TypeError` for an unknown key or a value of the wrong type.
+
+    A key whose value is None counts as absent.
+    """
+    if config is None:
+        return _NO_CONFIG
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a dict, got {config!r}")
+    checked: dict[str, Any] = {}
+    for key, value in config.items():
+        check = _CONFIG_KEYS.get(key)
+        if check is None:
+            raise TypeError(
+                f"unknown config key {key!r}; valid keys are: {', '.join(sorted(_CONFIG_KEYS))}"
+            )
+        if value is not None:
+            checked[key] = check(key, value)
+    return checked
+
+
+def _merge_configs(first: Mapping[str, Any], second: Mapping[str, Any]) -> dict[str, Any]:
+    """``second`` over ``first``: handlers and tags as ordered sets, metadata key by key (S9)."""
+    merged = {**first, **second}
+    for key, identity in (("callbacks", True), ("tags", False)):
+        if key in first and key in second:
+            merged[key] = _add_unique(first[key], second[key], by_identity=identity)
+    if "metadata" in first and "metadata" in second:
+        merged["metadata"] = {**first["metadata"], **second["metadata"]}
+    return merged
+
+
+def _map_in_threads(
+    func: Callable[[Any], Any], items: Sequence[Any], limit: int | None, return_exceptions: bool
+) -> list[Any]:
+    """``[func(item) for item in items]`` in a thread pool of at most ``limit`` workers.
+
+    Each call runs in a copy of the caller's context (S11), so runs started there are children
+    of the caller's run. Every call finishes before this returns; then the first failure in
+    item order is raised, unless ``return_exceptions`` puts `Exception` instances in place.
+    """
+    if len(items) == 1:
+        try:
+            return [func(items[0])]
+        except Exception as error:
+            if return_exceptions:
+                return [error]
+            raise
+    with ThreadPoolExecutor(max_workers=min(len(items), limit or 32) or 1) as pool:
+        futures = [pool.submit(contextvars.copy_context().run, func, item) for item in items]
+        wait(futures)
+    results: list[Any] = []
+    for future in futures:
+        failure = future.exception()
+        if failure is None:
+            results.append(future.result())
+        elif return_exceptions and isinstance(failure, Exception):
+            results.append(failure)
+        else:
+            raise failure
+    return results
+
+
+def _drain(generator: Generator[Any, None, Any]) -> Any:
+    """Run a generator to its end and return its return value."""
+    while True:
+        try:
+            next(generator)
+        except StopIteration as stop:
+            return stop.value
+
+
+class Runnable:
+    """A unit of work that runs as one run and fires that run's events.
+
+    ``Runnable(*, name=None, callbacks=None, tags=None, metadata=None)``: the constructor's
+    callbacks, tags and metadata are local to this object's runs (S2, S3). Calls:
+
+    - ``invoke(input, config=None)``: one run. It fires the start event, runs, then exactly one
+      end event (with the output) or error event (with the exception, which is then re-raised,
+      the same object, `BaseException` included) (R1).
+    - ``batch(inputs, config=None, *, return_exceptions=False)``: one root run per input in a
+      thread pool (R3).
+    - ``stream(input, config=None)``: an iterator of output chunks; the run ends when the
+      iterator is exhausted or closed (D3).
+    - ``with_config(**config)``: a copy with config bound to it (S9).
+    - ``a | b``: a `Chain`.
+
+    Config keys: ``callbacks`` (a list of handlers, or a `CallbackManager` to continue its
+    tree), ``tags``, ``metadata``, ``run_name``, ``run_id`` (this run only, R4, R6) and
+    ``max_concurrency`` (inherited by nested batches and parallels). An unknown key or a value
+    of the wrong type is a `TypeError` naming it.
+    """
+
+    _run_type: ClassVar[str] = "chain"
+
+    def __init__(
+        self,
+        *,
+        name: str | None = None,
+        callbacks: Sequence[Any] | None = None,
+        tags: Sequence[str] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a string, got {name!r}")
+        self.name = name
+        self.callbacks = _check_handlers(callbacks or ())
+        self.tags = _check_tags(tags or ())
+        self.metadata = _check_metadata(metadata or {})
+        self._bound: dict[str, Any] = {}
+
+    # -- public API --------------------------------------------------------------------------
+
+    def get_name(self) -> str:
+        """The constructor's ``name``, else a default: the function's name or the class name (R4)."""
+        return self.name or self._default_name()
+
+    def invoke(self, input: Any, config: RunnableConfig | None = None) -> Any:
+        """Run on ``input`` as one run and return the output; see the class docstring."""
+        return self._invoke(input, _check_config(config), None)
+
+    def batch(
+        self,
+        inputs: Iterable[Any],
+        config: RunnableConfig | Sequence[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+    ) -> list[Any]:
+        """Invoke on each input, each a root run of its own (or a child of the enclosing run).
+
+        ``config`` is one config for all inputs or a list of one per input (`ValueError` if
+        the lengths differ). A ``run_id`` in a shared config names the first input's run only
+        (R3). Up to ``max_concurrency`` inputs run at once, each in a copy of the caller's
+        context. Outputs come in input order; the first failure is raised after every input
+        has finished, unless ``return_exceptions`` puts exceptions in place of outputs.
+        """
+        items = list(inputs)
+        if isinstance(config, Sequence):
+            if len(config) != len(items):
+                raise ValueError(
+                    f"batch() got {len(config)} configs for {len(items)} inputs; "
+                    "pass one config, or one per input"
+                )
+            configs = [_check_config(c) for c in config]
+        else:
+            shared = _check_config(config)
+            rest = {k: v for k, v in shared.items() if k != "run_id"}
+            configs = [shared, *[rest] * (len(items) - 1)]
+        if not items:
+            return []
+        limit = configs[0].get("max_concurrency") or self._limit(_NO_CONFIG)
+        return _map_in_threads(
+            lambda i: self._invoke(items[i], configs[i], None),
+            range(len(items)),
+            limit,
+            return_exceptions,
+        )
+
+    def stream(self, input: Any, config: RunnableConfig | None = None) -> Iterator[Any]:
+        """Run on ``input`` and yield the output in chunks; one chunk unless the runnable streams.
+
+        The run starts at the first ``next()``. If the consumer closes the iterator early, each
+        open run inside it fires its error event with `GeneratorExit`, innermost first (D3).
+        """
+        return self._stream(input, _check_config(config), None)
+
+    def with_config(self, config: RunnableConfig | None = None, **kwargs: Any) -> Self:
+        """A copy of this runnable with config bound to every call (S9).
+
+        Bound callbacks, tags and metadata act as if given at request time: they are
+        inheritable. They merge with the call's own (handlers and tags as ordered sets; for
+        metadata the call's value beats the binding's, which beats an inherited one). A bound
+        ``run_id`` would name many runs: `TypeError`.
+        """
+        new = _check_config({**(config or {}), **kwargs})
+        if "run_id" in new:
+            raise TypeError("run_id cannot be bound: it names one run; pass it to invoke instead")
+        if isinstance(new.get("callbacks"), CallbackManager):
+            raise TypeError(
+                "with_config(callbacks=...) takes a list of handlers, not a CallbackManager"
+            )
+        bound = copy.copy(self)
+        bound._bound = _merge_configs(self._bound, new)
+        return bound
+
+    def __or__(self, other: Any) -> Chain:
+        return Chain(self, other)
+
+    def __ror__(self, other: Any) -> Chain:
+        return Chain(other, self)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.get_name()!r})"
+
+    # -- what subclasses provide ---------------------------------------------------------------
+
+    def _default_name(self) -> str:
+        return type(self).__name__
+
+    def _serialized(self) -> dict[str, Any]:
+        return {"name": self.get_name(), "id": ["callbacks", type(self).__name__]}
+
+    def _start_args(self, input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The start event's payload and extra keywords (built only when someone listens, D7)."""
+        return (self._serialized(), input), {}
+
+    def _end_payload(self, output: Any) -> Any:
+        return output
+
+    def _run(self, input: Any, run: RunManager) -> Any:
+        raise NotImplementedError
+
+    def _stream_body(
+        self, input: Any, run: RunManager, limit: int | None
+    ) -> Generator[Any, None, Any]:
+        output = self._in_scope(run, limit, self._run, input)
+        yield output
+        return output
+
+    # -- the run protocol ----------------------------------------------------------------------
+
+    def _limit(self, config: Mapping[str, Any]) -> int | None:
+        return (
+            config.get("max_concurrency")
+            or self._bound.get("max_concurrency")
+            or _MAX_CONCURRENCY.get()
+        )
+
+    def _manager(
+        self, config: Mapping[str, Any], parent: CallbackManager | None
+    ) -> CallbackManager:
+        """The manager for this call: inherited or given, then binding, request and constructor layers."""
+        callbacks = config.get("callbacks")
+        request: tuple[Any, ...] = ()
+        if parent is not None:  # a composite handing a child its manager
+            manager = parent
+        elif callbacks is None:  # S10: a child of the enclosing run, if any
+            current = _CURRENT_RUN.get()
+            manager = current.get_child() if current is not None else _EMPTY
+        elif isinstance(callbacks, CallbackManager):  # the caller continues a tree explicitly
+            manager = callbacks
+        else:  # S10: a list of handlers starts a new root that inherits nothing
+            manager, request = _EMPTY, callbacks
+        bound = self._bound
+        if not (bound or request or self.callbacks or self.tags or self.metadata) and not (
+            "tags" in config or "metadata" in config
+        ):
+            return manager
+        manager = manager.copy()
+        manager.add_handlers(bound.get("callbacks", ()), inherit=True)  # S9
+        manager.add_handlers(request, inherit=True)  # S1
+        manager.add_tags(bound.get("tags", ()), inherit=True)  # S3, S9
+        manager.add_tags(config.get("tags", ()), inherit=True)
+        manager.add_metadata(bound.get("metadata", {}), inherit=True)  # S8, S9: nearest wins
+        manager.add_metadata(config.get("metadata", {}), inherit=True)
+        manager.add_handlers(self.callbacks, inherit=False)  # S2, S5: local handlers last
+        manager.add_tags(self.tags, inherit=False)
+        manager.add_metadata(self.metadata, inherit=False)
+        return manager
+
+    def _begin(
+        self, input: Any, config: Mapping[str, Any], parent: CallbackManager | None
+    ) -> RunManager:
+        run = RunManager._new(self._manager(config, parent), self._run_type, config.get("run_id"))
+        if run.handlers:  # D7: no payload, no id, no dispatch when nobody listens
+            args, extra = self._start_args(input)
+            name = config.get("run_name") or self._bound.get("run_name") or self.get_name()
+            run._open(_START[self._run_type], args, {**extra, "name": name})
+        return run
+
+    def _in_scope(
+        self, run: RunManager, limit: int | None, body: Callable[[Any, RunManager], Any], input: Any
+    ) -> Any:
+        """Run ``body`` with ``run`` as the enclosing run of implicit children (S10, S11)."""
+        run_token = _CURRENT_RUN.set(run)
+        limit_token = _MAX_CONCURRENCY.set(limit)
+        try:
+            return body(input, run)
+        finally:
+            _MAX_CONCURRENCY.reset(limit_token)
+            _CURRENT_RUN.reset(run_token)
+
+    def _invoke(self, input: Any, config: Mapping[str, Any], parent: CallbackManager | None) -> Any:
+        run = None
+        try:
+            run = self._begin(input, config, parent)
+            output = self._in_scope(run, self._limit(config), self._run, input)
+        except BaseException as error:  # R1: BaseException counts
+            if run is not None and run.handlers:
+                run._close(_ERROR, error, {})
+            raise
+        if run.handlers:
+            run._close(_END, self._end_payload(output), {})
+        return output
+
+    def _stream(
+        self, input: Any, config: Mapping[str, Any], parent: CallbackManager | None
+    ) -> Generator[Any, None, Any]:
+        run = None
+        try:
+            run = self._begin(input, config, parent)
+            output = yield from self._stream_body(input, run, self._limit(config))
+        except BaseException as error:  # includes GeneratorExit from an early close (D3)
+            if run is not None and run.handlers:
+                run._close(_ERROR, error, {})
+            raise
+        if run.handlers:
+            run._close(_END, self._end_payload(output), {})
+        return output
+
+
+_EMPTY: Final = CallbackManager()  # never mutated: managers are copied before they change
+
+
+def _coerce(step: Any) -> Runnable:
+    if isinstance(step, Runnable):
+        return step
+    if isinstance(step, Mapping):
+        return Parallel(step)
+    if callable(step):
+        return Lambda(step)
+    raise TypeError(f"cannot use {step!r} as a step: expected a Runnable, a function or a dict")
+
+
+class Lambda(Runnable):
+    """Runs ``func(input)``, or ``func(input, config)`` if ``func`` has a ``config`` parameter.
+
+    The config it receives is ``{"callbacks": <child manager>}``: pass it on to continue the run
+    tree explicitly. Runnables invoked inside ``func`` without a config are children of this
+    run anyway (S10). The default name is the function's ``__name__`` (R4).
+    """
+
+    def __init__(
+        self,
+        func: Callable[..., Any],
+        *,
+        name: str | None = None,
+        callbacks: Sequence[Any] | None = None,
+        tags: Sequence[str] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(name=name, callbacks=callbacks, tags=tags, metadata=metadata)
+        if not callable(func):
+            raise TypeError(f"Lambda expects a function, got {func!r}")
+        self.func = func
+        try:
+            self._takes_config = "config" in inspect.signature(func).parameters
+        except (TypeError, ValueError):  # some builtins have no signature
+            self._takes_config = False
+
+    def _default_name(self) -> str:
+        name = getattr(self.func, "__name__", "<lambda>")
+        return "Lambda" if name == "<lambda>" else str(name)
+
+    def _run(self, input: Any, run: RunManager) -> Any:
+        if self._takes_config:
+            return self.func(input, {"callbacks": run.get_child()})
+        return self.func(input)
+
+
+class Chain(Runnable):
+    """Feeds each step's output to the next; step N's run is tagged ``seq:step:N`` (1-based).
+
+    Steps may be runnables, functions (wrapped in `Lambda`) or dicts (wrapped in `Parallel`).
+    A plain nested `Chain` (no name, callbacks, tags, metadata or binding) is spliced into its
+    parent, so ``a | b | c`` is one chain of three steps. ``stream`` runs all steps but the
+    last, then streams the last.
+    """
+
+    def __init__(
+        self,
+        *steps: Any,
+        name: str | None = None,
+        callbacks: Sequence[Any] | None = None,
+        tags: Sequence[str] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(name=name, callbacks=callbacks, tags=tags, metadata=metadata)
+        flat: list[Runnable] = []
+        for step in map(_coerce, steps):
+            if type(step) is Chain and step._is_plain():
+                flat.extend(step.steps)
+            else:
+                flat.append(step)
+        if not flat:
+            raise ValueError("a Chain needs at least one step")
+        self.steps: tuple[Runnable, ...] = tuple(flat)
+
+    def _is_plain(self) -> bool:
+        return not (self.name or self.callbacks or self.tags or self.metadata or self._bound)
+
+    def _run(self, input: Any, run: RunManager) -> Any:
+        for i, step in enumerate(self.steps, 1):
+            input = step._invoke(input, _NO_CONFIG, run.get_child(f"seq:step:{i}"))
+        return input
+
+    def _stream_body(
+        self, input: Any, run: RunManager, limit: int | None
+    ) -> Generator[Any, None, Any]:
+        *head, last = self.steps
+
+        def run_head(value: Any, run: RunManager) -> Any:
+            for i, step in enumerate(head, 1):
+                value = step._invoke(value, _NO_CONFIG, run.get_child(f"seq:step:{i}"))
+            return value
+
+        value = self._in_scope(run, limit, run_head, input)
+        config = {"max_concurrency": limit} if limit else _NO_CONFIG
+        return (
+            yield from last._stream(value, config, run.get_child(f"seq:step:{len(self.steps)}"))
+        )
+
+
+class Parallel(Runnable):
+    """Runs every step on the same input in a thread pool; returns ``{key: output}``.
+
+    ``Parallel(key=step, ...)`` or ``Parallel({"key": step})``. Each branch's run is tagged
+    ``map:key:<key>`` and runs in a copy of the context (S11); at most ``max_concurrency``
+    branches run at once (1 makes the order that of the keys). If branches fail, the first in
+    key order is raised once all have finished.
+    """
+
+    def __init__(
+        self,
+        steps: Mapping[str, Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        callbacks: Sequence[Any] | None = None,
+        tags: Sequence[str] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(name=name, callbacks=callbacks, tags=tags, metadata=metadata)
+        merged = {**(steps or {}), **kwargs}
+        if not merged:
+            raise ValueError("a Parallel needs at least one step")
+        self.steps = {str(key): _coerce(step) for key, step in merged.items()}
+
+    def _run(self, input: Any, run: RunManager) -> Any:
+        keys = list(self.steps)
+
+        def branch(key: str) -> Any:
+            return self.steps[key]._invoke(input, _NO_CONFIG, run.get_child(f"map:key:{key}"))
+
+        return dict(
+            zip(keys, _map_in_threads(branch, keys, _MAX_CONCURRENCY.get(), False), strict=True)
+        )
+
+
+def _check_error(error: BaseException | None) -> BaseException | None:
+    if error is not None and not isinstance(error, BaseException):
+        raise TypeError(f"error must be an exception instance or None, got {error!r}")
+    return error
+
+
+def _raise(error: BaseException) -> None:
+    raise error.with_traceback(None)  # R0: a fresh traceback on every raise
+
+
+_TOKEN: Final = re.compile(r"\S+\s*|\s+")
+
+
+def _as_messages(input: Any) -> list[Any]:
+    """A model's input as messages: a message, a list of messages, or anything else as text."""
+    if hasattr(input, "content") and hasattr(input, "type"):
+        return [input]
+    if isinstance(input, Sequence) and input and all(hasattr(m, "content") for m in input):
+        return list(input)
+    return [HumanMessage(str(input))]
+
+
+class LLM(Runnable):
+    """A deterministic completion model: returns its ``responses`` in turn, cycling.
+
+    The input is a prompt string; messages are rendered as one, anything else goes through
+    ``str()`` (a toy model accepts what the previous step made). ``stream()`` yields the
+    response word by word, firing ``on_llm_new_token`` before each word; ``invoke()`` fires
+    tokens only when the model was built with ``streaming=True`` (LangChain's rule). With
+    ``error=exc`` every call raises ``exc`` inside the run, after the start event, or after the
+    first token when streaming (R0). LLM runs are leaves (R2).
+    """
+
+    _run_type: ClassVar[str] = "llm"
+
+    def __init__(
+        self,
+        responses: str | Sequence[str],
+        *,
+        streaming: bool = False,
+        error: BaseException | None = None,
+        name: str | None = None,
+        callbacks: Sequence[Any] | None = None,
+        tags: Sequence[str] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(name=name, callbacks=callbacks, tags=tags, metadata=metadata)
+        listed = [responses] if isinstance(responses, str) else list(responses)
+        if not listed or not all(isinstance(r, str) for r in listed):
+            raise TypeError(
+                f"responses must be a string or a non-empty list of strings, got {responses!r}"
+            )
+        self.responses = tuple(listed)
+        self.streaming = streaming
+        self.error = _check_error(error)
+        self._cycle = itertools.cycle(self.responses)
+        self._lock = threading.Lock()
+
+    def _prompt(self, input: Any) -> str:
+        return _buffer_string(_as_messages(input)) if not isinstance(input, str) else input
+
+    def _start_args(self, input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (self._serialized(), [self._prompt(input)]), {}
+
+    def _message(self, text: str) -> BaseMessage | None:
+        return None
+
+    def _output(self, text: str) -> Any:
+        return text
+
+    def _end_payload(self, output: Any) -> Any:
+        text = output if isinstance(output, str) else output.content
+        return LLMResult([[Generation(text, self._message(text))]])
+
+    def _generate(self, input: Any, run: RunManager, stream: bool) -> Generator[Any, None, Any]:
+        with self._lock:
+            text = next(self._cycle)
+        if stream:
+            for i, token in enumerate(_TOKEN.findall(text)):
+                if run.handlers:  # fire the token before handing it on (LangChain #16913)
+                    run._emit(
+                        Event.LLM_NEW_TOKEN,
+                        (token,),
+                        {"chunk": Generation(token, self._message(token))},
+                    )
+                yield self._output(token)
+                if i == 0 and self.error is not None:
+                    _raise(self.error)
+        if self.error is not None:
+            _raise(self.error)
+        return self._output(text)
+
+    def _run(self, input: Any, run: RunManager) -> Any:
+        return _drain(self._generate(input, run, self.streaming))
+
+    def _stream_body(
+        self, input: Any, run: RunManager, limit: int | None
+    ) -> Generator[Any, None, Any]:
+        return (yield from self._generate(input, run, True))
+
+    def _in_scope(
+        self, run: RunManager, limit: int | None, body: Callable[[Any, RunManager], Any], input: Any
+    ) -> Any:
+        return body(input, run)  # a leaf: no children can start inside it
+
+
+class ChatModel(LLM):
+    """`LLM` for chat: messages in (anything else becomes one human message), an `AIMessage` out.
+
+    Fires ``on_chat_model_start`` (handlers without it get ``on_llm_start``, D4), then tokens,
+    end and error as an LLM run. ``stream()`` yields `AIMessage` chunks.
+    """
+
+    _run_type: ClassVar[str] = "chat_model"
+
+    def _messages(self, input: Any) -> list[Any]:
+        return [HumanMessage(input)] if isinstance(input, str) else _as_messages(input)
+
+    def _start_args(self, input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (self._serialized(), [self._messages(input)]), {}
+
+    def _message(self, text: str) -> BaseMessage | None:
+        return AIMessage(text)
+
+    def _output(self, text: str) -> Any:
+        return AIMessage(text)
+
+
+class Tool(Runnable):
+    """Calls ``func(**input)`` for a dict input, ``func(input)`` otherwise.
+
+    ``on_tool_start`` gets ``str(input)`` as ``input_str`` and the dict input as ``inputs``
+    (None otherwise); ``serialized`` carries the description. The default name is the
+    function's name (R4). ``error=exc`` raises ``exc`` inside the run (R0).
+    """
+
+    _run_type: ClassVar[str] = "tool"
+
+    def __init__(
+        self,
+        func: Callable[..., Any],
+        name: str | None = None,
+        description: str | None = None,
+        *,
+        error: BaseException | None = None,
+        callbacks: Sequence[Any] | None = None,
+        tags: Sequence[str] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(name=name, callbacks=callbacks, tags=tags, metadata=metadata)
+        if not callable(func):
+            raise TypeError(f"Tool expects a function, got {func!r}")
+        self.func = func
+        self.description = description if description is not None else (inspect.getdoc(func) or "")
+        self.error = _check_error(error)
+
+    def _default_name(self) -> str:
+        return str(getattr(self.func, "__name__", type(self).__name__))
+
+    def _start_args(self, input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        serialized = {**self._serialized(), "description": self.description}
+        return (serialized, str(input)), {"inputs": input if isinstance(input, dict) else None}
+
+    def _run(self, input: Any, run: RunManager) -> Any:
+        if self.error is not None:
+            _raise(self.error)
+        return self.func(**input) if isinstance(input, dict) else self.func(input)
+
+
+class Retriever(Runnable):
+    """Returns the documents whose text contains every word of the query (case-insensitive).
+
+    ``documents`` are `Document` objects or strings. ``error=exc`` raises ``exc`` inside the
+    run (R0). Constructor callbacks, tags and metadata are local, as for every runnable.
+    """
+
+    _run_type: ClassVar[str] = "retriever"
+
+    def __init__(
+        self,
+        documents: Iterable[Document | str],
+        *,
+        error: BaseException | None = None,
+        name: str | None = None,
+        callbacks: Sequence[Any] | None = None,
+        tags: Sequence[str] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(name=name, callbacks=callbacks, tags=tags, metadata=metadata)
+        self.documents = tuple(
+            d if isinstance(d, Document) else Document(str(d)) for d in documents
+        )
+        self.error = _check_error(error)
+
+    def _start_args(self, input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (self._serialized(), str(input)), {}
+
+    def _run(self, input: Any, run: RunManager) -> Any:
+        if self.error is not None:
+            _raise(self.error)
+        words = str(input).lower().split()
+        return [d for d in self.documents if all(w in d.page_content.lower() for w in words)]
+
+
+def dispatch_custom_event(name: str, data: Any, *, config: RunnableConfig | None = None) -> None:
+    """Fire ``on_custom_event(name, data)`` as an event of the enclosing run.
+
+    The enclosing run is the one whose body is executing (S10), or the one whose child config
+    ``config`` is. Its handlers receive ``run_id`` = that run's id, its tags and metadata, and
+    no ``parent_run_id``. Outside any run: `RuntimeError`.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"custom event name must be a string, got {name!r}")
+    if config is not None:
+        callbacks = _check_config(config).get("callbacks")
+        run = callbacks._parent if isinstance(callbacks, CallbackManager) else None
+    else:
+        run = _CURRENT_RUN.get()
+    if not isinstance(run, RunManager):
+        raise RuntimeError(
+            "dispatch_custom_event() needs an enclosing run: call it from inside a runnable, "
+            "or pass the config that runnable received"
+        )
+    run.on_custom_event(name, data)
+
+
+# =================================================================================================
+# Extras: recorded traces (X2), conformance checking (X1), deterministic ids (X3)
+# =================================================================================================
+
+
+class Record(NamedTuple):
+    """One event as a `Recorder` saw it: the payload in ``args``, the other keywords in ``kwargs``."""
+
+    event: Event
+    args: tuple[Any, ...]
+    run_id: uuid.UUID | None
+    parent_run_id: uuid.UUID | None
+    tags: list[str] | None
+    metadata: dict[str, Any] | None
+    kwargs: dict[str, Any]
+
+
+class Recorder(BaseCallbackHandler):
+    """A handler that keeps every event, in arrival order, as a `Record` in ``records`` (X2).
+
+    ``tree()`` renders the runs it saw as an indented tree, with names, run types, tags and
+    outcomes. Thread-safe. It records ``on_chat_model_start`` as such (no D4 fallback).
+    """
+
+    def __init__(self, label: str = "recorder") -> None:
+        self.label = label
+        self.records: list[Record] = []
+        self._lock = threading.Lock()
+
+    def _record(self, event: Event, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        record = Record(
+            event,
+            args,
+            kwargs.pop("run_id", None),
+            kwargs.pop("parent_run_id", None),
+            kwargs.pop("tags", None),
+            kwargs.pop("metadata", None),
+            kwargs,
+        )
+        with self._lock:
+            self.records.append(record)
+
+    def events(self) -> list[str]:
+        """The method names of the recorded events, in order."""
+        return [r.event.method for r in self.records]
+
+    def tree(self) -> str:
+        """The recorded runs as an indented tree, one line per run, children under parents.
+
+        A run whose parent this recorder never saw is shown as a root.
+        """
+        runs: dict[uuid.UUID | None, dict[str, Any]] = {}
+        for r in self.records:
+            if r.event.phase == "start":
+                name = r.kwargs.get("name") or (r.args[0] or {}).get("name", "?")
+                runs[r.run_id] = {"r": r, "name": name, "kids": [], "out": "open", "notes": []}
+            elif r.run_id in runs:
+                run = runs[r.run_id]
+                if r.event.phase == "end":
+                    run["out"] = "ok"
+                elif r.event.phase == "error":
+                    run["out"] = f"error {r.args[0]!r}"
+                else:
+                    run["notes"].append(r.event.method)
+        roots: list[dict[str, Any]] = []
+        for run in runs.values():
+            parent = runs.get(run["r"].parent_run_id)
+            (parent["kids"] if parent else roots).append(run)
+
+        lines: list[str] = []
+
+        def render(run: dict[str, Any], depth: int) -> None:
+            r = run["r"]
+            notes = ", ".join(f"{n} x{c}" for n, c in _counts(run["notes"]))
+            lines.append(
+                f"{'    ' * depth}{run['name']} ({r.event.run_type})"
+                f"{' tags=' + repr(r.tags) if r.tags else ''}"
+                f"{' [' + notes + ']' if notes else ''} -> {run['out']}"
+            )
+            for kid in run["kids"]:
+                render(kid, depth + 1)
+
+        for run in roots:
+            render(run, 0)
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"Recorder({self.label!r})"
+
+
+def _counts(items: list[str]) -> list[tuple[str, int]]:
+    return [(k, len(list(g))) for k, g in itertools.groupby(items)]
+
+
+def _recorder_method(event: Event) -> Callable[..., None]:
+    def record(self: Recorder, *args: Any, **kwargs: Any) -> None:
+        self._record(event, args, kwargs)
+
+    return record
+
+
+_install_event_methods(Recorder, _recorder_method)
+
+
+@dataclass(slots=True)
+class _RunState:
+    family: str
+    parent: uuid.UUID | None
+    must_close: bool  # False when the checker's own flags hide this run's end and error
+    open: bool = True
+    children: set[uuid.UUID] = field(default_factory=set)
+
+
+class TraceChecker(BaseCallbackHandler):
+    """A handler that checks the events it receives against the rules, as they arrive (X1).
+
+    It checks: every start has exactly one end or error (D3); run ids are unique UUIDs (R6);
+    a child starts while its parent is open and closes before it (D3); tokens and notes come
+    only inside an open run; the end or error event matches the run's type; tags are lists of
+    strings and metadata dicts. A partial view is fine: runs whose parent it never saw are
+    roots, and events of runs whose start its own ignore flags hid are accepted. It uses only
+    the handler API, so it can watch a real LangChain app too.
+
+    Problems accumulate in ``problems``; ``verify()`` raises `AssertionError` listing them and
+    any run still open.
+    """
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+        self._runs: dict[uuid.UUID, _RunState] = {}
+        self._lock = threading.Lock()
+
+    def verify(self) -> None:
+        """Raise `AssertionError` if any problem was seen or any run is still open."""
+        with self._lock:
+            problems = self.problems + [
+                f"run {i} never closed" for i, s in self._runs.items() if s.open and s.must_close
+            ]
+        if problems:
+            raise AssertionError("trace breaks the rules:\n" + "\n".join(problems))
+
+    def _check(self, event: Event, kwargs: dict[str, Any]) -> None:
+        run_id = kwargs.get("run_id")
+        tags, metadata = kwargs.get("tags"), kwargs.get("metadata")
+        where = f"{event.method}(run_id={run_id})"
+        if not isinstance(run_id, uuid.UUID):
+            self.problems.append(f"{where}: run_id is not a UUID")
+            return
+        if tags is not None and not (
+            isinstance(tags, list) and all(isinstance(t, str) for t in tags)
+        ):
+            self.problems.append(f"{where}: tags {tags!r} is not a list of strings")
+        if metadata is not None and not isinstance(metadata, dict):
+            self.problems.append(f"{where}: metadata {metadata!r} is not a dict")
+        state = self._runs.get(run_id)
+        if event.phase == "start":
+            parent_id = kwargs.get("parent_run_id")
+            if state is not None:
+                self.problems.append(f"{where}: run id used twice")
+                return
+            parent = self._runs.get(parent_id) if parent_id is not None else None
+            if parent is not None:
+                if not parent.open:
+                    self.problems.append(f"{where}: started after its parent {parent_id} closed")
+                parent.children.add(run_id)
+            family = _FAMILY.get(event.run_type, event.run_type)
+            hidden = getattr(self, _END[family].ignore_flag or "", False)
+            self._runs[run_id] = _RunState(family, parent_id, must_close=not hidden)
+            return
+        if state is None:
+            hidden = {
+                _FAMILY.get(e.run_type, e.run_type)
+                for e in _START.values()
+                if getattr(self, e.ignore_flag or "", False)
+            }
+            if not (hidden and (event.run_type == "any" or event.run_type in hidden)):
+                self.problems.append(f"{where}: no open run with this id")
+            return
+        if not state.open:
+            self.problems.append(f"{where}: after the run closed")
+        if event.run_type not in ("any", state.family):
+            self.problems.append(
+                f"{where}: event of a {event.run_type} run on a {state.family} run"
+            )
+        if event.phase in ("end", "error"):
+            if any(self._runs[c].open and self._runs[c].must_close for c in state.children):
+                self.problems.append(
+                    f"{where}: closed before its children {sorted(map(str, state.children))}"
+                )
+            state.open = False
+
+
+def _checker_method(event: Event) -> Callable[..., None]:
+    def check(self: TraceChecker, *args: Any, **kwargs: Any) -> None:
+        with self._lock:
+            self._check(event, kwargs)
+
+    return check
+
+
+_install_event_methods(TraceChecker, _checker_method)
+
+
+@contextlib.contextmanager
+def sequential_run_ids(start: int = 1) -> Iterator[None]:
+    """Within this block (and threads it starts through the library), new run ids count up.
+
+    Ids are ``uuid.UUID(int=start)``, ``uuid.UUID(int=start + 1)``, ...: reproducible traces for
+    tests and docs (X3). Ids are made when first needed (D7), so their order is that of need.
+    """
+    counter = itertools.count(start)
+    lock = threading.Lock()
+
+    def factory() -> uuid.UUID:
+        with lock:
+            return uuid.UUID(int=next(counter))
+
+    token = _ID_FACTORY.set(factory)
+    try:
+        yield
+    finally:
+        _ID_FACTORY.reset(token)
+
+
+# =================================================================================================
+# Demo: python callbacks.py
+# =================================================================================================
+
+
+def _demo() -> None:
+    """Run a small question-answering chain and print what two handlers saw."""
+    request, constructor = Recorder("request"), Recorder("constructor")
+    retriever = Retriever(["Paris is the capital of France.", "Rome is in Italy."], name="docs")
+    llm = LLM("The capital of France is Paris.", streaming=True, callbacks=[constructor])
+
+    def prompt(inputs: dict[str, Any]) -> str:
+        context = " ".join(d.page_content for d in inputs["context"])
+        return f"Answer from the context.\nContext: {context}\nQuestion: {inputs['question']}"
+
+    def count_words(text: str) -> int:
+        """Count the words of a text."""
+        return len(text.split())
+
+    chain = (
+        {"context": retriever, "question": Lambda(lambda q: q, name="passthrough")}
+        | Lambda(prompt)
+        | llm
+        | Tool(count_words)
+    ).with_config(run_name="qa")
+    with sequential_run_ids():
+        answer = chain.invoke(
+            "capital France",
+            {"callbacks": [request], "tags": ["demo"], "max_concurrency": 1},
+        )
+    print(f"answer: {answer!r}\n")
+    print("Request-time handler (inherited by every run below the root):")
+    print(request.tree())
+    print("\nConstructor handler of the LLM (that run only, parent id still truthful):")
+    for r in constructor.records:
+        parent = r.parent_run_id.int if r.parent_run_id else None
+        print(f"    {r.event.method:<18} run={r.run_id.int if r.run_id else None} parent={parent}")
+
+
+if __name__ == "__main__":
+    _demo()
