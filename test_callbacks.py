@@ -1,12 +1,27 @@
-"""Tests for callbacks.py, in the module's own sections; each test name carries its rule id."""
+"""Tests for callbacks.py, in the module's own sections; each test name carries its rule id.
+
+Example tests assert exact, ordered event lists; run ids come from ``sequential_run_ids()``, so
+``uuid.UUID(int=n)`` shows up as ``n`` in ``_trace`` rows (ids are made on first need). Property
+tests compare random run trees against a small pure model of the rules.
+"""
 
 from __future__ import annotations
 
 import collections
+import contextvars
+import inspect
 import itertools
+import logging
 import os
+import pathlib
+import re
+import subprocess
+import sys
+import threading
+import time
+import types
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -15,25 +30,37 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+import callbacks
 from callbacks import (
     LLM,
+    AIMessage,
+    BaseCallbackHandler,
     CallbackManager,
     Chain,
     ChatModel,
+    Document,
     Event,
+    Generation,
+    HumanMessage,
     Lambda,
+    LLMResult,
     Parallel,
+    Record,
     Recorder,
     Retriever,
+    RunManager,
     Runnable,
     RunnableConfig,
+    SystemMessage,
     Tool,
+    ToolMessage,
     TraceChecker,
     dispatch_custom_event,
+    sequential_run_ids,
 )
 
-# The ci profile (loaded by Hypothesis itself when CI is set) is deterministic; it and the
-# default run 200 examples per property, dev runs 2,000 (HYPOTHESIS_PROFILE=dev).
+# Hypothesis loads its deterministic "ci" profile by itself when CI is set; it and the default
+# run 200 examples per property. HYPOTHESIS_PROFILE=dev runs 2,000.
 settings.register_profile("ci", settings.get_profile("ci"), max_examples=200)
 settings.register_profile("default", max_examples=200, deadline=None)
 settings.register_profile("dev", max_examples=2000, deadline=None)
@@ -41,9 +68,1712 @@ settings.load_profile(
     os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "default")
 )
 
-# ================================================================================================
-# Property tests: random run trees against a pure model (S1-S10, D1-D4, R0-R4)
-# ================================================================================================
+
+# -------------------------------------------------------------------------------------------------
+# Helpers
+# -------------------------------------------------------------------------------------------------
+
+_Row = tuple[str, int | None, int | None, list[str] | None, dict[str, Any] | None]
+
+
+def _int(run_id: uuid.UUID | None) -> int | None:
+    return None if run_id is None else run_id.int
+
+
+def _U(n: int) -> uuid.UUID:
+    return uuid.UUID(int=n)
+
+
+def _row(r: Record) -> _Row:
+    return (r.event.method, _int(r.run_id), _int(r.parent_run_id), r.tags, r.metadata)
+
+
+def _trace(rec: Recorder) -> list[_Row]:
+    """``(event method, run id, parent id, tags, metadata)`` for each recorded event, in order."""
+    return [_row(r) for r in rec.records]
+
+
+def _names(rec: Recorder) -> list[tuple[int | None, Any]]:
+    """``(run id, name)`` of each recorded start event, in order."""
+    return [(_int(r.run_id), r.kwargs.get("name")) for r in rec.records if r.event.phase == "start"]
+
+
+def _payloads(rec: Recorder) -> list[tuple[str, tuple[Any, ...]]]:
+    return [(r.event.method, r.args) for r in rec.records]
+
+
+def _ident(x: Any) -> Any:
+    return x
+
+
+_LogEntry = tuple[str, str, int | None]
+
+
+class _Shared(BaseCallbackHandler):
+    """Appends ``(label, event method, run id)`` to a shared log for every event.
+
+    With ``fail=(method, name, error)`` it raises ``error`` from ``method`` (for the run called
+    ``name`` if ``name`` is given, else always), after logging the event.
+    """
+
+    def __init__(
+        self,
+        label: str,
+        log: list[_LogEntry],
+        *,
+        fail: tuple[str, str | None, BaseException] | None = None,
+        raise_error: bool = False,
+    ) -> None:
+        self.label = label
+        self.log = log
+        self.fail = fail
+        self.raise_error = raise_error
+
+    def _event(self, method: str, kwargs: dict[str, Any]) -> None:
+        self.log.append((self.label, method, _int(kwargs.get("run_id"))))
+        if self.fail is not None:
+            fail_method, fail_name, error = self.fail
+            if method == fail_method and fail_name in (None, kwargs.get("name")):
+                raise error
+
+
+def _shared_method(event: Event) -> Callable[..., None]:
+    def method(self: _Shared, *args: Any, **kwargs: Any) -> None:
+        self._event(event.method, kwargs)
+
+    return method
+
+
+for _e in Event:
+    setattr(_Shared, _e.method, _shared_method(_e))
+del _e
+
+
+class _LLMStartOnly(BaseCallbackHandler):
+    """Implements ``on_llm_start`` (and the LLM end) but not ``on_chat_model_start``."""
+
+    def __init__(self, *, raise_error: bool = False, ignore_llm: bool = False) -> None:
+        self.raise_error = raise_error
+        self.ignore_llm = ignore_llm
+        self.seen: list[tuple[str, Any, int | None]] = []
+
+    def on_llm_start(self, serialized: Any, prompts: list[str], **kwargs: Any) -> None:
+        self.seen.append(("on_llm_start", prompts, _int(kwargs["run_id"])))
+
+    def on_llm_end(self, response: Any, **kwargs: Any) -> None:
+        self.seen.append(("on_llm_end", response.generations[0][0].text, _int(kwargs["run_id"])))
+
+    def on_chain_start(self, serialized: Any, inputs: Any, **kwargs: Any) -> None:
+        self.seen.append(("on_chain_start", inputs, _int(kwargs["run_id"])))
+
+
+def _fail(message: str) -> Callable[[Any], Any]:
+    def fail(x: Any) -> Any:
+        raise ValueError(message)
+
+    return fail
+
+
+# ===============================================================================================
+# Events and handlers (SPEC sections 1 and 2)
+# ===============================================================================================
+
+
+def test_public_surface_is_all() -> None:
+    public = {
+        name
+        for name, value in vars(callbacks).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }
+    imported = {"Any", "Callable", "ClassVar", "Final", "Generator", "Iterable", "Iterator"}
+    imported |= {"Mapping", "NamedTuple", "Self", "Sequence", "ThreadPoolExecutor", "TypedDict"}
+    imported |= {"TYPE_CHECKING", "annotations", "dataclass", "field", "final", "wait", "logger"}
+    assert public - imported == set(callbacks.__all__)
+    assert callbacks.__version__ and callbacks.__license__ == "MIT"
+
+
+def test_events_the_enum_is_the_table_of_spec_section_1() -> None:
+    rows = [
+        (e.name, e.method, e.js_name, e.run_type, e.phase, e.ignore_flag, e.payload) for e in Event
+    ]
+    assert len(rows) == 19
+    assert rows[:3] == [
+        ("CHAT_MODEL_START", "on_chat_model_start", "handleChatModelStart", "chat_model",
+         "start", "ignore_chat_model", ("serialized", "messages")),
+        ("LLM_START", "on_llm_start", "handleLLMStart", "llm", "start", "ignore_llm",
+         ("serialized", "prompts")),
+        ("LLM_NEW_TOKEN", "on_llm_new_token", "handleLLMNewToken", "llm", "stream", "ignore_llm",
+         ("token",)),
+    ]  # fmt: skip
+    assert Event.TEXT.ignore_flag is None and Event.RETRY.js_name is None
+    assert {e.ignore_flag for e in Event if e.run_type == "tool"} == {"ignore_agent"}
+    assert len({e.method for e in Event}) == 19
+    spec = _spec_text()
+    if spec is not None:  # the brief lives beside the repository in this project's workspace
+        table = re.findall(
+            r"^\| ([A-Z_]+) \| (on_\w+)\((.*?)\) \| (\w+|\(none\)) \| (\w+) \| (\w+) \|", spec, re.M
+        )
+        assert [
+            (n, m, js if js != "(none)" else None, rt, ph) for n, m, _, js, rt, ph in table
+        ] == [(e.name, e.method, e.js_name, e.run_type, e.phase) for e in Event]
+
+
+def test_events_handler_base_signatures_follow_langchain() -> None:
+    assert str(inspect.signature(BaseCallbackHandler().on_llm_start)) == (
+        "(serialized, prompts, *, run_id, parent_run_id=None, tags=None, metadata=None, **kwargs)"
+    )
+    assert str(inspect.signature(BaseCallbackHandler().on_llm_new_token)) == (
+        "(token, *, chunk=None, run_id, parent_run_id=None, tags=None, **kwargs)"
+    )
+    assert str(inspect.signature(BaseCallbackHandler().on_tool_start)) == (
+        "(serialized, input_str, *, inputs=None, run_id, parent_run_id=None, tags=None,"
+        " metadata=None, **kwargs)"
+    )
+    assert str(inspect.signature(BaseCallbackHandler().on_custom_event)) == (
+        "(name, data, *, run_id, tags=None, metadata=None, **kwargs)"
+    )
+    for event in Event:
+        assert inspect.signature(getattr(BaseCallbackHandler, event.method)) == event.signature
+        if event.phase != "start":
+            assert callable(getattr(RunManager, event.method))
+
+
+def test_events_handler_defaults_are_no_ops_except_chat_start() -> None:
+    handler = BaseCallbackHandler()
+    run_id = uuid.uuid4()
+    for event in Event:
+        args = [None] * len(event.payload)
+        if event is Event.CHAT_MODEL_START:
+            with pytest.raises(NotImplementedError):
+                handler.on_chat_model_start(*args, run_id=run_id)
+        else:
+            assert getattr(handler, event.method)(*args, run_id=run_id) is None
+    flags = ["raise_error", "run_inline", *sorted({e.ignore_flag for e in Event if e.ignore_flag})]
+    assert [getattr(handler, f) for f in flags] == [False] * 9
+
+
+@pytest.mark.parametrize(
+    "bad", ["handler", 3, BaseCallbackHandler, print, lambda *a: None, object()], ids=repr
+)
+def test_events_plainly_not_a_handler_is_a_type_error(bad: Any) -> None:
+    with pytest.raises(
+        TypeError, match=r"expected a callback handler .* got " + re.escape(repr(bad))
+    ):
+        Lambda(_ident).invoke(1, {"callbacks": [bad]})
+    with pytest.raises(TypeError, match="expected a callback handler"):
+        CallbackManager().add_handler(bad)
+    with pytest.raises(TypeError, match="expected a callback handler"):
+        LLM("x", callbacks=[bad])
+
+
+def test_events_a_handler_need_not_subclass_the_base() -> None:
+    seen: list[tuple[str, Any]] = []
+
+    class Duck:  # no base class, no flags, only the methods it cares about
+        def on_chain_start(self, serialized: Any, inputs: Any, **kw: Any) -> None:
+            seen.append(("start", inputs))
+
+        def on_chain_end(self, outputs: Any, **kw: Any) -> None:
+            seen.append(("end", outputs))
+
+        def on_llm_start(self, serialized: Any, prompts: list[str], **kw: Any) -> None:
+            seen.append(("llm", prompts))  # also gets chat starts (D4: no on_chat_model_start)
+
+    chain = Lambda(_ident, name="f") | ChatModel("ok") | Tool(_ident)
+    assert chain.invoke("hi", {"callbacks": [Duck()]}) == AIMessage("ok")
+    assert seen == [("start", "hi"), ("start", "hi"), ("end", "hi"), ("llm", ["Human: hi"]),
+                    ("end", AIMessage("ok"))]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"callback": []}, "unknown config key 'callback'; valid keys are: callbacks, max_concurrency, metadata, run_id, run_name, tags"),
+        ({"configurable": {}}, "unknown config key 'configurable'"),
+        ({"tags": "one"}, "config['tags'] must be a list of strings, got 'one'"),
+        ({"tags": ["a", 1]}, "config['tags'] must be a list of strings, got 1"),
+        ({"metadata": [1]}, "config['metadata'] must be a dict with string keys, got [1]"),
+        ({"run_name": 5}, "config['run_name'] must be a string, got 5"),
+        ({"run_id": "abc"}, "config['run_id'] must be a uuid.UUID, got 'abc'"),
+        ({"max_concurrency": True}, "config['max_concurrency'] must be a positive int, got True"),
+        ({"callbacks": "h"}, "config['callbacks'] must be a list of handlers, got 'h'"),
+    ],
+)  # fmt: skip
+def test_config_unknown_key_or_wrong_type_is_a_type_error(config: Any, message: str) -> None:
+    """SPEC section 5: config validation, for invoke, stream, batch and with_config alike."""
+    runnable = Lambda(_ident)
+    calls: list[Callable[[], Any]] = [
+        lambda: runnable.invoke(1, config),
+        lambda: runnable.stream(1, config),
+        lambda: runnable.batch([1, 2], config),
+        lambda: runnable.with_config(config),
+    ]
+    for call in calls:
+        with pytest.raises(TypeError) as info:
+            call()
+        assert str(info.value).startswith(message)
+
+
+def test_config_and_constructor_values_out_of_range_are_clear_errors() -> None:
+    """SPEC section 5 and R0: values of the right type but unusable."""
+    with pytest.raises(
+        ValueError, match=r"config\['max_concurrency'\] must be a positive int, got 0"
+    ):
+        Lambda(_ident).invoke(1, {"max_concurrency": 0})
+    with pytest.raises(ValueError, match="got 2 configs for 1 inputs"):
+        Lambda(_ident).batch([1], [{}, {}])
+    with pytest.raises(TypeError, match="run_id cannot be bound"):
+        Lambda(_ident).with_config(run_id=uuid.uuid4())
+    with pytest.raises(TypeError, match="cannot use 3 as a step"):
+        Chain(Lambda(_ident), 3)
+    with pytest.raises(TypeError, match="error must be an exception instance or None, got 'x'"):
+        LLM("a", error="x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="responses must be a string or a non-empty list"):
+        LLM([])
+    absent: Any = {"tags": None, "callbacks": None}
+    assert Lambda(_ident).invoke(1, absent) == 1  # None means absent
+
+
+# ===============================================================================================
+# Dispatch (D1-D4, D7)
+# ===============================================================================================
+
+
+def test_D1_ignore_flags_skip_their_events() -> None:
+    class NoLLM(Recorder):
+        ignore_llm = True
+
+    class NoChain(Recorder):
+        ignore_chain = True
+
+    class NoAgent(Recorder):
+        ignore_agent = True
+
+    class NoRetriever(Recorder):
+        ignore_retriever = True
+
+    class NoCustom(Recorder):
+        ignore_custom_event = True
+
+    def body(x: str) -> Any:
+        dispatch_custom_event("c", 1)
+        return x
+
+    chain = Chain(
+        Retriever(["q doc"], name="r"),
+        Lambda(lambda docs: docs[0].page_content, name="f"),
+        Tool(_ident, name="t"),
+        Lambda(body, name="g"),
+        LLM("x", name="llm"),
+        ChatModel("y", name="chat"),
+        name="c",
+    )
+    handlers = [NoLLM(), NoChain(), NoAgent(), NoRetriever(), NoCustom(), Recorder("all")]
+    chain.invoke("q", {"callbacks": handlers})
+    everything = [
+        "on_chain_start",
+        "on_retriever_start",
+        "on_retriever_end",
+        "on_chain_start",
+        "on_chain_end",
+        "on_tool_start",
+        "on_tool_end",
+        "on_chain_start",
+        "on_custom_event",
+        "on_chain_end",
+        "on_llm_start",
+        "on_llm_end",
+        "on_chat_model_start",
+        "on_llm_end",
+        "on_chain_end",
+    ]
+
+    def without(*methods: str) -> list[str]:
+        return [m for m in everything if m not in methods]
+
+    assert [h.events() for h in handlers] == [
+        without("on_llm_start", "on_llm_end"),
+        without("on_chain_start", "on_chain_end"),
+        without("on_tool_start", "on_tool_end"),
+        without("on_retriever_start", "on_retriever_end"),
+        without("on_custom_event"),
+        everything,
+    ]
+
+
+def test_D1_ignore_chat_model_skips_only_the_chat_start() -> None:
+    class NoChat(Recorder):
+        ignore_chat_model = True
+
+    rec = NoChat()
+    ChatModel("y").invoke("q", {"callbacks": [rec]})
+    assert rec.events() == ["on_llm_end"]
+
+
+def test_D1_on_text_cannot_be_ignored_but_retry_can() -> None:
+    class IgnoreAll(Recorder):
+        ignore_llm = ignore_chat_model = ignore_chain = ignore_agent = True
+        ignore_retriever = ignore_retry = ignore_custom_event = True
+
+    ignoring, rec = IgnoreAll(), Recorder()
+    with sequential_run_ids():
+        run = CallbackManager([ignoring, rec]).on_chain_start({}, {})
+        run.on_text("note")
+        run.on_retry("state")
+        run.on_chain_end({})
+    assert _payloads(ignoring) == [("on_text", ("note",))]
+    assert rec.events() == ["on_chain_start", "on_text", "on_retry", "on_chain_end"]
+
+
+def test_D2_failing_handler_is_logged_and_the_run_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    log: list[_LogEntry] = []
+    bad = _Shared("bad", log, fail=("on_chain_start", None, ValueError("boom")))
+    good = _Shared("good", log)
+    with caplog.at_level(logging.WARNING, logger="callbacks"), sequential_run_ids():
+        assert Lambda(_ident, name="f").invoke("q", {"callbacks": [bad, good]}) == "q"
+    assert log == [
+        ("bad", "on_chain_start", 1),
+        ("good", "on_chain_start", 1),
+        ("bad", "on_chain_end", 1),
+        ("good", "on_chain_end", 1),
+    ]
+    assert caplog.record_tuples == [
+        (
+            "callbacks",
+            logging.WARNING,
+            "error in _Shared.on_chain_start callback: ValueError('boom')",
+        )
+    ]
+
+
+def test_D2_raise_error_handler_failure_propagates_after_every_handler(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    log: list[_LogEntry] = []
+    first_error, second_error = ValueError("first"), KeyError("second")
+    quiet = _Shared("quiet", log, fail=("on_chain_end", None, TypeError("quiet")))
+    strict1 = _Shared("strict1", log, fail=("on_chain_end", None, first_error), raise_error=True)
+    strict2 = _Shared("strict2", log, fail=("on_chain_end", None, second_error), raise_error=True)
+    after = _Shared("after", log)
+    with (
+        caplog.at_level(logging.WARNING, logger="callbacks"),
+        sequential_run_ids(),
+        pytest.raises(ValueError) as info,
+    ):
+        Lambda(_ident, name="f").invoke("q", {"callbacks": [quiet, strict1, strict2, after]})
+    assert info.value is first_error
+    assert log == [
+        ("quiet", "on_chain_start", 1),
+        ("strict1", "on_chain_start", 1),
+        ("strict2", "on_chain_start", 1),
+        ("after", "on_chain_start", 1),
+        ("quiet", "on_chain_end", 1),
+        ("strict1", "on_chain_end", 1),
+        ("strict2", "on_chain_end", 1),
+        ("after", "on_chain_end", 1),
+    ]
+    assert [m for _, _, m in caplog.record_tuples] == [
+        "error in _Shared.on_chain_end callback: TypeError('quiet')",
+        "error in _Shared.on_chain_end callback: ValueError('first')",
+        "error in _Shared.on_chain_end callback: KeyError('second')",
+    ]
+
+
+def test_D3_balance_when_the_runnable_raises() -> None:
+    rec, checker = Recorder(), TraceChecker()
+    error = ValueError("inner")
+    chain = Chain(Lambda(_ident, name="a"), Tool(_ident, name="t", error=error), name="outer")
+    with sequential_run_ids(), pytest.raises(ValueError) as info:
+        chain.invoke("q", {"callbacks": [rec, checker]})
+    assert info.value is error
+    assert _trace(rec) == [
+        ("on_chain_start", 1, None, [], {}),
+        ("on_chain_start", 2, 1, ["seq:step:1"], {}),
+        ("on_chain_end", 2, 1, ["seq:step:1"], None),
+        ("on_tool_start", 3, 1, ["seq:step:2"], {}),
+        ("on_tool_error", 3, 1, ["seq:step:2"], None),
+        ("on_chain_error", 1, None, [], None),
+    ]
+    assert [r.args for r in rec.records if r.event.phase == "error"] == [(error,), (error,)]
+    checker.verify()
+
+
+def test_D3_balance_when_raise_error_handler_fails_on_start() -> None:
+    log: list[_LogEntry] = []
+    error = RuntimeError("handler broke")
+    strict = _Shared("strict", log, fail=("on_chain_start", "b", error), raise_error=True)
+    rec, checker = Recorder(), TraceChecker()
+    ran: list[str] = []
+
+    def b(x: str) -> str:
+        ran.append(x)
+        return x
+
+    chain = Chain(Lambda(_ident, name="a"), Lambda(b, name="b"), Lambda(_ident, name="c"))
+    with sequential_run_ids(), pytest.raises(RuntimeError) as info:
+        chain.invoke("q", {"callbacks": [strict, rec, checker]})
+    assert info.value is error
+    assert ran == []  # the failing start stops the run before its body
+    assert _trace(rec) == [
+        ("on_chain_start", 1, None, [], {}),
+        ("on_chain_start", 2, 1, ["seq:step:1"], {}),
+        ("on_chain_end", 2, 1, ["seq:step:1"], None),
+        ("on_chain_start", 3, 1, ["seq:step:2"], {}),
+        ("on_chain_error", 3, 1, ["seq:step:2"], None),
+        ("on_chain_error", 1, None, [], None),
+    ]
+    assert [r.args for r in rec.records[-2:]] == [(error,), (error,)]
+    assert log == [
+        ("strict", "on_chain_start", 1),
+        ("strict", "on_chain_start", 2),
+        ("strict", "on_chain_end", 2),
+        ("strict", "on_chain_start", 3),
+        ("strict", "on_chain_error", 3),
+        ("strict", "on_chain_error", 1),
+    ]
+    checker.verify()
+
+
+def test_D3_balance_on_keyboard_interrupt() -> None:
+    rec, checker = Recorder(), TraceChecker()
+
+    def interrupt(x: str) -> str:
+        raise KeyboardInterrupt
+
+    chain = Chain(Lambda(_ident, name="a"), Lambda(interrupt, name="b"), name="outer")
+    with sequential_run_ids(), pytest.raises(KeyboardInterrupt):
+        chain.invoke("q", {"callbacks": [rec, checker]})
+    assert _trace(rec) == [
+        ("on_chain_start", 1, None, [], {}),
+        ("on_chain_start", 2, 1, ["seq:step:1"], {}),
+        ("on_chain_end", 2, 1, ["seq:step:1"], None),
+        ("on_chain_start", 3, 1, ["seq:step:2"], {}),
+        ("on_chain_error", 3, 1, ["seq:step:2"], None),
+        ("on_chain_error", 1, None, [], None),
+    ]
+    assert all(isinstance(r.args[0], KeyboardInterrupt) for r in rec.records[-2:])
+    checker.verify()
+
+
+def test_D3_balance_when_retriever_and_tool_raise_system_exit() -> None:
+    rec, checker = Recorder(), TraceChecker()
+    for runnable in (Retriever(["d"], error=SystemExit(3)), Tool(_ident, error=SystemExit(4))):
+        with pytest.raises(SystemExit):
+            runnable.invoke("q", {"callbacks": [rec, checker]})
+    assert [(r.event.method, type(r.args[-1]).__name__) for r in rec.records] == [
+        ("on_retriever_start", "str"),
+        ("on_retriever_error", "SystemExit"),
+        ("on_tool_start", "str"),
+        ("on_tool_error", "SystemExit"),
+    ]
+    checker.verify()
+
+
+def test_D3_children_close_before_the_parent_when_a_branch_fails() -> None:
+    rec, checker = Recorder(), TraceChecker()
+    par = Parallel(a=Lambda(_fail("a broke"), name="a"), b=Lambda(_ident, name="b"), name="par")
+    with sequential_run_ids(), pytest.raises(ValueError, match="a broke"):
+        par.invoke("q", {"callbacks": [rec, checker], "max_concurrency": 1})
+    assert _trace(rec) == [
+        ("on_chain_start", 1, None, [], {}),
+        ("on_chain_start", 2, 1, ["map:key:a"], {}),
+        ("on_chain_error", 2, 1, ["map:key:a"], None),
+        ("on_chain_start", 3, 1, ["map:key:b"], {}),
+        ("on_chain_end", 3, 1, ["map:key:b"], None),
+        ("on_chain_error", 1, None, [], None),
+    ]
+    checker.verify()
+
+
+def test_D3_stream_closed_early_errors_innermost_first() -> None:
+    rec, checker = Recorder(), TraceChecker()
+    chain = Chain(
+        Lambda(_ident, name="a"),
+        Chain(Lambda(_ident, name="b"), LLM("one two three", name="llm"), name="inner"),
+        name="outer",
+    )
+    with sequential_run_ids():
+        stream = chain.stream("q", {"callbacks": [rec, checker]})
+        assert isinstance(stream, Generator)
+        assert next(stream) == "one "
+        stream.close()
+    assert _trace(rec) == [
+        ("on_chain_start", 1, None, [], {}),
+        ("on_chain_start", 2, 1, ["seq:step:1"], {}),
+        ("on_chain_end", 2, 1, ["seq:step:1"], None),
+        ("on_chain_start", 3, 1, ["seq:step:2"], {}),
+        ("on_chain_start", 4, 3, ["seq:step:1"], {}),
+        ("on_chain_end", 4, 3, ["seq:step:1"], None),
+        ("on_llm_start", 5, 3, ["seq:step:2"], {}),
+        ("on_llm_new_token", 5, 3, ["seq:step:2"], None),
+        ("on_llm_error", 5, 3, ["seq:step:2"], None),
+        ("on_chain_error", 3, 1, ["seq:step:2"], None),
+        ("on_chain_error", 1, None, [], None),
+    ]
+    assert all(isinstance(r.args[0], GeneratorExit) for r in rec.records[-3:])
+    checker.verify()
+
+
+def test_D3_run_manager_ends_exactly_once() -> None:
+    rec = Recorder()
+    run = CallbackManager([rec]).on_chain_start({}, {})
+    run.on_chain_end({"out": 1})
+    with pytest.raises(RuntimeError):
+        run.on_chain_error(ValueError("late"))
+    with pytest.raises(TypeError):
+        CallbackManager([rec]).on_chain_start({}, {}).on_tool_end("wrong kind")
+    assert rec.events() == ["on_chain_start", "on_chain_end", "on_chain_start"]
+
+
+def test_D4_chat_start_falls_back_to_llm_start_with_rendered_messages() -> None:
+    subclass = _LLMStartOnly(raise_error=True)
+
+    class DuckTyped:
+        def __init__(self) -> None:
+            self.prompts: list[list[str]] = []
+
+        def on_llm_start(self, serialized: Any, prompts: list[str], **kwargs: Any) -> None:
+            self.prompts.append(prompts)
+
+    duck = DuckTyped()
+    messages = [
+        SystemMessage("be brief"),
+        HumanMessage("hi"),
+        AIMessage("hello"),
+        ToolMessage("42"),
+        HumanMessage("again"),
+    ]
+    rendered = "System: be brief\nHuman: hi\nAI: hello\nTool: 42\nHuman: again"
+    with sequential_run_ids():
+        ChatModel("ok").invoke(messages, {"callbacks": [subclass, duck]})
+    assert subclass.seen == [("on_llm_start", [rendered], 1), ("on_llm_end", "ok", 1)]
+    assert duck.prompts == [[rendered]]
+
+
+def test_D4_fallback_obeys_ignore_llm() -> None:
+    ignoring, listening = _LLMStartOnly(ignore_llm=True), _LLMStartOnly()
+    with sequential_run_ids():
+        Chain(Lambda(_ident, name="a"), ChatModel("ok")).invoke(
+            "hi", {"callbacks": [ignoring, listening]}
+        )
+    assert ignoring.seen == [("on_chain_start", "hi", 1), ("on_chain_start", "hi", 2)]
+    assert listening.seen == [
+        ("on_chain_start", "hi", 1),
+        ("on_chain_start", "hi", 2),
+        ("on_llm_start", ["Human: hi"], 3),
+        ("on_llm_end", "ok", 3),
+    ]
+
+
+def test_D4_not_implemented_elsewhere_is_an_ordinary_handler_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class NotImpl(_LLMStartOnly):
+        def on_chain_start(self, serialized: Any, inputs: Any, **kwargs: Any) -> None:
+            raise NotImplementedError("no chains")
+
+    quiet, strict = NotImpl(), NotImpl(raise_error=True)
+    with caplog.at_level(logging.WARNING, logger="callbacks"):
+        assert Lambda(_ident, name="f").invoke("q", {"callbacks": [quiet]}) == "q"
+    assert quiet.seen == []  # no fallback to on_llm_start
+    assert caplog.record_tuples == [
+        (
+            "callbacks",
+            logging.WARNING,
+            "error in NotImpl.on_chain_start callback: NotImplementedError('no chains')",
+        )
+    ]
+    with pytest.raises(NotImplementedError, match="no chains"):
+        Lambda(_ident, name="f").invoke("q", {"callbacks": [strict]})
+    assert strict.seen == []
+
+
+def test_D7_no_handlers_no_ids_and_no_payloads() -> None:
+    calls: list[str] = []
+
+    class Loud:
+        def __str__(self) -> str:
+            calls.append("str")
+            return "loud"
+
+    def use(x: Any) -> int:
+        return 1
+
+    tool = Tool(use)
+    rec = Recorder()
+    with sequential_run_ids():
+        Chain(Lambda(_ident, name="a"), tool).invoke(Loud())
+        assert calls == []  # the tool's input_str was never built
+        tool.invoke(Loud(), {"callbacks": [rec]})
+    assert calls == ["str"]
+    assert _trace(rec) == [
+        ("on_tool_start", 1, None, [], {}),  # no id was spent on the unobserved runs
+        ("on_tool_end", 1, None, [], None),
+    ]
+
+
+def test_D7_parent_ids_stay_truthful_in_an_unobserved_tree() -> None:
+    local = Recorder("local")
+    chain = Chain(Lambda(_ident, name="a"), LLM("x", callbacks=[local]))
+    with sequential_run_ids():
+        chain.invoke("q")
+    # the LLM's id is needed first (1), then its parent's (2): numbering follows need
+    assert _trace(local) == [
+        ("on_llm_start", 1, 2, ["seq:step:2"], {}),
+        ("on_llm_end", 1, 2, ["seq:step:2"], None),
+    ]
+
+
+# ===============================================================================================
+# Managers: scoping and inheritance (S1-S9)
+# ===============================================================================================
+
+
+def test_S1_request_callbacks_reach_every_descendant() -> None:
+    rec = Recorder()
+    llm = LLM("deep answer", name="llm")
+    inner = Chain(Lambda(_ident, name="inner_step"), llm, name="inner")
+
+    def call_inner(x: str) -> Any:
+        return inner.invoke(x)
+
+    outer = Chain(Lambda(_ident, name="first"), Lambda(call_inner, name="middle"), name="outer")
+    with sequential_run_ids():
+        assert outer.invoke("q", {"callbacks": [rec]}) == "deep answer"
+    assert _trace(rec) == [
+        ("on_chain_start", 1, None, [], {}),
+        ("on_chain_start", 2, 1, ["seq:step:1"], {}),
+        ("on_chain_end", 2, 1, ["seq:step:1"], None),
+        ("on_chain_start", 3, 1, ["seq:step:2"], {}),
+        ("on_chain_start", 4, 3, [], {}),
+        ("on_chain_start", 5, 4, ["seq:step:1"], {}),
+        ("on_chain_end", 5, 4, ["seq:step:1"], None),
+        ("on_llm_start", 6, 4, ["seq:step:2"], {}),
+        ("on_llm_end", 6, 4, ["seq:step:2"], None),
+        ("on_chain_end", 4, 3, [], None),
+        ("on_chain_end", 3, 1, ["seq:step:2"], None),
+        ("on_chain_end", 1, None, [], None),
+    ]
+    assert _names(rec) == [
+        (1, "outer"),
+        (2, "first"),
+        (3, "middle"),
+        (4, "inner"),
+        (5, "inner_step"),
+        (6, "llm"),
+    ]
+
+
+def test_S2_constructor_callbacks_are_local_to_a_leaf() -> None:
+    request, local = Recorder("request"), Recorder("local")
+    chain = Chain(Lambda(_ident, name="a"), LLM("out", callbacks=[local]))
+    with sequential_run_ids():
+        chain.invoke("q", {"callbacks": [request]})
+    # the LLM's handler sees the LLM run only, never its parent chain or sibling
+    assert _trace(local) == [
+        ("on_llm_start", 3, 1, ["seq:step:2"], {}),
+        ("on_llm_end", 3, 1, ["seq:step:2"], None),
+    ]
+    assert request.events() == [
+        "on_chain_start",
+        "on_chain_start",
+        "on_chain_end",
+        "on_llm_start",
+        "on_llm_end",
+        "on_chain_end",
+    ]
+
+
+def test_S2_constructor_callbacks_of_a_chain_do_not_see_children() -> None:
+    local = Recorder("local")
+    inner_llm = LLM("x")
+    chain = Chain(Lambda(_ident, name="a"), inner_llm, callbacks=[local])
+    with sequential_run_ids():
+        chain.invoke("q")
+    assert _trace(local) == [
+        ("on_chain_start", 1, None, [], {}),
+        ("on_chain_end", 1, None, [], None),
+    ]
+
+
+def test_S2_constructor_callbacks_do_not_see_the_parent_of_a_nested_call() -> None:
+    local = Recorder("local")
+    llm = LLM("x", callbacks=[local])
+    outer = Lambda(lambda x: llm.invoke(x), name="outer")
+    with sequential_run_ids():
+        outer.invoke("q")
+        outer.invoke("q")
+    # each LLM run is a child of its (unobserved) outer run, whose id is made on need
+    assert _trace(local) == [
+        ("on_llm_start", 1, 2, [], {}),
+        ("on_llm_end", 1, 2, [], None),
+        ("on_llm_start", 3, 4, [], {}),
+        ("on_llm_end", 3, 4, [], None),
+    ]
+
+
+def test_S3_request_tags_and_metadata_are_inherited_constructor_ones_are_local() -> None:
+    rec = Recorder()
+    chain = Chain(
+        Lambda(_ident, name="a", tags=["step-ctor"], metadata={"step": "ctor"}),
+        LLM("x"),
+        tags=["chain-ctor"],
+        metadata={"chain": "ctor"},
+    )
+    with sequential_run_ids():
+        chain.invoke("q", {"callbacks": [rec], "tags": ["req"], "metadata": {"r": 1}})
+    assert _trace(rec) == [
+        ("on_chain_start", 1, None, ["req", "chain-ctor"], {"r": 1, "chain": "ctor"}),
+        ("on_chain_start", 2, 1, ["req", "seq:step:1", "step-ctor"], {"r": 1, "step": "ctor"}),
+        ("on_chain_end", 2, 1, ["req", "seq:step:1", "step-ctor"], None),
+        ("on_llm_start", 3, 1, ["req", "seq:step:2"], {"r": 1}),
+        ("on_llm_end", 3, 1, ["req", "seq:step:2"], None),
+        ("on_chain_end", 1, None, ["req", "chain-ctor"], None),
+    ]
+
+
+def test_S4_get_child_takes_the_inheritable_half_and_a_local_tag() -> None:
+    inherited, local = Recorder("inherited"), Recorder("local")
+    manager = CallbackManager.configure(
+        inheritable_callbacks=[inherited],
+        local_callbacks=[local],
+        inheritable_tags=["it"],
+        local_tags=["lt"],
+        inheritable_metadata={"im": 1},
+        local_metadata={"lm": 2},
+    )
+    with sequential_run_ids():
+        run = manager.on_chain_start({"name": "root"}, {"x": 1})
+        child = run.get_child("seq:step:2")
+        assert child.handlers == (inherited,)
+        assert child.inheritable_handlers == (inherited,)
+        assert child.tags == ("it", "seq:step:2")
+        assert child.inheritable_tags == ("it",)
+        assert child.metadata == {"im": 1}
+        assert child.inheritable_metadata == {"im": 1}
+        assert child.parent_run_id == run.run_id == _U(1)
+        child_run = child.on_chain_start({"name": "child"}, {"x": 1})
+        grandchild = child_run.get_child()
+        assert grandchild.tags == ("it",)
+        assert grandchild.parent_run_id == child_run.run_id == _U(2)
+        grandchild_run = grandchild.on_chain_start({"name": "grandchild"}, {"x": 1})
+        grandchild_run.on_chain_end({"out": 3})
+        child_run.on_chain_end({"out": 2})
+        run.on_chain_end({"out": 1})
+    assert _trace(inherited) == [
+        ("on_chain_start", 1, None, ["it", "lt"], {"im": 1, "lm": 2}),
+        ("on_chain_start", 2, 1, ["it", "seq:step:2"], {"im": 1}),
+        ("on_chain_start", 3, 2, ["it"], {"im": 1}),
+        ("on_chain_end", 3, 2, ["it"], None),
+        ("on_chain_end", 2, 1, ["it", "seq:step:2"], None),
+        ("on_chain_end", 1, None, ["it", "lt"], None),
+    ]
+    assert _trace(local) == [
+        ("on_chain_start", 1, None, ["it", "lt"], {"im": 1, "lm": 2}),
+        ("on_chain_end", 1, None, ["it", "lt"], None),
+    ]
+
+
+def test_S5_request_handlers_in_order_then_constructor_handlers() -> None:
+    log: list[_LogEntry] = []
+    h1, h2, h3, h4 = (_Shared(label, log) for label in ("h1", "h2", "h3", "h4"))
+    llm = LLM("x", callbacks=[h3, h4])
+    with sequential_run_ids():
+        llm.invoke("q", {"callbacks": [h2, h1]})
+    assert log == [
+        ("h2", "on_llm_start", 1),
+        ("h1", "on_llm_start", 1),
+        ("h3", "on_llm_start", 1),
+        ("h4", "on_llm_start", 1),
+        ("h2", "on_llm_end", 1),
+        ("h1", "on_llm_end", 1),
+        ("h3", "on_llm_end", 1),
+        ("h4", "on_llm_end", 1),
+    ]
+
+
+def test_S5_configure_puts_inheritable_before_local() -> None:
+    log: list[_LogEntry] = []
+    a, b, c = (_Shared(label, log) for label in ("a", "b", "c"))
+    manager = CallbackManager.configure(inheritable_callbacks=[b, a], local_callbacks=[c])
+    assert list(manager.handlers) == [b, a, c]
+    assert list(manager.inheritable_handlers) == [b, a]
+    manager.add_handler(c, inherit=True)  # already there: keeps its place, becomes inheritable
+    assert list(manager.handlers) == [b, a, c]
+    assert list(manager.inheritable_handlers) == [b, a, c]
+
+
+def test_S6_handler_listed_twice_at_request_time_is_called_once() -> None:
+    log: list[_LogEntry] = []
+    h = _Shared("h", log)
+    chain = Chain(Lambda(_ident, name="a"), LLM("x", callbacks=[h]), callbacks=[h])
+    with sequential_run_ids():
+        chain.invoke("q", {"callbacks": [h, h]})
+    assert log == [
+        ("h", "on_chain_start", 1),
+        ("h", "on_chain_start", 2),
+        ("h", "on_chain_end", 2),
+        ("h", "on_llm_start", 3),
+        ("h", "on_llm_end", 3),
+        ("h", "on_chain_end", 1),
+    ]
+
+
+def test_S6_manager_dedupes_by_identity() -> None:
+    log: list[_LogEntry] = []
+    h, twin = _Shared("h", log), _Shared("h", log)
+    manager = CallbackManager([h, h], [h])
+    manager.add_handler(h)
+    manager.add_handler(h, inherit=False)
+    manager.add_handlers([twin, h])
+    assert list(manager.handlers) == [h, twin]
+    assert list(manager.inheritable_handlers) == [h, twin]
+    manager.remove_handler(h)
+    assert list(manager.handlers) == [twin]
+    assert list(manager.inheritable_handlers) == [twin]
+    with pytest.raises(ValueError):
+        manager.remove_handler(h)
+
+
+def test_S7_tags_are_an_ordered_set() -> None:
+    manager = CallbackManager()
+    manager.add_tags(["a", "b", "a"])
+    manager.add_tags(["c", "a"], inherit=False)
+    assert manager.tags == ("a", "b", "c")
+    assert manager.inheritable_tags == ("a", "b")
+    rec = Recorder()
+    with sequential_run_ids():
+        Lambda(_ident, name="f", tags=["y", "x"]).invoke(
+            "q", {"callbacks": [rec], "tags": ["x", "z", "x"]}
+        )
+    assert _trace(rec) == [
+        ("on_chain_start", 1, None, ["x", "z", "y"], {}),
+        ("on_chain_end", 1, None, ["x", "z", "y"], None),
+    ]
+
+
+def test_S7_a_local_tag_never_removes_an_inheritable_one() -> None:
+    manager = CallbackManager.configure(inheritable_tags=["shared"], local_tags=["shared", "loc"])
+    assert manager.tags == ("shared", "loc")
+    assert manager.inheritable_tags == ("shared",)
+    rec = Recorder()
+    chain = Chain(Lambda(_ident, name="a"), tags=["shared", "loc"], name="c")
+    with sequential_run_ids():
+        chain.invoke("q", {"callbacks": [rec], "tags": ["shared"]})
+    assert _trace(rec) == [
+        ("on_chain_start", 1, None, ["shared", "loc"], {}),
+        ("on_chain_start", 2, 1, ["shared", "seq:step:1"], {}),
+        ("on_chain_end", 2, 1, ["shared", "seq:step:1"], None),
+        ("on_chain_end", 1, None, ["shared", "loc"], None),
+    ]
+
+
+def test_S8_metadata_request_then_nested_then_constructor() -> None:
+    rec = Recorder()
+    inner = Chain(
+        Lambda(_ident, name="leaf"),
+        name="inner",
+        metadata={"k": "ctor", "c": 3},
+    )
+
+    def nested(x: str) -> Any:
+        return inner.invoke(x, {"metadata": {"k": "nested", "n": 2}})
+
+    outer = Lambda(nested, name="outer")
+    with sequential_run_ids():
+        outer.invoke("q", {"callbacks": [rec], "metadata": {"k": "req", "r": 1}})
+    assert _trace(rec) == [
+        ("on_chain_start", 1, None, [], {"k": "req", "r": 1}),
+        ("on_chain_start", 2, 1, [], {"k": "ctor", "r": 1, "n": 2, "c": 3}),
+        ("on_chain_start", 3, 2, ["seq:step:1"], {"k": "nested", "r": 1, "n": 2}),
+        ("on_chain_end", 3, 2, ["seq:step:1"], None),
+        ("on_chain_end", 2, 1, [], None),
+        ("on_chain_end", 1, None, [], None),
+    ]
+
+
+def test_S8_manager_metadata_merges_key_by_key() -> None:
+    manager = CallbackManager.configure(
+        inheritable_metadata={"k": "inh", "i": 1}, local_metadata={"k": "loc", "l": 2}
+    )
+    assert manager.metadata == {"k": "loc", "i": 1, "l": 2}
+    assert manager.inheritable_metadata == {"k": "inh", "i": 1}
+    manager.add_metadata({"i": 10})
+    assert manager.metadata == {"k": "loc", "i": 10, "l": 2}
+    assert manager.inheritable_metadata == {"k": "inh", "i": 10}
+    run = manager.on_chain_start({}, {})
+    assert run.get_child().metadata == {"k": "inh", "i": 10}
+
+
+def test_S9_bound_callbacks_are_inheritable() -> None:
+    rec = Recorder()
+    chain = Chain(Lambda(_ident, name="a"), LLM("x"), name="c").with_config(callbacks=[rec])
+    with sequential_run_ids():
+        chain.invoke("q")
+    assert _trace(rec) == [
+        ("on_chain_start", 1, None, [], {}),
+        ("on_chain_start", 2, 1, ["seq:step:1"], {}),
+        ("on_chain_end", 2, 1, ["seq:step:1"], None),
+        ("on_llm_start", 3, 1, ["seq:step:2"], {}),
+        ("on_llm_end", 3, 1, ["seq:step:2"], None),
+        ("on_chain_end", 1, None, [], None),
+    ]
+
+
+def test_S9_bound_and_request_values_merge() -> None:
+    log: list[_LogEntry] = []
+    h1, h2 = _Shared("h1", log), _Shared("h2", log)
+    rec = Recorder()
+    bound = (
+        Lambda(_ident, name="f")
+        .with_config(callbacks=[h1, rec], tags=["b", "shared"])
+        .with_config(tags=["b2", "b"])
+    )
+    with sequential_run_ids():
+        bound.invoke("q", {"callbacks": [h2, h1], "tags": ["shared", "r"]})
+    assert log == [
+        ("h1", "on_chain_start", 1),
+        ("h2", "on_chain_start", 1),
+        ("h1", "on_chain_end", 1),
+        ("h2", "on_chain_end", 1),
+    ]
+    assert _trace(rec) == [
+        ("on_chain_start", 1, None, ["b", "shared", "b2", "r"], {}),
+        ("on_chain_end", 1, None, ["b", "shared", "b2", "r"], None),
+    ]
+
+
+def test_S9_metadata_call_beats_binding_beats_inherited() -> None:
+    rec = Recorder()
+    bound = Lambda(_ident, name="bound").with_config(metadata={"k": "bound", "b": 2})
+
+    def body(x: str) -> Any:
+        bound.invoke(x)
+        return bound.invoke(x, {"metadata": {"k": "call"}})
+
+    outer = Lambda(body, name="outer")
+    with sequential_run_ids():
+        outer.invoke("q", {"callbacks": [rec], "metadata": {"k": "inherited", "i": 1}})
+    assert _trace(rec) == [
+        ("on_chain_start", 1, None, [], {"k": "inherited", "i": 1}),
+        ("on_chain_start", 2, 1, [], {"k": "bound", "i": 1, "b": 2}),
+        ("on_chain_end", 2, 1, [], None),
+        ("on_chain_start", 3, 1, [], {"k": "call", "i": 1, "b": 2}),
+        ("on_chain_end", 3, 1, [], None),
+        ("on_chain_end", 1, None, [], None),
+    ]
+
+
+def test_S9_bound_runnable_invoked_without_config_stays_a_child() -> None:
+    outer_rec, bound_rec = Recorder("outer"), Recorder("bound")
+    llm = LLM("x", name="llm")
+    bound = Lambda(lambda x: llm.invoke(x), name="bound").with_config(callbacks=[bound_rec])
+    outer = Lambda(lambda x: bound.invoke(x), name="outer")
+    with sequential_run_ids():
+        outer.invoke("q", {"callbacks": [outer_rec], "tags": ["t"]})
+    assert _trace(outer_rec) == [
+        ("on_chain_start", 1, None, ["t"], {}),
+        ("on_chain_start", 2, 1, ["t"], {}),
+        ("on_llm_start", 3, 2, ["t"], {}),
+        ("on_llm_end", 3, 2, ["t"], None),
+        ("on_chain_end", 2, 1, ["t"], None),
+        ("on_chain_end", 1, None, ["t"], None),
+    ]
+    assert _trace(bound_rec) == [
+        ("on_chain_start", 2, 1, ["t"], {}),
+        ("on_llm_start", 3, 2, ["t"], {}),
+        ("on_llm_end", 3, 2, ["t"], None),
+        ("on_chain_end", 2, 1, ["t"], None),
+    ]
+
+
+class ManagerMachine(RuleBasedStateMachine):
+    """Drives one `CallbackManager` (then its children) and a plain model side by side.
+
+    The model keeps handlers and tags as lists (ordered sets) and metadata as dicts, split
+    into current and inheritable. After every step the manager must equal the model, and a
+    run started from it must reach exactly the current handlers with the current tags and
+    metadata (D1, S5).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = [Recorder(f"h{i}") for i in range(3)]
+        self.manager = CallbackManager()
+        self.handlers: list[Recorder] = []
+        self.inh_handlers: list[Recorder] = []
+        self.tags: list[str] = []
+        self.inh_tags: list[str] = []
+        self.md: dict[str, int] = {}
+        self.inh_md: dict[str, int] = {}
+        self.parent: uuid.UUID | None = None
+
+    @rule(i=st.integers(0, 2), inherit=st.booleans())
+    def add_handler(self, i: int, inherit: bool) -> None:
+        h = self.pool[i]
+        self.manager.add_handler(h, inherit=inherit)
+        if h not in self.handlers:
+            self.handlers.append(h)
+        if inherit and h not in self.inh_handlers:
+            self.inh_handlers.append(h)
+
+    @rule(i=st.integers(0, 2))
+    def remove_handler(self, i: int) -> None:
+        h = self.pool[i]
+        if h in self.handlers:
+            self.manager.remove_handler(h)
+            self.handlers.remove(h)
+            if h in self.inh_handlers:
+                self.inh_handlers.remove(h)
+        else:
+            with pytest.raises(ValueError, match="not registered"):
+                self.manager.remove_handler(h)
+
+    @rule(tags=st.lists(st.sampled_from(["a", "b", "c"]), max_size=3), inherit=st.booleans())
+    def add_tags(self, tags: list[str], inherit: bool) -> None:
+        self.manager.add_tags(tags, inherit=inherit)
+        for t in tags:
+            if t not in self.tags:
+                self.tags.append(t)
+            if inherit and t not in self.inh_tags:
+                self.inh_tags.append(t)
+
+    @rule(tags=st.lists(st.sampled_from(["a", "b", "c"]), max_size=2))
+    def remove_tags(self, tags: list[str]) -> None:
+        self.manager.remove_tags(tags)
+        self.tags = [t for t in self.tags if t not in tags]
+        self.inh_tags = [t for t in self.inh_tags if t not in tags]
+
+    @rule(
+        md=st.dictionaries(st.sampled_from("xyz"), st.integers(0, 2), max_size=2),
+        inherit=st.booleans(),
+    )
+    def add_metadata(self, md: dict[str, int], inherit: bool) -> None:
+        self.manager.add_metadata(md, inherit=inherit)
+        self.md.update(md)
+        if inherit:
+            self.inh_md.update(md)
+
+    @rule(tag=st.none() | st.sampled_from(["a", "step"]))
+    def get_child(self, tag: str | None) -> None:
+        run = self.manager.on_chain_start({"name": "parent"}, "in")
+        self.manager = run.get_child(tag)
+        run.on_chain_end("out")
+        self.parent = run.run_id
+        self.handlers = list(self.inh_handlers)
+        self.tags = list(self.inh_tags) + ([tag] if tag and tag not in self.inh_tags else [])
+        self.md = dict(self.inh_md)
+        for h in self.pool:
+            h.records.clear()
+
+    @rule()
+    def dispatch(self) -> None:
+        run = self.manager.on_chain_start({"name": "probe"}, "in")
+        run.on_text("hello")
+        run.on_chain_end("out")
+        for h in self.pool:
+            want = (
+                [
+                    ("on_chain_start", self.tags, self.md),
+                    ("on_text", self.tags, None),
+                    ("on_chain_end", self.tags, None),
+                ]
+                if h in self.handlers
+                else []
+            )
+            got = [(r.event.method, r.tags, r.metadata) for r in h.records]
+            assert got == want
+            assert all(r.run_id == run.run_id and r.parent_run_id == self.parent for r in h.records)
+            h.records.clear()
+
+    @invariant()
+    def manager_matches_model(self) -> None:
+        m = self.manager
+        assert list(m.handlers) == self.handlers
+        assert list(m.inheritable_handlers) == self.inh_handlers
+        assert list(m.tags) == self.tags
+        assert list(m.inheritable_tags) == self.inh_tags
+        assert m.metadata == self.md
+        assert m.inheritable_metadata == self.inh_md
+        assert m.parent_run_id == self.parent
+        assert set(map(id, m.inheritable_handlers)) <= set(map(id, m.handlers))
+        assert set(m.inheritable_tags) <= set(m.tags)
+
+
+TestManagerMachine = ManagerMachine.TestCase
+
+
+# ===============================================================================================
+# Runnables and implicit propagation (S10, S11, R0-R6)
+# ===============================================================================================
+
+
+def test_S10_runnable_invoked_without_config_is_an_implicit_child() -> None:
+    rec = Recorder()
+    llm = LLM("answer", name="llm")
+    retriever = Retriever(["alpha doc", "beta doc"], name="docs")
+
+    def body(x: str) -> Any:
+        docs = retriever.invoke(x)
+        return llm.invoke(docs[0].page_content)
+
+    with sequential_run_ids():
+        Lambda(body, name="outer").invoke("alpha", {"callbacks": [rec], "tags": ["t"]})
+    assert _trace(rec) == [
+        ("on_chain_start", 1, None, ["t"], {}),
+        ("on_retriever_start", 2, 1, ["t"], {}),
+        ("on_retriever_end", 2, 1, ["t"], None),
+        ("on_llm_start", 3, 1, ["t"], {}),
+        ("on_llm_end", 3, 1, ["t"], None),
+        ("on_chain_end", 1, None, ["t"], None),
+    ]
+    assert rec.records[3].args[1] == ["alpha doc"]
+
+
+def test_S10_config_with_callbacks_starts_a_new_root_inheriting_nothing() -> None:
+    outer_rec, new_rec = Recorder("outer"), Recorder("new")
+    inner = Chain(Lambda(_ident, name="a"), Lambda(_ident, name="b"), name="inner")
+    outer = Lambda(lambda x: inner.invoke(x, {"callbacks": [new_rec]}), name="outer")
+    with sequential_run_ids():
+        outer.invoke("q", {"callbacks": [outer_rec], "tags": ["outer"], "metadata": {"o": 1}})
+    assert _trace(outer_rec) == [
+        ("on_chain_start", 1, None, ["outer"], {"o": 1}),
+        ("on_chain_end", 1, None, ["outer"], None),
+    ]
+    assert _trace(new_rec) == [
+        ("on_chain_start", 2, None, [], {}),
+        ("on_chain_start", 3, 2, ["seq:step:1"], {}),
+        ("on_chain_end", 3, 2, ["seq:step:1"], None),
+        ("on_chain_start", 4, 2, ["seq:step:2"], {}),
+        ("on_chain_end", 4, 2, ["seq:step:2"], None),
+        ("on_chain_end", 2, None, [], None),
+    ]
+
+
+def test_S10_empty_callbacks_hide_the_subtree_from_inherited_handlers() -> None:
+    outer_rec, local = Recorder("outer"), Recorder("local")
+    inner = Chain(Lambda(_ident, name="a"), LLM("x", callbacks=[local]), callbacks=[local])
+    outer = Lambda(lambda x: inner.invoke(x, {"callbacks": []}), name="outer")
+    with sequential_run_ids():
+        outer.invoke("q", {"callbacks": [outer_rec], "tags": ["outer"], "metadata": {"o": 1}})
+    assert _trace(outer_rec) == [
+        ("on_chain_start", 1, None, ["outer"], {"o": 1}),
+        ("on_chain_end", 1, None, ["outer"], None),
+    ]
+    # constructor handlers inside still see their own runs, under a new root
+    assert _trace(local) == [
+        ("on_chain_start", 2, None, [], {}),
+        ("on_llm_start", 3, 2, ["seq:step:2"], {}),
+        ("on_llm_end", 3, 2, ["seq:step:2"], None),
+        ("on_chain_end", 2, None, [], None),
+    ]
+
+
+def test_S10_config_with_only_tags_and_metadata_keeps_the_inherited_manager() -> None:
+    rec = Recorder()
+    inner = Chain(Lambda(_ident, name="a"), name="inner")
+    outer = Lambda(
+        lambda x: inner.invoke(x, {"tags": ["extra"], "metadata": {"m": 2}}), name="outer"
+    )
+    with sequential_run_ids():
+        outer.invoke("q", {"callbacks": [rec], "tags": ["outer"], "metadata": {"o": 1}})
+    assert _trace(rec) == [
+        ("on_chain_start", 1, None, ["outer"], {"o": 1}),
+        ("on_chain_start", 2, 1, ["outer", "extra"], {"o": 1, "m": 2}),
+        ("on_chain_start", 3, 2, ["outer", "extra", "seq:step:1"], {"o": 1, "m": 2}),
+        ("on_chain_end", 3, 2, ["outer", "extra", "seq:step:1"], None),
+        ("on_chain_end", 2, 1, ["outer", "extra"], None),
+        ("on_chain_end", 1, None, ["outer"], None),
+    ]
+
+
+def test_S10_run_name_and_run_id_are_not_inherited() -> None:
+    rec = Recorder()
+    leaf = Lambda(_ident, name="leaf")
+
+    def middle(x: str) -> Any:
+        leaf.invoke(x)
+        return leaf.invoke(x, {"run_name": "renamed", "run_id": _U(700)})
+
+    chain = Chain(Lambda(_ident, name="a"), Lambda(middle, name="middle"), name="top")
+    with sequential_run_ids():
+        chain.invoke("q", {"callbacks": [rec], "run_name": "custom", "run_id": _U(500)})
+    assert _names(rec) == [(500, "custom"), (1, "a"), (2, "middle"), (3, "leaf"), (700, "renamed")]
+    assert [(m, i, p) for m, i, p, _, _ in _trace(rec)] == [
+        ("on_chain_start", 500, None),
+        ("on_chain_start", 1, 500),
+        ("on_chain_end", 1, 500),
+        ("on_chain_start", 2, 500),
+        ("on_chain_start", 3, 2),
+        ("on_chain_end", 3, 2),
+        ("on_chain_start", 700, 2),
+        ("on_chain_end", 700, 2),
+        ("on_chain_end", 2, 500),
+        ("on_chain_end", 500, None),
+    ]
+
+
+def test_S10_custom_event_belongs_to_the_enclosing_run() -> None:
+    class Custom(BaseCallbackHandler):
+        def __init__(self) -> None:
+            self.seen: list[tuple[Any, ...]] = []
+
+        def on_custom_event(self, name: str, data: Any, **kwargs: Any) -> None:
+            self.seen.append((name, data, sorted(kwargs), _int(kwargs["run_id"])))
+            self.seen.append((kwargs["tags"], kwargs["metadata"]))
+
+    rec, custom = Recorder(), Custom()
+
+    def body(x: str, config: Any) -> str:
+        dispatch_custom_event("progress", {"pct": 50})
+        dispatch_custom_event("explicit", 1, config=config)
+        return x
+
+    chain = Chain(Lambda(_ident, name="a"), Lambda(body, name="f"), name="c")
+    with sequential_run_ids():
+        chain.invoke("q", {"callbacks": [rec, custom], "tags": ["t"], "metadata": {"m": 1}})
+    assert _trace(rec) == [
+        ("on_chain_start", 1, None, ["t"], {"m": 1}),
+        ("on_chain_start", 2, 1, ["t", "seq:step:1"], {"m": 1}),
+        ("on_chain_end", 2, 1, ["t", "seq:step:1"], None),
+        ("on_chain_start", 3, 1, ["t", "seq:step:2"], {"m": 1}),
+        ("on_custom_event", 3, None, ["t", "seq:step:2"], {"m": 1}),
+        ("on_custom_event", 3, None, ["t", "seq:step:2"], {"m": 1}),
+        ("on_chain_end", 3, 1, ["t", "seq:step:2"], None),
+        ("on_chain_end", 1, None, ["t"], None),
+    ]
+    assert custom.seen == [
+        ("progress", {"pct": 50}, ["metadata", "run_id", "tags"], 3),
+        (["t", "seq:step:2"], {"m": 1}),
+        ("explicit", 1, ["metadata", "run_id", "tags"], 3),
+        (["t", "seq:step:2"], {"m": 1}),
+    ]
+    with pytest.raises(RuntimeError):
+        dispatch_custom_event("outside", None)
+
+
+def test_S11_context_is_restored_after_a_run() -> None:
+    local, rec = Recorder("local"), Recorder("request")
+    llm = LLM("x", callbacks=[local])
+    inside: list[dict[Any, Any]] = []
+
+    def body(x: str) -> Any:
+        inside.append(dict(contextvars.copy_context()))
+        return llm.invoke(x)
+
+    before = dict(contextvars.copy_context())
+    with sequential_run_ids():
+        Lambda(body, name="outer").invoke("q", {"callbacks": [rec]})
+        with pytest.raises(ValueError):
+            Lambda(_fail("boom"), name="failing").invoke("q", {"callbacks": [rec]})
+        llm.invoke("again")  # a root again: nothing of the earlier runs leaked
+    assert inside[0] != before  # the check below is not vacuous
+    assert dict(contextvars.copy_context()) == before
+    assert _trace(local) == [
+        ("on_llm_start", 2, 1, [], {}),
+        ("on_llm_end", 2, 1, [], None),
+        ("on_llm_start", 4, None, [], {}),
+        ("on_llm_end", 4, None, [], None),
+    ]
+    assert [(m, i, p) for m, i, p, _, _ in _trace(rec)] == [
+        ("on_chain_start", 1, None),
+        ("on_llm_start", 2, 1),
+        ("on_llm_end", 2, 1),
+        ("on_chain_end", 1, None),
+        ("on_chain_start", 3, None),
+        ("on_chain_error", 3, None),
+    ]
+
+
+def test_S11_library_threads_copy_the_context() -> None:
+    rec = Recorder()
+    llm = LLM("x", name="llm")
+    threads: set[int] = set()
+
+    def branch(x: str) -> Any:
+        threads.add(threading.get_ident())
+        return llm.invoke(x)
+
+    par = Parallel(a=Lambda(branch, name="a"), b=Lambda(branch, name="b"), name="par")
+    with sequential_run_ids():
+        par.invoke("q", {"callbacks": [rec], "max_concurrency": 1})
+    assert threading.get_ident() not in threads
+    assert _trace(rec) == [
+        ("on_chain_start", 1, None, [], {}),
+        ("on_chain_start", 2, 1, ["map:key:a"], {}),
+        ("on_llm_start", 3, 2, [], {}),
+        ("on_llm_end", 3, 2, [], None),
+        ("on_chain_end", 2, 1, ["map:key:a"], None),
+        ("on_chain_start", 4, 1, ["map:key:b"], {}),
+        ("on_llm_start", 5, 4, [], {}),
+        ("on_llm_end", 5, 4, [], None),
+        ("on_chain_end", 4, 1, ["map:key:b"], None),
+        ("on_chain_end", 1, None, [], None),
+    ]
+
+
+def test_S11_batch_inside_a_run_makes_children() -> None:
+    rec = Recorder()
+    leaf = Lambda(_ident, name="leaf")
+    outer = Lambda(lambda xs: leaf.batch(xs), name="outer")
+    with sequential_run_ids():
+        assert outer.invoke(["x", "y"], {"callbacks": [rec], "max_concurrency": 1}) == ["x", "y"]
+    assert [(m, i, p) for m, i, p, _, _ in _trace(rec)] == [
+        ("on_chain_start", 1, None),
+        ("on_chain_start", 2, 1),
+        ("on_chain_end", 2, 1),
+        ("on_chain_start", 3, 1),
+        ("on_chain_end", 3, 1),
+        ("on_chain_end", 1, None),
+    ]
+
+
+def test_S11_raw_thread_does_not_copy_the_context() -> None:
+    rec, local = Recorder("request"), Recorder("local")
+    llm = LLM("x", callbacks=[local])
+
+    def body(x: str) -> str:
+        raw = threading.Thread(target=llm.invoke, args=("raw",))
+        raw.start()
+        raw.join()
+        ctx = contextvars.copy_context()
+        propagated = threading.Thread(target=ctx.run, args=(llm.invoke, "propagated"))
+        propagated.start()
+        propagated.join()
+        return x
+
+    with sequential_run_ids():
+        Lambda(body, name="outer").invoke("q", {"callbacks": [rec]})
+    # the raw thread's run is a root (and uuid4 ids: the id factory did not travel either)
+    assert [r.event.method for r in local.records] == ["on_llm_start", "on_llm_end"] * 2
+    raw_start, _, copied_start, _ = local.records
+    assert raw_start.args[1] == ["raw"]
+    assert raw_start.parent_run_id is None
+    assert raw_start.run_id is not None and raw_start.run_id.version == 4
+    assert copied_start.args[1] == ["propagated"]
+    assert (_int(copied_start.run_id), _int(copied_start.parent_run_id)) == (2, 1)
+    # the request handler sees only the run whose thread got the context
+    assert [(m, i, p) for m, i, p, _, _ in _trace(rec)] == [
+        ("on_chain_start", 1, None),
+        ("on_llm_start", 2, 1),
+        ("on_llm_end", 2, 1),
+        ("on_chain_end", 1, None),
+    ]
+
+
+def test_R0_error_is_raised_inside_the_run_after_the_start() -> None:
+    cases: list[tuple[Any, list[str]]] = [
+        (LLM("a b", error=ValueError("e")), ["on_llm_start", "on_llm_error"]),
+        (ChatModel("a b", error=ValueError("e")), ["on_chat_model_start", "on_llm_error"]),
+        (Tool(_ident, name="t", error=ValueError("e")), ["on_tool_start", "on_tool_error"]),
+        (Retriever(["a"], error=ValueError("e")), ["on_retriever_start", "on_retriever_error"]),
+    ]
+    for runnable, expected in cases:
+        rec = Recorder()
+        with pytest.raises(ValueError) as info:
+            runnable.invoke("a", {"callbacks": [rec]})
+        assert info.value is runnable.error
+        assert rec.events() == expected
+        assert rec.records[-1].args == (runnable.error,)
+
+
+def test_R0_streaming_models_raise_after_the_first_token() -> None:
+    error = ValueError("e")
+    for model, start in ((LLM, "on_llm_start"), (ChatModel, "on_chat_model_start")):
+        rec = Recorder()
+        with pytest.raises(ValueError):
+            model("one two", streaming=True, error=error).invoke("q", {"callbacks": [rec]})
+        assert _payloads(rec)[1:] == [("on_llm_new_token", ("one ",)), ("on_llm_error", (error,))]
+        assert rec.events()[0] == start
+        rec = Recorder()
+        chunks: list[Any] = []
+        with pytest.raises(ValueError):
+            for chunk in model("one two", error=error).stream("q", {"callbacks": [rec]}):
+                chunks.append(chunk)
+        assert len(chunks) == 1
+        assert rec.events() == [start, "on_llm_new_token", "on_llm_error"]
+
+
+def test_R1_one_end_event_with_the_output() -> None:
+    rec = Recorder()
+    out = Chain(Lambda(lambda x: x + "!", name="bang"), Tool(len, name="len")).invoke(
+        "hi", {"callbacks": [rec]}
+    )
+    assert out == 3
+    # payloads after ``serialized`` (checked in R5): the input on start, the output on end
+    assert [(m, args[1:] if m.endswith("_start") else args) for m, args in _payloads(rec)] == [
+        ("on_chain_start", ("hi",)),
+        ("on_chain_start", ("hi",)),
+        ("on_chain_end", ("hi!",)),
+        ("on_tool_start", ("hi!",)),
+        ("on_tool_end", (3,)),
+        ("on_chain_end", (3,)),
+    ]
+
+
+def test_R1_error_is_the_same_object_with_its_traceback_ancestors_innermost_first() -> None:
+    rec = Recorder()
+    error = LookupError("lost")
+
+    def deepest_frame(x: str) -> str:
+        raise error
+
+    inner = Chain(Lambda(deepest_frame, name="leaf"), name="inner")
+    outer = Chain(Lambda(_ident, name="a"), inner, name="outer")
+    with sequential_run_ids(), pytest.raises(LookupError) as info:
+        outer.invoke("q", {"callbacks": [rec]})
+    assert info.value is error
+    errors = [(r.event.method, _int(r.run_id), r.args[0]) for r in rec.records[-3:]]
+    assert errors == [
+        ("on_chain_error", 4, error),
+        ("on_chain_error", 3, error),
+        ("on_chain_error", 1, error),
+    ]
+    frames = []
+    tb = error.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    assert frames[-1] == "deepest_frame"
+
+
+def test_R1_base_exception_counts() -> None:
+    class Stop(BaseException):
+        pass
+
+    rec = Recorder()
+    stop = Stop()
+
+    def halt(x: str) -> str:
+        raise stop
+
+    with pytest.raises(Stop):
+        Chain(Lambda(halt, name="halt"), name="c").invoke("q", {"callbacks": [rec]})
+    assert _payloads(rec)[-2:] == [("on_chain_error", (stop,)), ("on_chain_error", (stop,))]
+
+
+def test_R2_one_llm_run_per_prompt_run_id_for_the_first() -> None:
+    rec = Recorder()
+    manager = CallbackManager([rec])
+    with sequential_run_ids():
+        runs = manager.on_llm_start({"name": "m"}, ["p1", "p2"], run_id=_U(50))
+        chats = manager.on_chat_model_start(
+            {"name": "c"}, [[HumanMessage("a")], [HumanMessage("b")]], run_id=_U(60)
+        )
+        for run in [*runs, *chats]:
+            run.on_llm_end(LLMResult([[Generation("x")]]))
+    assert [(r.event.method, _int(r.run_id), r.args[1:]) for r in rec.records[:4]] == [
+        ("on_llm_start", 50, (["p1"],)),
+        ("on_llm_start", 1, (["p2"],)),
+        ("on_chat_model_start", 60, ([[HumanMessage("a")]],)),
+        ("on_chat_model_start", 2, ([[HumanMessage("b")]],)),
+    ]
+    assert [(r.event.method, _int(r.run_id)) for r in rec.records[4:]] == [
+        ("on_llm_end", 50),
+        ("on_llm_end", 1),
+        ("on_llm_end", 60),
+        ("on_llm_end", 2),
+    ]
+
+
+def test_R2_llm_and_chat_runs_are_leaves() -> None:
+    manager = CallbackManager([Recorder()])
+    llm_run = manager.on_llm_start({}, ["p"])[0]
+    chat_run = manager.on_chat_model_start({}, [[HumanMessage("m")]])[0]
+    for run in (llm_run, chat_run):
+        with pytest.raises(TypeError):
+            run.get_child()
+    chain_run = manager.on_chain_start({}, {})
+    assert chain_run.get_child().parent_run_id == chain_run.run_id
+
+
+def test_R3_batch_makes_one_root_run_per_input() -> None:
+    rec = Recorder()
+    with sequential_run_ids():
+        out = Lambda(lambda x: x * 2, name="double").batch(
+            [1, 2, 3], {"callbacks": [rec], "max_concurrency": 1, "tags": ["b"]}
+        )
+    assert out == [2, 4, 6]
+    assert _trace(rec) == [
+        ("on_chain_start", 1, None, ["b"], {}),
+        ("on_chain_end", 1, None, ["b"], None),
+        ("on_chain_start", 2, None, ["b"], {}),
+        ("on_chain_end", 2, None, ["b"], None),
+        ("on_chain_start", 3, None, ["b"], {}),
+        ("on_chain_end", 3, None, ["b"], None),
+    ]
+
+
+def test_R3_batch_config_per_input_and_run_id_for_the_first_only() -> None:
+    rec = Recorder()
+    with sequential_run_ids():
+        Lambda(_ident, name="f").batch(
+            ["a", "b"], {"callbacks": [rec], "run_id": _U(100), "max_concurrency": 1}
+        )
+        Lambda(_ident, name="g").batch(
+            ["c", "d"],
+            [{"callbacks": [rec], "tags": ["c"]}, {"callbacks": [rec], "tags": ["d"]}],
+        )
+    assert [(m, i, p, t) for m, i, p, t, _ in _trace(rec) if m.endswith("start")][:2] == [
+        ("on_chain_start", 100, None, []),
+        ("on_chain_start", 1, None, []),
+    ]
+    starts = sorted((r.args[1], r.tags) for r in rec.records[4:] if r.event.phase == "start")
+    assert starts == [("c", ["c"]), ("d", ["d"])]
+    with pytest.raises(ValueError):
+        Lambda(_ident).batch([1, 2], [{}])
+
+
+def test_R3_max_concurrency_bounds_the_worker_threads() -> None:
+    lock = threading.Lock()
+    barrier = threading.Barrier(2, timeout=5)
+    active = [0]
+    peak = [0]
+
+    def work(x: int) -> int:
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        barrier.wait()  # needs two at once: fails if only one worker
+        time.sleep(0.01)
+        with lock:
+            active[0] -= 1
+        return x
+
+    assert Lambda(work).batch(list(range(6)), {"max_concurrency": 2}) == list(range(6))
+    assert peak[0] == 2
+
+
+def test_R3_return_exceptions_puts_exceptions_in_place() -> None:
+    rec, checker = Recorder(), TraceChecker()
+
+    def pick(x: int) -> int:
+        if x == 2:
+            raise ValueError("two")
+        return x
+
+    with sequential_run_ids():
+        out = Lambda(pick, name="pick").batch(
+            [1, 2, 3], {"callbacks": [rec, checker], "max_concurrency": 1}, return_exceptions=True
+        )
+    assert out[0] == 1 and out[2] == 3
+    assert isinstance(out[1], ValueError) and str(out[1]) == "two"
+    assert [(m, i) for m, i, _, _, _ in _trace(rec)] == [
+        ("on_chain_start", 1),
+        ("on_chain_end", 1),
+        ("on_chain_start", 2),
+        ("on_chain_error", 2),
+        ("on_chain_start", 3),
+        ("on_chain_end", 3),
+    ]
+    rec2 = Recorder()
+    with pytest.raises(ValueError, match="two"):
+        Lambda(pick).batch([1, 2, 3], {"callbacks": [rec2], "max_concurrency": 1})
+    assert len(rec2.records) == 6  # every input finished before the failure was raised
+    checker.verify()
+
+
+def test_R4_default_names() -> None:
+    def my_func(x: Any) -> Any:
+        return x
+
+    cases: list[tuple[Any, str]] = [
+        (Lambda(my_func), "my_func"),
+        (Lambda(lambda x: x), "Lambda"),
+        (Lambda(my_func, name="named"), "named"),
+        (Tool(my_func), "my_func"),
+        (Tool(my_func, name="tool"), "tool"),
+        (Chain(Lambda(my_func)), "Chain"),
+        (Parallel(a=Lambda(my_func)), "Parallel"),
+        (LLM("x"), "LLM"),
+        (ChatModel("x"), "ChatModel"),
+        (Retriever(["q"]), "Retriever"),
+        (Retriever(["q"], name="docs"), "docs"),
+    ]
+    for runnable, expected in cases:
+        rec = Recorder()
+        runnable.invoke("q", {"callbacks": [rec]})
+        assert (runnable.get_name(), rec.records[0].kwargs["name"]) == (expected, expected)
+        assert rec.records[0].args[0]["name"] == expected
+
+
+def test_R4_run_name_overrides_the_name_for_that_run() -> None:
+    rec = Recorder()
+    f = Lambda(_ident, name="f")
+    f.invoke("q", {"callbacks": [rec], "run_name": "override"})
+    f.invoke("q", {"callbacks": [rec]})
+    f.with_config(run_name="bound").invoke("q", {"callbacks": [rec]})
+    f.with_config(run_name="bound").invoke("q", {"callbacks": [rec], "run_name": "call"})
+    assert [name for _, name in _names(rec)] == ["override", "f", "bound", "call"]
+
+
+def test_R5_payloads_are_shaped_like_langchains() -> None:
+    rec = Recorder()
+    docs: list[Document | str] = [Document("cats purr", {"src": 1}), "dogs bark"]
+    Retriever(docs, name="r").invoke("cats", {"callbacks": [rec]})
+    LLM("text out", name="llm").invoke("p", {"callbacks": [rec]})
+    ChatModel("chat out", name="chat").invoke([HumanMessage("hi")], {"callbacks": [rec]})
+    retrieved = rec.records[1].args[0]
+    assert [(d.page_content, d.metadata) for d in retrieved] == [("cats purr", {"src": 1})]
+    llm_result = rec.records[3].args[0]
+    assert isinstance(llm_result, LLMResult)
+    assert llm_result.generations[0][0].text == "text out"
+    chat_messages = rec.records[4].args[1]
+    assert [(m.type, m.content) for m in chat_messages[0]] == [("human", "hi")]
+    chat_gen = rec.records[5].args[0].generations[0][0]
+    assert (chat_gen.text, chat_gen.message.type, chat_gen.message.content) == (
+        "chat out",
+        "ai",
+        "chat out",
+    )
+    assert [(m.type, m.content) for m in (SystemMessage("s"), ToolMessage("t"))] == [
+        ("system", "s"),
+        ("tool", "t"),
+    ]
+    serialized = [r.args[0] for r in rec.records if r.event.phase == "start"]
+    assert [(s["name"], s["id"][-1]) for s in serialized] == [
+        ("r", "Retriever"),
+        ("llm", "LLM"),
+        ("chat", "ChatModel"),
+    ]
+
+
+def test_R5_langchain_style_token_handler_runs() -> None:
+    class TokenHandler(BaseCallbackHandler):
+        def __init__(self) -> None:
+            self.tokens: list[str] = []
+
+        def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+            self.tokens.append(token)
+
+    handler = TokenHandler()
+    assert list(LLM("a b c").stream("q", {"callbacks": [handler]})) == ["a ", "b ", "c"]
+    LLM("d e", streaming=True).invoke("q", {"callbacks": [handler]})
+    LLM("f g").invoke("q", {"callbacks": [handler]})  # no tokens: not streaming
+    assert handler.tokens == ["a ", "b ", "c", "d ", "e"]
+
+
+def test_R6_run_ids_are_uuids_fresh_for_children() -> None:
+    rec = Recorder()
+    chain = Chain(Lambda(_ident, name="a"), Lambda(_ident, name="b"), name="c")
+    chain.invoke("q", {"callbacks": [rec]})
+    given = uuid.uuid4()
+    chain.invoke("q", {"callbacks": [rec], "run_id": given})
+    starts = [r for r in rec.records if r.event.phase == "start"]
+    ids = [r.run_id for r in starts]
+    assert all(isinstance(i, uuid.UUID) for i in ids)
+    assert len(set(ids)) == 6
+    assert [i.version for i in ids if i is not None and i != given] == [4] * 5
+    assert ids[3] == given
+    assert [r.parent_run_id for r in starts[4:]] == [given, given]
+    bad_config: Any = {"run_id": "not-a-uuid"}
+    with pytest.raises(TypeError):
+        chain.invoke("q", bad_config)
+
+
+# -- property tests: random run trees against a pure model (S1-S10, D1-D4, R0-R4) -------------
 #
 # A tree is made of `_Node` specs. `_build` turns a spec into real runnables; `_model` turns the
 # same spec into the list of events each handler must see, without using the module at all. The
@@ -525,122 +2255,221 @@ def test_R3_batch_runs_one_independent_root_per_input(
         probe.verify()
 
 
-# ================================================================================================
-# Stateful test of the manager API against a list-based model (S4-S8)
-# ================================================================================================
+# ===============================================================================================
+# Extras: trace checker, recorder, deterministic ids (X1-X3)
+# ===============================================================================================
 
 
-class ManagerMachine(RuleBasedStateMachine):
-    """Drives one `CallbackManager` (then its children) and a plain model side by side.
+def test_X1_trace_checker_accepts_real_runs_and_partial_views() -> None:
+    full, local, no_chain = TraceChecker(), TraceChecker(), TraceChecker()
+    no_llm, no_chat = TraceChecker(), TraceChecker()
+    no_chain.ignore_chain = True
+    no_llm.ignore_llm = True  # receives chat starts, never their ends
+    no_chat.ignore_chat_model = True  # receives chat ends, never their starts
 
-    The model keeps handlers and tags as lists (ordered sets) and metadata as dicts, split
-    into current and inheritable. After every step the manager must equal the model, and a
-    run started from it must reach exactly the current handlers with the current tags and
-    metadata (D1, S5).
-    """
+    def body(x: str) -> str:
+        dispatch_custom_event("c", 1)
+        return x
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.pool = [Recorder(f"h{i}") for i in range(3)]
-        self.manager = CallbackManager()
-        self.handlers: list[Recorder] = []
-        self.inh_handlers: list[Recorder] = []
-        self.tags: list[str] = []
-        self.inh_tags: list[str] = []
-        self.md: dict[str, int] = {}
-        self.inh_md: dict[str, int] = {}
-        self.parent: uuid.UUID | None = None
-
-    @rule(i=st.integers(0, 2), inherit=st.booleans())
-    def add_handler(self, i: int, inherit: bool) -> None:
-        h = self.pool[i]
-        self.manager.add_handler(h, inherit=inherit)
-        if h not in self.handlers:
-            self.handlers.append(h)
-        if inherit and h not in self.inh_handlers:
-            self.inh_handlers.append(h)
-
-    @rule(i=st.integers(0, 2))
-    def remove_handler(self, i: int) -> None:
-        h = self.pool[i]
-        if h in self.handlers:
-            self.manager.remove_handler(h)
-            self.handlers.remove(h)
-            if h in self.inh_handlers:
-                self.inh_handlers.remove(h)
-        else:
-            with pytest.raises(ValueError, match="not registered"):
-                self.manager.remove_handler(h)
-
-    @rule(tags=st.lists(st.sampled_from(["a", "b", "c"]), max_size=3), inherit=st.booleans())
-    def add_tags(self, tags: list[str], inherit: bool) -> None:
-        self.manager.add_tags(tags, inherit=inherit)
-        for t in tags:
-            if t not in self.tags:
-                self.tags.append(t)
-            if inherit and t not in self.inh_tags:
-                self.inh_tags.append(t)
-
-    @rule(tags=st.lists(st.sampled_from(["a", "b", "c"]), max_size=2))
-    def remove_tags(self, tags: list[str]) -> None:
-        self.manager.remove_tags(tags)
-        self.tags = [t for t in self.tags if t not in tags]
-        self.inh_tags = [t for t in self.inh_tags if t not in tags]
-
-    @rule(
-        md=st.dictionaries(st.sampled_from("xyz"), st.integers(0, 2), max_size=2),
-        inherit=st.booleans(),
+    chain = Chain(
+        Lambda(body, name="a"),
+        Parallel(x=LLM("p q", streaming=True, callbacks=[local]), y=Tool(_ident, name="t")),
+        Lambda(lambda d: d["x"], name="pick"),
+        ChatModel("r s", streaming=True),
     )
-    def add_metadata(self, md: dict[str, int], inherit: bool) -> None:
-        self.manager.add_metadata(md, inherit=inherit)
-        self.md.update(md)
-        if inherit:
-            self.inh_md.update(md)
-
-    @rule(tag=st.none() | st.sampled_from(["a", "step"]))
-    def get_child(self, tag: str | None) -> None:
-        run = self.manager.on_chain_start({"name": "parent"}, "in")
-        self.manager = run.get_child(tag)
-        run.on_chain_end("out")
-        self.parent = run.run_id
-        self.handlers = list(self.inh_handlers)
-        self.tags = list(self.inh_tags) + ([tag] if tag and tag not in self.inh_tags else [])
-        self.md = dict(self.inh_md)
-        for h in self.pool:
-            h.records.clear()
-
-    @rule()
-    def dispatch(self) -> None:
-        run = self.manager.on_chain_start({"name": "probe"}, "in")
-        run.on_text("hello")
-        run.on_chain_end("out")
-        for h in self.pool:
-            want = (
-                [
-                    ("on_chain_start", self.tags, self.md),
-                    ("on_text", self.tags, None),
-                    ("on_chain_end", self.tags, None),
-                ]
-                if h in self.handlers
-                else []
-            )
-            got = [(r.event.method, r.tags, r.metadata) for r in h.records]
-            assert got == want
-            assert all(r.run_id == run.run_id and r.parent_run_id == self.parent for r in h.records)
-            h.records.clear()
-
-    @invariant()
-    def manager_matches_model(self) -> None:
-        m = self.manager
-        assert list(m.handlers) == self.handlers
-        assert list(m.inheritable_handlers) == self.inh_handlers
-        assert list(m.tags) == self.tags
-        assert list(m.inheritable_tags) == self.inh_tags
-        assert m.metadata == self.md
-        assert m.inheritable_metadata == self.inh_md
-        assert m.parent_run_id == self.parent
-        assert set(map(id, m.inheritable_handlers)) <= set(map(id, m.handlers))
-        assert set(m.inheritable_tags) <= set(m.tags)
+    checkers = [full, no_chain, no_llm, no_chat]
+    chain.invoke("q", {"callbacks": checkers})
+    list(chain.stream("q", {"callbacks": checkers}))
+    for checker in (full, local, no_chain, no_llm, no_chat):
+        assert checker.problems == []
+        checker.verify()
 
 
-TestManagerMachine = ManagerMachine.TestCase
+def test_X1_trace_checker_catches_a_broken_stream() -> None:
+    a, b = _U(1), _U(2)
+
+    def start(c: TraceChecker, run: uuid.UUID, parent: uuid.UUID | None = None) -> None:
+        c.on_chain_start({}, {}, run_id=run, parent_run_id=parent, tags=[], metadata={})
+
+    orphan_end = TraceChecker()
+    orphan_end.on_chain_end({}, run_id=a, parent_run_id=None, tags=[])
+    assert orphan_end.problems == [f"on_chain_end(run_id={a}): no open run with this id"]
+
+    twice = TraceChecker()
+    start(twice, a)
+    start(twice, a)
+    assert twice.problems == [f"on_chain_start(run_id={a}): run id used twice"]
+
+    late_child = TraceChecker()
+    start(late_child, a)
+    late_child.on_chain_end({}, run_id=a, tags=[])
+    start(late_child, b, a)
+    assert late_child.problems == [
+        f"on_chain_start(run_id={b}): started after its parent {a} closed"
+    ]
+
+    orphaned = TraceChecker()
+    start(orphaned, a)
+    start(orphaned, b, a)
+    orphaned.on_chain_end({}, run_id=a, tags=[])
+    assert orphaned.problems == [f"on_chain_end(run_id={a}): closed before its children ['{b}']"]
+
+    wrong_kind = TraceChecker()
+    start(wrong_kind, a)
+    wrong_kind.on_llm_new_token("tok", run_id=a, tags=[])
+    wrong_kind.on_tool_end("out", run_id=a, tags=[])
+    assert wrong_kind.problems == [
+        f"on_llm_new_token(run_id={a}): event of a llm run on a chain run",
+        f"on_tool_end(run_id={a}): event of a tool run on a chain run",
+    ]
+
+    after_end = TraceChecker()
+    after_end.on_llm_start({}, ["p"], run_id=a, tags=[], metadata={})
+    after_end.on_llm_end(LLMResult([]), run_id=a, tags=[])
+    after_end.on_llm_new_token("tok", run_id=a, tags=[])
+    assert after_end.problems == [f"on_llm_new_token(run_id={a}): after the run closed"]
+
+    badly_typed = TraceChecker()
+    badly_typed.on_chain_start({}, {}, run_id=a, tags="t", metadata=[1])
+    badly_typed.on_chain_end({}, run_id="nope", tags=[])
+    assert badly_typed.problems == [
+        f"on_chain_start(run_id={a}): tags 't' is not a list of strings",
+        f"on_chain_start(run_id={a}): metadata [1] is not a dict",
+        "on_chain_end(run_id=nope): run_id is not a UUID",
+    ]
+
+    still_open = TraceChecker()
+    start(still_open, a)
+    assert still_open.problems == []
+    with pytest.raises(AssertionError, match=f"run {a} never closed"):
+        still_open.verify()
+
+
+def test_X2_recorder_tree_renders_names_types_tags_and_outcomes() -> None:
+    rec = Recorder()
+    docs = Retriever(["a b", "c"], name="docs", tags=["r"])
+    fmt = Lambda(lambda d: " ".join(x.page_content for x in d), name="fmt")
+    chain = Chain(docs, fmt, LLM("x y", streaming=True), tags=["ctor"])
+    failing = Chain(Lambda(_ident, name="ok"), Tool(_ident, name="t", error=ValueError("nope")))
+    with sequential_run_ids():
+        chain.invoke("a", {"callbacks": [rec], "tags": ["demo"]})
+        with pytest.raises(ValueError):
+            failing.invoke(1, {"callbacks": [rec]})
+    assert rec.tree() == "\n".join(
+        [
+            "Chain (chain) tags=['demo', 'ctor'] -> ok",
+            "    docs (retriever) tags=['demo', 'seq:step:1', 'r'] -> ok",
+            "    fmt (chain) tags=['demo', 'seq:step:2'] -> ok",
+            "    LLM (llm) tags=['demo', 'seq:step:3'] [on_llm_new_token x2] -> ok",
+            "Chain (chain) -> error ValueError('nope')",
+            "    ok (chain) tags=['seq:step:1'] -> ok",
+            "    t (tool) tags=['seq:step:2'] -> error ValueError('nope')",
+        ]
+    )
+    assert all(isinstance(r, tuple) for r in rec.records)
+
+
+def test_X2_tree_shows_runs_with_unseen_parents_as_roots_and_open_runs() -> None:
+    local = Recorder()
+    chain = Chain(Lambda(_ident, name="a"), LLM("x", name="llm", callbacks=[local]))
+    chain.invoke("q")
+    run = CallbackManager([local]).on_chain_start({"name": "pending"}, {})
+    assert run.run_id is not None
+    assert local.tree() == "\n".join(
+        ["llm (llm) tags=['seq:step:2'] -> ok", "pending (chain) -> open"]
+    )
+
+
+def test_X3_sequential_run_ids_count_up_in_order_of_need_and_reset() -> None:
+    rec = Recorder()
+    chain = Chain(Lambda(_ident, name="a"), Lambda(_ident, name="b"))
+    with sequential_run_ids(start=10):
+        chain.invoke("q", {"callbacks": [rec]})
+        Lambda(_ident).batch(["x", "y"], {"callbacks": [rec], "max_concurrency": 2})
+    chain.invoke("q", {"callbacks": [rec]})
+    ids = [_int(r.run_id) for r in rec.records if r.event.phase == "start"]
+    assert ids[:3] == [10, 11, 12]
+    assert sorted(i for i in ids[3:5] if i is not None) == [13, 14]  # library threads use it
+    outside = [r.run_id for r in rec.records if r.event.phase == "start"][5:]
+    assert len(outside) == 3
+    assert all(i is not None and i.version == 4 for i in outside)
+    with sequential_run_ids():
+        rec2 = Recorder()
+        chain.invoke("q", {"callbacks": [rec2]})
+    assert [_int(r.run_id) for r in rec2.records] == [1, 2, 2, 3, 3, 1]
+
+
+# ===============================================================================================
+# Documentation (X4): the README's rules and event table match SPEC and the code
+# ===============================================================================================
+
+
+_README = pathlib.Path(__file__).with_name("README.md")
+
+
+def _spec_text() -> str | None:
+    """SPEC.md, which sits beside the repository in the project's workspace (not shipped)."""
+    spec = pathlib.Path(__file__).resolve().parent.parent / "shared" / "SPEC.md"
+    return spec.read_text(encoding="utf-8") if spec.is_file() else None
+
+
+def _readme_blocks(lang: str) -> list[str]:
+    return re.findall(rf"^```{lang}\n(.*?)^```", _README.read_text(encoding="utf-8"), re.M | re.S)
+
+
+def test_X4_readme_lists_every_rule_of_spec_once() -> None:
+    readme_ids = re.findall(r"^- \*\*([SDRX]\d+)\*\*", _README.read_text(encoding="utf-8"), re.M)
+    assert len(readme_ids) == len(set(readme_ids))
+    spec = _spec_text()
+    if spec is not None:
+        assert set(readme_ids) == set(re.findall(r"^- ([SDRX]\d+) ", spec, re.M))
+    assert {"S1", "S11", "D1", "D7", "R0", "R6", "X1", "X4"} <= set(readme_ids)
+
+
+def test_X4_every_rule_names_a_test() -> None:
+    text = _README.read_text(encoding="utf-8")
+    tested = " ".join(name for name in globals() if name.startswith("test_"))
+    for rule_id in re.findall(r"^- \*\*([SDRX]\d+)\*\*", text, re.M):
+        if f"**{rule_id}** (async: planned)" in text:
+            continue
+        ranges = re.findall(r"test_\w*?([SDRX])(\d+)_to_[SDRX](\d+)", tested)
+        in_range = any(
+            p == rule_id[0] and int(a) <= int(rule_id[1:]) <= int(b) for p, a, b in ranges
+        )
+        found = re.search(rf"test_(\w*_)?{rule_id}_", tested)
+        assert found or in_range, f"no test named for {rule_id}"
+
+
+def test_X4_readme_event_table_is_the_enum() -> None:
+    rows = re.findall(r"^\| ([A-Z_]+) \| (.*) \|$", _README.read_text(encoding="utf-8"), re.M)
+    assert [(name, rest.split(" | ")) for name, rest in rows] == [
+        (e.name, [e.method, e.js_name or "—", e.run_type, e.phase, e.ignore_flag or "—"])
+        for e in Event
+    ]
+
+
+def test_X4_readme_example_prints_what_the_readme_shows(capsys: pytest.CaptureFixture[str]) -> None:
+    (code,) = _readme_blocks("python")
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
+    shown = _README.read_text(encoding="utf-8").split(code + "```\n\n```\n", 1)[1].split("```")[0]
+    assert capsys.readouterr().out == shown
+
+
+def test_X2_X4_readme_demo_output_is_what_python_callbacks_py_prints() -> None:
+    demo = next(b for b in _readme_blocks("console") if b.startswith("$ python callbacks.py"))
+    result = subprocess.run(
+        [sys.executable, "callbacks.py"],
+        cwd=_README.parent,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout == demo.split("\n", 1)[1]
+
+
+def test_X4_readme_test_command_is_what_ci_runs() -> None:
+    (command,) = _readme_blocks("sh")
+    ci = _README.with_name(".ci").joinpath("run").read_text(encoding="utf-8")
+    install, run = command.strip().split(" && ")
+    assert install.replace("python -m pip install", "python -m pip install --quiet") in ci
+    assert f"\n{run}\n" in ci
