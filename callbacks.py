@@ -580,7 +580,8 @@ class CallbackManager:
 
     def copy(self) -> CallbackManager:
         """An independent manager with the same values and parent."""
-        other = copy.copy(self)
+        other = CallbackManager._make(self, self._parent)
+        other.handlers, other.tags, other.metadata = self.handlers, self.tags, self.metadata
         return other
 
     def add_handler(self, handler: Any, inherit: bool = True) -> None:
@@ -588,16 +589,34 @@ class CallbackManager:
 
         With ``inherit`` it is (or becomes) inheritable too. `TypeError` if it is no handler.
         """
-        self.add_handlers((handler,), inherit=inherit)
+        self._merge(_check_handlers((handler,)), (), {}, inherit)
 
     def add_handlers(self, handlers: Iterable[Any], inherit: bool = True) -> None:
         """`add_handler` for each of ``handlers``, in order."""
-        new = _check_handlers(handlers)
-        self.handlers = _add_unique(self.handlers, new, by_identity=True)
-        if inherit:
-            self.inheritable_handlers = _add_unique(
-                self.inheritable_handlers, new, by_identity=True
-            )
+        self._merge(_check_handlers(handlers), (), {}, inherit)
+
+    def _merge(
+        self,
+        handlers: tuple[Any, ...],
+        tags: tuple[str, ...],
+        metadata: Mapping[str, Any],
+        inherit: bool,
+    ) -> None:
+        """Add checked values: handlers and tags as ordered sets (S6, S7), metadata merged (S8)."""
+        if handlers:
+            self.handlers = _add_unique(self.handlers, handlers, by_identity=True)
+            if inherit:
+                self.inheritable_handlers = _add_unique(
+                    self.inheritable_handlers, handlers, by_identity=True
+                )
+        if tags:
+            self.tags = _add_unique(self.tags, tags, by_identity=False)
+            if inherit:
+                self.inheritable_tags = _add_unique(self.inheritable_tags, tags, by_identity=False)
+        if metadata:
+            self.metadata = {**self.metadata, **metadata}
+            if inherit:
+                self.inheritable_metadata = {**self.inheritable_metadata, **metadata}
 
     def remove_handler(self, handler: Any) -> None:
         """Remove ``handler`` from both lists; `ValueError` if it is not there."""
@@ -607,11 +626,8 @@ class CallbackManager:
         self.inheritable_handlers = tuple(h for h in self.inheritable_handlers if h is not handler)
 
     def add_tags(self, tags: Iterable[str], inherit: bool = True) -> None:
-        """Add the tags not yet present, after the others (S7); with ``inherit``, make them inheritable."""
-        new = _check_tags(tags)
-        self.tags = _add_unique(self.tags, new, by_identity=False)
-        if inherit:
-            self.inheritable_tags = _add_unique(self.inheritable_tags, new, by_identity=False)
+        """Add the tags not yet present, after the others (S7); with ``inherit``, inheritably."""
+        self._merge((), _check_tags(tags), {}, inherit)
 
     def remove_tags(self, tags: Iterable[str]) -> None:
         """Remove the given tags from both lists; absent tags are ignored."""
@@ -620,12 +636,8 @@ class CallbackManager:
         self.inheritable_tags = tuple(t for t in self.inheritable_tags if t not in gone)
 
     def add_metadata(self, metadata: Mapping[str, Any], inherit: bool = True) -> None:
-        """Merge ``metadata`` in, its values winning (S8); with ``inherit``, into the inheritable part too."""
-        new = _check_metadata(metadata)
-        if new:
-            self.metadata = {**self.metadata, **new}
-            if inherit:
-                self.inheritable_metadata = {**self.inheritable_metadata, **new}
+        """Merge ``metadata`` in, its values winning (S8); with ``inherit``, inheritably too."""
+        self._merge((), (), _check_metadata(metadata), inherit)
 
     def remove_metadata(self, keys: Iterable[str]) -> None:
         """Remove the given keys from both dicts; absent keys are ignored."""
@@ -793,8 +805,10 @@ class RunManager:
         if _FAMILY.get(self.run_type, self.run_type) == "llm":
             raise TypeError(f"a {self.run_type} run is a leaf and has no child runs")
         child = CallbackManager._make(self, self)
-        if tag is not None:
-            child.add_tags((tag,), inherit=False)
+        if tag is not None and tag not in child.tags:
+            if not isinstance(tag, str):
+                raise TypeError(f"tag must be a string or None, got {tag!r}")
+            child.tags = (*child.tags, tag)
         return child
 
     def _kwargs(self, event: Event) -> dict[str, Any]:
@@ -1066,7 +1080,7 @@ class Runnable:
             configs = [shared, *[rest] * (len(items) - 1)]
         if not items:
             return []
-        limit = configs[0].get("max_concurrency") or self._limit(_NO_CONFIG)
+        limit = self._limit(configs[0]) or _MAX_CONCURRENCY.get()
         return _map_in_threads(
             lambda i: self._invoke(items[i], configs[i], None),
             range(len(items)),
@@ -1138,11 +1152,8 @@ class Runnable:
     # -- the run protocol ----------------------------------------------------------------------
 
     def _limit(self, config: Mapping[str, Any]) -> int | None:
-        return (
-            config.get("max_concurrency")
-            or self._bound.get("max_concurrency")
-            or _MAX_CONCURRENCY.get()
-        )
+        """This call's own ``max_concurrency``, if it sets one (else the enclosing call's holds)."""
+        return config.get("max_concurrency") or self._bound.get("max_concurrency")
 
     def _manager(
         self, config: Mapping[str, Any], parent: CallbackManager | None
@@ -1165,15 +1176,11 @@ class Runnable:
         ):
             return manager
         manager = manager.copy()
-        manager.add_handlers(bound.get("callbacks", ()), inherit=True)  # S9
-        manager.add_handlers(request, inherit=True)  # S1
-        manager.add_tags(bound.get("tags", ()), inherit=True)  # S3, S9
-        manager.add_tags(config.get("tags", ()), inherit=True)
-        manager.add_metadata(bound.get("metadata", {}), inherit=True)  # S8, S9: nearest wins
-        manager.add_metadata(config.get("metadata", {}), inherit=True)
-        manager.add_handlers(self.callbacks, inherit=False)  # S2, S5: local handlers last
-        manager.add_tags(self.tags, inherit=False)
-        manager.add_metadata(self.metadata, inherit=False)
+        manager._merge(
+            bound.get("callbacks", ()), bound.get("tags", ()), bound.get("metadata", {}), True
+        )
+        manager._merge(request, config.get("tags", ()), config.get("metadata", {}), True)  # S1, S3
+        manager._merge(self.callbacks, self.tags, self.metadata, False)  # S2, S3, S5: local last
         return manager
 
     def _begin(
@@ -1191,11 +1198,12 @@ class Runnable:
     ) -> Any:
         """Run ``body`` with ``run`` as the enclosing run of implicit children (S10, S11)."""
         run_token = _CURRENT_RUN.set(run)
-        limit_token = _MAX_CONCURRENCY.set(limit)
+        limit_token = _MAX_CONCURRENCY.set(limit) if limit else None
         try:
             return body(input, run)
         finally:
-            _MAX_CONCURRENCY.reset(limit_token)
+            if limit_token is not None:
+                _MAX_CONCURRENCY.reset(limit_token)
             _CURRENT_RUN.reset(run_token)
 
     def _invoke(self, input: Any, config: Mapping[str, Any], parent: CallbackManager | None) -> Any:
@@ -1323,6 +1331,7 @@ class Chain(Runnable):
             return value
 
         value = self._in_scope(run, limit, run_head, input)
+        limit = limit or _MAX_CONCURRENCY.get()  # this generator holds no context across yields
         config = {"max_concurrency": limit} if limit else _NO_CONFIG
         return (
             yield from last._stream(value, config, run.get_child(f"seq:step:{len(self.steps)}"))
