@@ -69,7 +69,7 @@ import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Final, NamedTuple, Self, TypedDict, final
+from typing import TYPE_CHECKING, Any, ClassVar, Final, NamedTuple, Self, TypedDict, Unpack, final
 
 __version__ = "0.1.0"
 __license__ = "MIT"
@@ -419,16 +419,21 @@ def _dispatch(
     """Deliver ``event`` to each handler in order (D1), then raise the first failure to raise.
 
     Every handler receives the event even when an earlier one failed, so that each handler's
-    trace stays balanced (D3); the failure raised is the first from a ``raise_error`` handler
-    or the first non-`Exception` (such as `KeyboardInterrupt`), and others are only logged.
+    trace stays balanced (D3). Then the first non-`Exception` (such as `KeyboardInterrupt`) is
+    raised, else the first failure of a ``raise_error`` handler; other failures are only logged.
     """
     first: BaseException | None = None
     for handler in handlers:
         error = _call_handler(handler, event, args, kwargs)
-        if error is not None and first is None:
+        if error is not None and (first is None or _outranks(error, first)):
             first = error
     if first is not None:
         raise first
+
+
+def _outranks(error: BaseException, other: BaseException) -> bool:
+    """An interrupt (not an `Exception`) beats a handler's ordinary failure."""
+    return isinstance(other, Exception) and not isinstance(error, Exception)
 
 
 # =================================================================================================
@@ -896,6 +901,15 @@ class RunnableConfig(TypedDict, total=False):
     max_concurrency: int
 
 
+class _Options(TypedDict, total=False):
+    """The constructor keywords every runnable takes (see `Runnable`)."""
+
+    name: str | None
+    callbacks: Sequence[Any] | None
+    tags: Sequence[str] | None
+    metadata: Mapping[str, Any] | None
+
+
 def _expect(kind: type, what: str) -> Callable[[str, Any], Any]:
     def check(key: str, value: Any) -> Any:
         if not isinstance(value, kind) or isinstance(value, bool):
@@ -1256,16 +1270,8 @@ class Lambda(Runnable):
     run anyway (S10). The default name is the function's ``__name__`` (R4).
     """
 
-    def __init__(
-        self,
-        func: Callable[..., Any],
-        *,
-        name: str | None = None,
-        callbacks: Sequence[Any] | None = None,
-        tags: Sequence[str] | None = None,
-        metadata: Mapping[str, Any] | None = None,
-    ) -> None:
-        super().__init__(name=name, callbacks=callbacks, tags=tags, metadata=metadata)
+    def __init__(self, func: Callable[..., Any], **options: Unpack[_Options]) -> None:
+        super().__init__(**options)
         if not callable(func):
             raise TypeError(f"Lambda expects a function, got {func!r}")
         self.func = func
@@ -1293,15 +1299,8 @@ class Chain(Runnable):
     last, then streams the last.
     """
 
-    def __init__(
-        self,
-        *steps: Any,
-        name: str | None = None,
-        callbacks: Sequence[Any] | None = None,
-        tags: Sequence[str] | None = None,
-        metadata: Mapping[str, Any] | None = None,
-    ) -> None:
-        super().__init__(name=name, callbacks=callbacks, tags=tags, metadata=metadata)
+    def __init__(self, *steps: Any, **options: Unpack[_Options]) -> None:
+        super().__init__(**options)
         flat: list[Runnable] = []
         for step in map(_coerce, steps):
             if type(step) is Chain and step._is_plain():
@@ -1416,12 +1415,9 @@ class LLM(Runnable):
         *,
         streaming: bool = False,
         error: BaseException | None = None,
-        name: str | None = None,
-        callbacks: Sequence[Any] | None = None,
-        tags: Sequence[str] | None = None,
-        metadata: Mapping[str, Any] | None = None,
+        **options: Unpack[_Options],
     ) -> None:
-        super().__init__(name=name, callbacks=callbacks, tags=tags, metadata=metadata)
+        super().__init__(**options)
         listed = [responses] if isinstance(responses, str) else list(responses)
         if not listed or not all(isinstance(r, str) for r in listed):
             raise TypeError(
@@ -1558,12 +1554,9 @@ class Retriever(Runnable):
         documents: Iterable[Document | str],
         *,
         error: BaseException | None = None,
-        name: str | None = None,
-        callbacks: Sequence[Any] | None = None,
-        tags: Sequence[str] | None = None,
-        metadata: Mapping[str, Any] | None = None,
+        **options: Unpack[_Options],
     ) -> None:
-        super().__init__(name=name, callbacks=callbacks, tags=tags, metadata=metadata)
+        super().__init__(**options)
         self.documents = tuple(
             d if isinstance(d, Document) else Document(str(d)) for d in documents
         )

@@ -180,16 +180,16 @@ def _fail(message: str) -> Callable[[Any], Any]:
 
 
 def test_public_surface_is_all() -> None:
-    public = {
+    defined_here = {
         name
         for name, value in vars(callbacks).items()
-        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+        if not name.startswith("_") and getattr(value, "__module__", None) == "callbacks"
     }
-    imported = {"Any", "Callable", "ClassVar", "Final", "Generator", "Iterable", "Iterator"}
-    imported |= {"Mapping", "NamedTuple", "Self", "Sequence", "ThreadPoolExecutor", "TypedDict"}
-    imported |= {"TYPE_CHECKING", "annotations", "dataclass", "field", "final", "wait", "logger"}
-    assert public - imported == set(callbacks.__all__)
+    assert defined_here == set(callbacks.__all__)
     assert callbacks.__version__ and callbacks.__license__ == "MIT"
+    for name in ("RunManager", "HumanMessage", "Generation", "LLMResult", "Document"):
+        cls = getattr(callbacks, name)
+        assert "__slots__" in vars(cls) and getattr(cls, "__final__", False), name
 
 
 def test_events_the_enum_is_the_table_of_spec_section_1() -> None:
@@ -478,6 +478,24 @@ def test_D2_raise_error_handler_failure_propagates_after_every_handler(
         "error in _Shared.on_chain_end callback: TypeError('quiet')",
         "error in _Shared.on_chain_end callback: ValueError('first')",
         "error in _Shared.on_chain_end callback: KeyError('second')",
+    ]
+
+
+def test_D2_an_interrupt_from_a_handler_beats_an_earlier_raise_error_failure() -> None:
+    log: list[_LogEntry] = []
+    strict = _Shared(
+        "strict", log, fail=("on_chain_start", None, ValueError("x")), raise_error=True
+    )
+    interrupt = KeyboardInterrupt()
+    stopper = _Shared("stopper", log, fail=("on_chain_start", None, interrupt))
+    with sequential_run_ids(), pytest.raises(KeyboardInterrupt) as info:
+        Lambda(_ident, name="f").invoke("q", {"callbacks": [strict, stopper]})
+    assert info.value is interrupt
+    assert log == [
+        ("strict", "on_chain_start", 1),
+        ("stopper", "on_chain_start", 1),
+        ("strict", "on_chain_error", 1),
+        ("stopper", "on_chain_error", 1),
     ]
 
 
