@@ -19,7 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-import types
 import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -1913,20 +1912,35 @@ _trees = st.recursive(_leaves(), _composites, max_leaves=8).map(
 )
 
 
+@dataclass(frozen=True)
+class _Setup:
+    """The probes of one test: ignore flags, which one lacks chat support, which one breaks."""
+
+    flags: tuple[frozenset[str], ...]
+    legacy: int | None = None  # this probe has no on_chat_model_start (D4)
+    breaks: tuple[tuple[str, bool] | None, ...] = (None,) * 3  # (method, raise_error) (D2)
+
+
 class _Probe(TraceChecker):
-    """A handler that logs every event to a shared list and checks its own view (X1)."""
+    """A handler that logs every event to a shared list and checks its own view (X1).
+
+    With ``breaks=(method, raise_error)`` it raises ``ValueError("handler-<index>")`` from that
+    method, after logging the event.
+    """
 
     def __init__(
         self,
         index: int,
         log: list[tuple[int, Event, tuple[Any, ...], dict[str, Any]]],
-        flags: frozenset[str],
+        setup: _Setup,
     ) -> None:
         super().__init__()
         self.index = index
         self.log = log
-        for flag in flags:
+        for flag in setup.flags[index]:
             setattr(self, flag, True)
+        self.breaks = setup.breaks[index]
+        self.raise_error = bool(self.breaks and self.breaks[1])
 
     def __repr__(self) -> str:
         return f"_Probe({self.index})"
@@ -1938,6 +1952,8 @@ def _probe_method(event: Event) -> Callable[..., None]:
     def method(self: _Probe, *args: Any, **kwargs: Any) -> None:
         self.log.append((self.index, event, args, dict(kwargs)))
         check(self, *args, **kwargs)
+        if self.breaks and self.breaks[0] == event.method:
+            raise ValueError(f"handler-{self.index}")
 
     return method
 
@@ -2060,9 +2076,7 @@ class _Scope:
     parent: str | None = None
 
 
-def _model(
-    tree: _Node, root: _Call, flags: Sequence[frozenset[str]], legacy: int | None
-) -> tuple[list[tuple[int, _Ev]], str | None]:
+def _model(tree: _Node, root: _Call, setup: _Setup) -> tuple[list[tuple[int, _Ev]], str | None]:
     """The global event log the tree must produce, and the message of the error it raises.
 
     Written from SPEC alone. A run's handlers: inherited, then bound, then request, then
@@ -2070,23 +2084,29 @@ def _model(
     step tag after the inherited ones (S3, S4, S7). Metadata merged, nearest writer winning
     (S8, S9). Children get only the inheritable part (S4); a nested call with a list of
     handlers or an empty list starts a new root (S10). Each handler skips what its flags
-    ignore (D1), and the legacy probe gets chat starts as ``on_llm_start`` (D4). Every run
-    ends with exactly one end or error (R1, D3); failures propagate to each ancestor.
+    ignore (D1); the legacy probe gets chat starts as ``on_llm_start`` (D4). Every handler
+    gets every event; a failing handler only matters with ``raise_error``, and then its
+    failure is the run's, raised once the event reached everyone (D2). Every run ends with
+    exactly one end or error (R1, D3); failures propagate to each ancestor.
     """
     log: list[tuple[int, _Ev]] = []
 
-    def emit(handlers: tuple[int, ...], event: _Ev) -> None:
-        method = event[0]
-        flag = next(f for prefix, f in _IGNORED_BY if method.startswith(prefix))
+    def emit(handlers: tuple[int, ...], event: _Ev) -> str | None:
+        """Deliver one event; return the failure it raises, if any."""
+        flag = next(f for prefix, f in _IGNORED_BY if event[0].startswith(prefix))
+        raised = None
         for h in handlers:
-            if flag in flags[h]:
+            method = event[0]
+            if flag in setup.flags[h]:
                 continue
-            if h == legacy and method == "on_chat_model_start":
-                if "ignore_llm" in flags[h]:
+            if h == setup.legacy and method == "on_chat_model_start":
+                if "ignore_llm" in setup.flags[h]:
                     continue
-                log.append((h, ("on_llm_start", *event[1:])))
-            else:
-                log.append((h, event))
+                method = "on_llm_start"
+            log.append((h, (method, *event[1:])))
+            if setup.breaks[h] == (method, True) and raised is None:
+                raised = f"handler-{h}"
+        return raised
 
     def run(node: _Node, base: _Scope, step_tag: str | None, call: _Call) -> str | None:
         call_handlers: tuple[int, ...] = ()
@@ -2108,42 +2128,48 @@ def _model(
         family = {"chat": "llm", "lambda": "chain", "parallel": "chain"}.get(node.kind, node.kind)
 
         start = {"chat": "on_chat_model_start"}.get(node.kind, f"on_{family}_start")
-        emit(handlers, (start, me, parent, tags, md, name, None))
-        failure: str | None = None
+        failure = emit(handlers, (start, me, parent, tags, md, name, None))
+        if failure is None:
+            failure = body(node, child, handlers, (me, parent, tags, md))
+        if failure:
+            return (
+                emit(handlers, (f"on_{family}_error", me, parent, tags, None, None, failure))
+                or failure
+            )
+        return emit(handlers, (f"on_{family}_end", me, parent, tags, None, None, None))
+
+    def body(
+        node: _Node, child: _Scope, handlers: tuple[int, ...], run_: tuple[Any, ...]
+    ) -> str | None:
+        me, parent, tags, md = run_
         own = f"fail-{node.name}" if node.fails else None
         if node.kind in ("llm", "chat"):
-            tokens = (["a "] if node.fails else ["a ", "b"]) if node.streaming else []
-            for token in tokens:
-                emit(handlers, ("on_llm_new_token", me, parent, tags, None, None, token))
-            failure = own
-        elif node.kind in ("tool", "retriever"):
-            failure = own
-        elif node.kind == "chain":
+            for token in (["a "] if node.fails else ["a ", "b"]) if node.streaming else []:
+                raised = emit(handlers, ("on_llm_new_token", me, parent, tags, None, None, token))
+                if raised:
+                    return raised
+            return own
+        if node.kind in ("tool", "retriever"):
+            return own
+        if node.kind == "chain":
             for i, kid in enumerate(_splice(node.children), 1):
                 failure = run(kid, child, f"seq:step:{i}", _Call("implicit"))
                 if failure:
-                    break
-        elif node.kind == "parallel":
-            failures = [
-                run(kid, child, f"map:key:k{i}", _Call("implicit"))
-                for i, kid in enumerate(node.children)
-            ]
-            failure = next((f for f in failures if f), None)
-        else:
-            for kid in node.children:
-                failure = run(kid, child, None, kid.call)
-                if failure and not node.catches:
-                    break
-                failure = None
-            if failure is None:
-                if node.emits:
-                    emit(handlers, ("on_custom_event", me, None, tags, md, None, ("evt", me)))
-                failure = own
-        if failure:
-            emit(handlers, (f"on_{family}_error", me, parent, tags, None, None, failure))
-        else:
-            emit(handlers, (f"on_{family}_end", me, parent, tags, None, None, None))
-        return failure
+                    return failure
+            return None
+        if node.kind == "parallel":
+            kids = enumerate(node.children)
+            failures = [run(kid, child, f"map:key:k{i}", _Call("implicit")) for i, kid in kids]
+            return next((f for f in failures if f), None)
+        for kid in node.children:  # a lambda calling its children
+            failure = run(kid, child, None, kid.call)
+            if failure and not node.catches:
+                return failure
+        if node.emits:
+            raised = emit(handlers, ("on_custom_event", me, None, tags, md, None, ("evt", me)))
+            if raised:
+                return raised
+        return own
 
     return log, run(tree, _Scope(), None, root)
 
@@ -2217,19 +2243,29 @@ def _resolve_unseen(
 
 
 _roots = st.builds(_Call, st.just("root"), _handler_ids, _tags, _metadata)
-_flag_sets = st.lists(
-    st.frozensets(st.sampled_from(_FLAGS), max_size=2), min_size=_N_PROBES, max_size=_N_PROBES
+_breakable = ["on_chain_start", "on_chain_end", "on_chain_error", "on_llm_start",
+              "on_chat_model_start", "on_llm_new_token", "on_llm_end", "on_tool_start",
+              "on_retriever_error", "on_custom_event"]  # fmt: skip
+_setups = st.builds(
+    _Setup,
+    st.lists(
+        st.frozensets(st.sampled_from(_FLAGS), max_size=2), min_size=_N_PROBES, max_size=_N_PROBES
+    ).map(tuple),
+    st.sampled_from([None, *range(_N_PROBES)]),
+    st.lists(
+        st.none() | st.tuples(st.sampled_from(_breakable), st.booleans()),
+        min_size=_N_PROBES,
+        max_size=_N_PROBES,
+    ).map(tuple),
 )
-_legacy = st.sampled_from([None, *range(_N_PROBES)])
 
 
 def _probes(
-    flags: Sequence[frozenset[str]], legacy: int | None
+    setup: _Setup,
 ) -> tuple[list[_Probe], list[tuple[int, Event, tuple[Any, ...], dict[str, Any]]]]:
     log: list[tuple[int, Event, tuple[Any, ...], dict[str, Any]]] = []
-    return [
-        (_LegacyProbe if i == legacy else _Probe)(i, log, flags[i]) for i in range(_N_PROBES)
-    ], log
+    kinds = [_LegacyProbe if i == setup.legacy else _Probe for i in range(_N_PROBES)]
+    return [kind(i, log, setup) for i, kind in enumerate(kinds)], log
 
 
 def _root_config(root: _Call, probes: Sequence[_Probe]) -> RunnableConfig:
@@ -2241,17 +2277,17 @@ def _root_config(root: _Call, probes: Sequence[_Probe]) -> RunnableConfig:
     }
 
 
-@given(tree=_trees, root=_roots, flags=_flag_sets, legacy=_legacy)
+@given(tree=_trees, root=_roots, setup=_setups)
 def test_S1_to_S10_D1_to_D4_R0_to_R4_random_run_trees_match_the_model(
-    tree: _Node, root: _Call, flags: list[frozenset[str]], legacy: int | None
+    tree: _Node, root: _Call, setup: _Setup
 ) -> None:
-    probes, log = _probes(flags, legacy)
+    probes, log = _probes(setup)
     runnable = _build(tree, probes)
-    expected, failure = _model(tree, root, flags, legacy)
+    expected, failure = _model(tree, root, setup)
     try:
         runnable.invoke("x", _root_config(root, probes))
         raised = None
-    except ValueError as error:  # R0, R1: the innermost failure reaches the caller
+    except ValueError as error:  # R0, R1, D2: the failure that reaches the caller
         raised = str(error)
     assert raised == failure
     assert _resolve_unseen(_observed(log), expected) == expected
@@ -2259,13 +2295,13 @@ def test_S1_to_S10_D1_to_D4_R0_to_R4_random_run_trees_match_the_model(
         probe.verify()  # D3 and X1 on each handler's own view
 
 
-@given(tree=_trees, root=_roots, flags=_flag_sets, n=st.integers(1, 3))
+@given(tree=_trees, root=_roots, setup=_setups, n=st.integers(1, 3))
 def test_R3_batch_runs_one_independent_root_per_input(
-    tree: _Node, root: _Call, flags: list[frozenset[str]], n: int
+    tree: _Node, root: _Call, setup: _Setup, n: int
 ) -> None:
-    probes, log = _probes(flags, None)
+    probes, log = _probes(setup)
     runnable = _build(tree, probes)
-    expected, failure = _model(tree, root, flags, None)
+    expected, failure = _model(tree, root, setup)
     outputs = runnable.batch(["x"] * n, _root_config(root, probes), return_exceptions=True)
     assert [str(o) if isinstance(o, Exception) else None for o in outputs] == [failure] * n
     assert _resolve_unseen(_observed(log), expected * n, runs_per_node=n) == expected * n
