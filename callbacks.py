@@ -56,20 +56,43 @@ comments (``S2``, ``D3``, ``R1``...) refer to the project's SPEC; the README lis
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import copy
 import enum
+import functools
 import inspect
 import itertools
 import logging
 import re
 import threading
 import uuid
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Final, NamedTuple, Self, TypedDict, Unpack, final
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    ClassVar,
+    Final,
+    NamedTuple,
+    Self,
+    TypedDict,
+    TypeVar,
+    Unpack,
+    final,
+)
 
 __version__ = "0.1.0"
 __license__ = "MIT"
@@ -77,6 +100,9 @@ __license__ = "MIT"
 __all__ = [
     "LLM",
     "AIMessage",
+    "AsyncCallbackHandler",
+    "AsyncCallbackManager",
+    "AsyncRunManager",
     "BaseCallbackHandler",
     "BaseMessage",
     "CallbackManager",
@@ -99,6 +125,7 @@ __all__ = [
     "Tool",
     "ToolMessage",
     "TraceChecker",
+    "adispatch_custom_event",
     "dispatch_custom_event",
     "sequential_run_ids",
 ]
@@ -356,6 +383,27 @@ def _no_op(event: Event) -> Callable[..., Any]:
 _install_event_methods(BaseCallbackHandler, _no_op)
 
 
+class AsyncCallbackHandler(BaseCallbackHandler):
+    """`BaseCallbackHandler` with every event method a coroutine (same no-op defaults and flags).
+
+    Under an async manager its methods are awaited on the event loop (D5); under a sync manager
+    each is run to completion before the next handler is called (D6).
+    """
+
+
+def _async_no_op(event: Event) -> Callable[..., Any]:
+    sync = _no_op(event)
+
+    async def coroutine(self: Any, *args: Any, **kwargs: Any) -> None:
+        sync(self, *args, **kwargs)
+
+    coroutine.__doc__ = sync.__doc__
+    return coroutine
+
+
+_install_event_methods(AsyncCallbackHandler, _async_no_op)
+
+
 def _check_handler(obj: object) -> None:
     """Raise `TypeError` unless ``obj`` plausibly is a handler (has an event method)."""
     if isinstance(obj, BaseCallbackHandler):
@@ -369,6 +417,9 @@ def _check_handler(obj: object) -> None:
 # =================================================================================================
 # Dispatch
 # =================================================================================================
+#
+# Who gets called, and what a failure means, is decided once (`_method_for`, `_after_failure`);
+# the sync and async dispatchers differ only in how they call (blinker's ``receivers_for``).
 
 
 def _as_prompts(args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -380,36 +431,81 @@ def _as_prompts(args: tuple[Any, ...]) -> tuple[Any, ...]:
 _FALLBACK: Final = {Event.CHAT_MODEL_START: (Event.LLM_START, _as_prompts)}
 
 
-def _handler_failed(handler: object, event: Event, error: Exception) -> BaseException | None:
-    """Log a handler's failure (D2); return it when the handler wants it raised."""
+def _not_implemented(*args: Any, **kwargs: Any) -> None:
+    raise NotImplementedError
+
+
+def _method_for(handler: object, event: Event) -> Callable[..., Any] | None:
+    """The handler's method for ``event``, or None when it ignores the event (D1)."""
+    flag = event.ignore_flag
+    if flag is not None and getattr(handler, flag, False):
+        return None
+    method = getattr(handler, event.method, None)
+    if method is None and event in _FALLBACK:  # a duck-typed handler without it (D4)
+        return _not_implemented
+    return method
+
+
+def _after_failure(
+    handler: object, event: Event, args: tuple[Any, ...], error: BaseException
+) -> tuple[Event, tuple[Any, ...]] | BaseException | None:
+    """What a handler's failure means: an event to fall back to (D4), an error to raise, or none.
+
+    An `Exception` is logged, naming the handler class, the event and the error, and raised
+    only with ``raise_error`` (D2); anything else (`KeyboardInterrupt`...) is always raised.
+    """
+    if isinstance(error, NotImplementedError) and event in _FALLBACK:
+        other, convert = _FALLBACK[event]
+        return other, convert(args)
+    if not isinstance(error, Exception):
+        return error
     logger.warning("error in %s.%s callback: %r", type(handler).__name__, event.method, error)
     return error if getattr(handler, "raise_error", False) else None
+
+
+def _outranks(error: BaseException, other: BaseException) -> bool:
+    """An interrupt (not an `Exception`) beats a handler's ordinary failure."""
+    return isinstance(other, Exception) and not isinstance(error, Exception)
+
+
+def _first_failure(errors: Iterable[BaseException | None]) -> BaseException | None:
+    """The failure to raise after an event reached every handler, in handler order."""
+    first: BaseException | None = None
+    for error in errors:
+        if error is not None and (first is None or _outranks(error, first)):
+            first = error
+    return first
+
+
+def _run_coroutine(awaitable: Any) -> Any:
+    """Run a coroutine to completion from sync code: here, or on a worker thread's own loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(awaitable)
+    with ThreadPoolExecutor(max_workers=1) as pool:  # a loop runs here: it cannot be re-entered
+        return pool.submit(contextvars.copy_context().run, asyncio.run, awaitable).result()
 
 
 def _call_handler(
     handler: object, event: Event, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> BaseException | None:
-    """Deliver one event to one handler; return the exception the run must raise, if any."""
-    flag = event.ignore_flag
-    if flag is not None and getattr(handler, flag, False):  # D1
+    """Deliver one event to one handler; return the exception the run must raise, if any.
+
+    A coroutine method (an async handler under sync dispatch) runs to completion first (D6).
+    """
+    method = _method_for(handler, event)
+    if method is None:
         return None
-    method = getattr(handler, event.method, None)
     try:
-        if method is None:
-            if event in _FALLBACK:  # a duck-typed handler without the method: as if not implemented
-                raise NotImplementedError
-            return None
-        method(*args, **kwargs)
-    except NotImplementedError as error:
-        fallback = _FALLBACK.get(event)
-        if fallback is None:
-            return _handler_failed(handler, event, error)
-        other, convert = fallback
-        return _call_handler(handler, other, convert(args), kwargs)  # D4, obeys ignore_llm
-    except Exception as error:
-        return _handler_failed(handler, event, error)
-    except BaseException as error:  # KeyboardInterrupt and friends always propagate
-        return error
+        result = method(*args, **kwargs)
+        if inspect.isawaitable(result):
+            _run_coroutine(result)
+    except BaseException as error:
+        outcome = _after_failure(handler, event, args, error)
+        if isinstance(outcome, tuple):
+            return _call_handler(handler, *outcome, kwargs)  # D4, obeys ignore_llm
+        return outcome
     return None
 
 
@@ -422,18 +518,72 @@ def _dispatch(
     trace stays balanced (D3). Then the first non-`Exception` (such as `KeyboardInterrupt`) is
     raised, else the first failure of a ``raise_error`` handler; other failures are only logged.
     """
-    first: BaseException | None = None
-    for handler in handlers:
-        error = _call_handler(handler, event, args, kwargs)
-        if error is not None and (first is None or _outranks(error, first)):
-            first = error
+    first = _first_failure([_call_handler(h, event, args, kwargs) for h in handlers])
     if first is not None:
         raise first
 
 
-def _outranks(error: BaseException, other: BaseException) -> bool:
-    """An interrupt (not an `Exception`) beats a handler's ordinary failure."""
-    return isinstance(other, Exception) and not isinstance(error, Exception)
+async def _acall_handler(
+    handler: object, event: Event, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> BaseException | None:
+    """`_call_handler` under an event loop: coroutines are awaited; sync methods run here if
+    the handler is ``run_inline``, else in a worker thread with a copy of the context (D5)."""
+    method = _method_for(handler, event)
+    if method is None:
+        return None
+    try:
+        if inspect.iscoroutinefunction(method) or getattr(handler, "run_inline", False):
+            result = method(*args, **kwargs)
+        else:
+            call = functools.partial(contextvars.copy_context().run, method, *args, **kwargs)
+            result = await asyncio.get_running_loop().run_in_executor(None, call)
+        if inspect.isawaitable(result):
+            await result
+    except BaseException as error:
+        outcome = _after_failure(handler, event, args, error)
+        if isinstance(outcome, tuple):
+            return await _acall_handler(handler, *outcome, kwargs)
+        return outcome
+    return None
+
+
+async def _complete(tasks: Sequence[asyncio.Future[Any]]) -> None:
+    """Wait until every task is done, even if the waiting task is cancelled meanwhile; then
+    re-raise that cancellation. Handlers never see a half-delivered event (D3)."""
+    cancelled: BaseException | None = None
+    while True:
+        try:
+            await asyncio.wait(tasks)
+            break
+        except asyncio.CancelledError as error:
+            cancelled = error
+    if cancelled is not None:
+        raise cancelled
+
+
+async def _adispatch(
+    handlers: Sequence[object], event: Event, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    """Deliver ``event`` under an event loop (D5), then raise as `_dispatch` does.
+
+    ``run_inline`` handlers go first, one after another, in order, on the loop; the others are
+    then awaited concurrently (sync ones in worker threads). The event reaches every handler
+    before this returns, even if the caller is cancelled meanwhile.
+    """
+    loop = asyncio.get_running_loop()
+    outcomes: dict[int, asyncio.Future[BaseException | None]] = {}
+    for i, handler in enumerate(handlers):
+        if getattr(handler, "run_inline", False):
+            outcomes[i] = loop.create_task(_acall_handler(handler, event, args, kwargs))
+            await _complete([outcomes[i]])
+    others = [i for i in range(len(handlers)) if i not in outcomes]
+    for i in others:
+        outcomes[i] = loop.create_task(_acall_handler(handlers[i], event, args, kwargs))
+    if others:
+        await _complete([outcomes[i] for i in others])
+    first = _first_failure(outcomes[i].result() for i in range(len(handlers)))
+    if first is not None:
+        raise first
 
 
 # =================================================================================================
@@ -477,22 +627,8 @@ def _add_unique(
     return tuple(out) if len(out) != len(items) else items
 
 
-class CallbackManager:
-    """The handlers, tags and metadata for the next run, split into current and inheritable.
-
-    ``handlers``, ``tags`` and ``metadata`` are what the run started by this manager uses;
-    ``inheritable_handlers``, ``inheritable_tags`` and ``inheritable_metadata`` are what that
-    run's children get (S1-S4). Inheritable values are always also current. Handler and tag
-    lists are ordered sets: a handler (by identity, S6) or tag (S7) is kept once, at its first
-    place. Metadata merges key by key, the last writer winning (S8). The fields are tuples and
-    dicts that the methods below replace rather than mutate: read them, change them through
-    the methods. A run that has started keeps the values it started with.
-
-    ``on_chain_start``, ``on_tool_start``, ``on_retriever_start`` fire a start event and return
-    the `RunManager` of the new run; ``on_llm_start`` and ``on_chat_model_start`` start one run
-    per prompt and return a list (R2). If a ``raise_error`` handler fails on the start event,
-    the run is closed with an error event and the failure propagates (D3).
-    """
+class _Manager:
+    """The state and mutators shared by `CallbackManager` and `AsyncCallbackManager`."""
 
     __slots__ = (
         "_parent",
@@ -510,7 +646,7 @@ class CallbackManager:
     inheritable_tags: tuple[str, ...]
     metadata: dict[str, Any]
     inheritable_metadata: dict[str, Any]
-    _parent: RunManager | uuid.UUID | None
+    _parent: _Run | uuid.UUID | None
 
     def __init__(
         self,
@@ -538,14 +674,14 @@ class CallbackManager:
     @classmethod
     def configure(
         cls,
-        inheritable_callbacks: Iterable[Any] | CallbackManager | None = None,
-        local_callbacks: Iterable[Any] | CallbackManager | None = None,
+        inheritable_callbacks: Iterable[Any] | _Manager | None = None,
+        local_callbacks: Iterable[Any] | _Manager | None = None,
         inheritable_tags: Iterable[str] | None = None,
         local_tags: Iterable[str] | None = None,
         inheritable_metadata: Mapping[str, Any] | None = None,
         local_metadata: Mapping[str, Any] | None = None,
-    ) -> CallbackManager:
-        """Build the manager for a run from request-time (inheritable) and constructor (local) values.
+    ) -> Self:
+        """Build a run's manager from request-time (inheritable) and constructor (local) values.
 
         A manager as ``inheritable_callbacks`` is copied whole, parent run included: that is
         how a child manager from `RunManager.get_child` continues the tree. A manager as
@@ -553,12 +689,12 @@ class CallbackManager:
         local ones (S5); a local value never removes an inheritable one (S6, S7), and a local
         metadata key overrides an inheritable one for this run only (S8).
         """
-        if isinstance(inheritable_callbacks, CallbackManager):
-            manager = inheritable_callbacks.copy()
+        if isinstance(inheritable_callbacks, _Manager):
+            manager = cls._clone(inheritable_callbacks)
         else:
             manager = cls()
             manager.add_handlers(inheritable_callbacks or (), inherit=True)
-        if isinstance(local_callbacks, CallbackManager):
+        if isinstance(local_callbacks, _Manager):
             local_callbacks = local_callbacks.handlers
         manager.add_handlers(local_callbacks or (), inherit=False)
         manager.add_tags(inheritable_tags or (), inherit=True)
@@ -568,7 +704,7 @@ class CallbackManager:
         return manager
 
     @classmethod
-    def _make(cls, source: CallbackManager | RunManager, parent: Any) -> CallbackManager:
+    def _make(cls, source: _Manager | _Run, parent: _Run | uuid.UUID | None) -> Self:
         """A manager holding ``source``'s inheritable values, current and inheritable alike."""
         self = cls.__new__(cls)
         self.handlers = self.inheritable_handlers = source.inheritable_handlers
@@ -577,17 +713,21 @@ class CallbackManager:
         self._parent = parent
         return self
 
+    @classmethod
+    def _clone(cls, source: _Manager) -> Self:
+        other = cls._make(source, source._parent)
+        other.handlers, other.tags, other.metadata = source.handlers, source.tags, source.metadata
+        return other
+
     @property
     def parent_run_id(self) -> uuid.UUID | None:
         """The id of the run that the next run will be a child of, or None for a root."""
         parent = self._parent
-        return parent.run_id if isinstance(parent, RunManager) else parent
+        return parent.run_id if isinstance(parent, _Run) else parent
 
-    def copy(self) -> CallbackManager:
+    def copy(self) -> Self:
         """An independent manager with the same values and parent."""
-        other = CallbackManager._make(self, self._parent)
-        other.handlers, other.tags, other.metadata = self.handlers, self.tags, self.metadata
-        return other
+        return type(self)._clone(self)
 
     def add_handler(self, handler: Any, inherit: bool = True) -> None:
         """Add ``handler`` after the others, unless it is there already (S6, by identity).
@@ -652,6 +792,44 @@ class CallbackManager:
             k: v for k, v in self.inheritable_metadata.items() if k not in gone
         }
 
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(handlers={list(self.handlers)!r}, "
+            f"inheritable_handlers={list(self.inheritable_handlers)!r}, "
+            f"parent_run_id={self.parent_run_id!r}, tags={list(self.tags)!r}, "
+            f"inheritable_tags={list(self.inheritable_tags)!r}, metadata={self.metadata!r}, "
+            f"inheritable_metadata={self.inheritable_metadata!r})"
+        )
+
+
+def _per_prompt(
+    serialized: Any, items: Sequence[Any], run_id: uuid.UUID | None
+) -> list[tuple[tuple[Any, ...], uuid.UUID | None]]:
+    """One start per prompt or message list, each seeing a list of one; ``run_id`` names the
+    first only (R2)."""
+    return [((serialized, [item]), run_id if i == 0 else None) for i, item in enumerate(items)]
+
+
+class CallbackManager(_Manager):
+    """The handlers, tags and metadata for the next run, split into current and inheritable.
+
+    ``handlers``, ``tags`` and ``metadata`` are what the run started by this manager uses;
+    ``inheritable_handlers``, ``inheritable_tags`` and ``inheritable_metadata`` are what that
+    run's children get (S1-S4). Inheritable values are always also current. Handler and tag
+    lists are ordered sets: a handler (by identity, S6) or tag (S7) is kept once, at its first
+    place. Metadata merges key by key, the last writer winning (S8). The fields are tuples and
+    dicts that the methods replace rather than mutate: read them, change them through
+    `add_handler`, `add_tags`, `add_metadata` and their ``remove_`` twins. A run that has
+    started keeps the values it started with.
+
+    ``on_chain_start``, ``on_tool_start``, ``on_retriever_start`` fire a start event and return
+    the `RunManager` of the new run; ``on_llm_start`` and ``on_chat_model_start`` start one run
+    per prompt and return a list (R2). If a ``raise_error`` handler fails on the start event,
+    the run is closed with an error event and the failure propagates (D3).
+    """
+
+    __slots__ = ()
+
     def _start(
         self, event: Event, args: tuple[Any, ...], run_id: uuid.UUID | None, kwargs: dict[str, Any]
     ) -> RunManager:
@@ -667,17 +845,10 @@ class CallbackManager:
         return self._start(Event.CHAIN_START, (serialized, inputs), run_id, kwargs)
 
     def on_tool_start(
-        self,
-        serialized: Any,
-        input_str: str,
-        run_id: uuid.UUID | None = None,
-        inputs: dict[str, Any] | None = None,
-        **kwargs: Any,
+        self, serialized: Any, input_str: str, run_id: uuid.UUID | None = None, **kwargs: Any
     ) -> RunManager:
-        """Start a tool run: fire ``on_tool_start`` and return its `RunManager`."""
-        return self._start(
-            Event.TOOL_START, (serialized, input_str), run_id, {"inputs": inputs, **kwargs}
-        )
+        """Start a tool run (``inputs=`` the dict input, if any): fire ``on_tool_start``."""
+        return self._start(Event.TOOL_START, (serialized, input_str), run_id, kwargs)
 
     def on_retriever_start(
         self, serialized: Any, query: str, run_id: uuid.UUID | None = None, **kwargs: Any
@@ -686,41 +857,76 @@ class CallbackManager:
         return self._start(Event.RETRIEVER_START, (serialized, query), run_id, kwargs)
 
     def on_llm_start(
-        self,
-        serialized: Any,
-        prompts: Sequence[str],
-        run_id: uuid.UUID | None = None,
-        **kwargs: Any,
+        self, serialized: Any, prompts: Sequence[str], run_id: uuid.UUID | None = None, **kw: Any
     ) -> list[RunManager]:
-        """Start one LLM run per prompt, each seeing ``[prompt]``; ``run_id`` names the first (R2)."""
-        return [
-            self._start(Event.LLM_START, (serialized, [prompt]), run_id if i == 0 else None, kwargs)
-            for i, prompt in enumerate(prompts)
-        ]
+        """Start one LLM run per prompt (R2) and return their `RunManager` s."""
+        items = _per_prompt(serialized, prompts, run_id)
+        return [self._start(Event.LLM_START, args, rid, kw) for args, rid in items]
 
     def on_chat_model_start(
         self,
         serialized: Any,
         messages: Sequence[Sequence[BaseMessage]],
         run_id: uuid.UUID | None = None,
-        **kwargs: Any,
+        **kw: Any,
     ) -> list[RunManager]:
-        """Start one chat-model run per message list; ``run_id`` names the first (R2)."""
-        return [
-            self._start(
-                Event.CHAT_MODEL_START, (serialized, [m]), run_id if i == 0 else None, kwargs
-            )
-            for i, m in enumerate(messages)
-        ]
+        """Start one chat-model run per message list (R2) and return their `RunManager` s."""
+        items = _per_prompt(serialized, messages, run_id)
+        return [self._start(Event.CHAT_MODEL_START, args, rid, kw) for args, rid in items]
 
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(handlers={list(self.handlers)!r}, "
-            f"inheritable_handlers={list(self.inheritable_handlers)!r}, "
-            f"parent_run_id={self.parent_run_id!r}, tags={list(self.tags)!r}, "
-            f"inheritable_tags={list(self.inheritable_tags)!r}, metadata={self.metadata!r}, "
-            f"inheritable_metadata={self.inheritable_metadata!r})"
-        )
+
+class AsyncCallbackManager(_Manager):
+    """`CallbackManager` whose start methods are coroutines returning `AsyncRunManager` s.
+
+    Same fields, same rules; events are dispatched under the event loop (D5).
+    """
+
+    __slots__ = ()
+
+    async def _start(
+        self, event: Event, args: tuple[Any, ...], run_id: uuid.UUID | None, kwargs: dict[str, Any]
+    ) -> AsyncRunManager:
+        run = AsyncRunManager._new(self, event.run_type, run_id)
+        if self.handlers:
+            await run._aopen(event, args, kwargs)
+        return run
+
+    async def on_chain_start(
+        self, serialized: Any, inputs: Any, run_id: uuid.UUID | None = None, **kwargs: Any
+    ) -> AsyncRunManager:
+        """`CallbackManager.on_chain_start`, awaitable."""
+        return await self._start(Event.CHAIN_START, (serialized, inputs), run_id, kwargs)
+
+    async def on_tool_start(
+        self, serialized: Any, input_str: str, run_id: uuid.UUID | None = None, **kwargs: Any
+    ) -> AsyncRunManager:
+        """`CallbackManager.on_tool_start`, awaitable."""
+        return await self._start(Event.TOOL_START, (serialized, input_str), run_id, kwargs)
+
+    async def on_retriever_start(
+        self, serialized: Any, query: str, run_id: uuid.UUID | None = None, **kwargs: Any
+    ) -> AsyncRunManager:
+        """`CallbackManager.on_retriever_start`, awaitable."""
+        return await self._start(Event.RETRIEVER_START, (serialized, query), run_id, kwargs)
+
+    async def on_llm_start(
+        self, serialized: Any, prompts: Sequence[str], run_id: uuid.UUID | None = None, **kw: Any
+    ) -> list[AsyncRunManager]:
+        """`CallbackManager.on_llm_start`, awaitable: every handler gets every start (no
+        dropping of non-inline handlers, unlike langchain_core's)."""
+        items = _per_prompt(serialized, prompts, run_id)
+        return [await self._start(Event.LLM_START, args, rid, kw) for args, rid in items]
+
+    async def on_chat_model_start(
+        self,
+        serialized: Any,
+        messages: Sequence[Sequence[BaseMessage]],
+        run_id: uuid.UUID | None = None,
+        **kw: Any,
+    ) -> list[AsyncRunManager]:
+        """`CallbackManager.on_chat_model_start`, awaitable."""
+        items = _per_prompt(serialized, messages, run_id)
+        return [await self._start(Event.CHAT_MODEL_START, args, rid, kw) for args, rid in items]
 
 
 _ID_FACTORY: contextvars.ContextVar[Callable[[], uuid.UUID]] = contextvars.ContextVar(
@@ -728,18 +934,8 @@ _ID_FACTORY: contextvars.ContextVar[Callable[[], uuid.UUID]] = contextvars.Conte
 )
 
 
-@final
-class RunManager:
-    """One started run: fires its events and builds its children's managers.
-
-    Besides the fields of the `CallbackManager` it came from, it has ``run_id`` (made the first
-    time it is read, so an unobserved run costs no id, D7), ``parent_run_id`` and ``run_type``.
-    Its event methods are those of the `Event` table that are not start events: ``on_chain_end``,
-    ``on_llm_new_token``, ``on_tool_error``, ``on_text``... Each dispatches to ``handlers`` (D1,
-    D2), with ``run_id``, ``parent_run_id`` and ``tags``. An event of another run type
-    (``on_tool_end`` on a chain run) is a `TypeError`; any event after the run's end or error
-    event is a `RuntimeError`: a run ends exactly once (D3).
-    """
+class _Run:
+    """The state and checks shared by `RunManager` and `AsyncRunManager`."""
 
     __slots__ = (
         "_closed",
@@ -761,19 +957,16 @@ class RunManager:
     metadata: dict[str, Any]
     inheritable_metadata: dict[str, Any]
     run_type: str
-    _parent: RunManager | uuid.UUID | None
+    _parent: _Run | uuid.UUID | None
     _run_id: uuid.UUID | None
     _closed: bool
-
-    if TYPE_CHECKING:  # the event methods are installed from the Event table below
-
-        def __getattr__(self, name: str) -> Callable[..., None]: ...
+    _child_class: ClassVar[type[_Manager]]
 
     def __init__(self) -> None:
-        raise TypeError("RunManager is created by CallbackManager.on_*_start, not directly")
+        raise TypeError(f"{type(self).__name__} is made by a manager's on_*_start, not directly")
 
     @classmethod
-    def _new(cls, manager: CallbackManager, run_type: str, run_id: uuid.UUID | None) -> RunManager:
+    def _new(cls, manager: _Manager, run_type: str, run_id: uuid.UUID | None) -> Self:
         self = cls.__new__(cls)
         self.handlers = manager.handlers
         self.inheritable_handlers = manager.inheritable_handlers
@@ -799,79 +992,152 @@ class RunManager:
     def parent_run_id(self) -> uuid.UUID | None:
         """The parent run's id, or None for a root run."""
         parent = self._parent
-        return parent.run_id if isinstance(parent, RunManager) else parent
+        return parent.run_id if isinstance(parent, _Run) else parent
 
-    def get_child(self, tag: str | None = None) -> CallbackManager:
+    def get_child(self, tag: str | None = None) -> _Manager:
         """The manager for a child run: this run's inheritable values, this run as parent (S4).
 
         ``tag`` (such as ``"seq:step:2"``) is added for that child alone and is not inherited
         further. LLM and chat runs are leaves (R2): `TypeError`.
         """
+        return self._child(tag, self._child_class)
+
+    def _child(self, tag: str | None, cls: type[_M]) -> _M:
         if _FAMILY.get(self.run_type, self.run_type) == "llm":
             raise TypeError(f"a {self.run_type} run is a leaf and has no child runs")
-        child = CallbackManager._make(self, self)
+        child = cls._make(self, self)
         if tag is not None and tag not in child.tags:
             if not isinstance(tag, str):
                 raise TypeError(f"tag must be a string or None, got {tag!r}")
             child.tags = (*child.tags, tag)
         return child
 
-    def _kwargs(self, event: Event) -> dict[str, Any]:
+    def _kwargs(self, event: Event, extra: dict[str, Any]) -> dict[str, Any]:
         keywords = event.keywords
         kwargs: dict[str, Any] = {"run_id": self.run_id, "tags": list(self.tags)}
         if "parent_run_id" in keywords:
             kwargs["parent_run_id"] = self.parent_run_id
         if "metadata" in keywords:
             kwargs["metadata"] = dict(self.metadata)
-        return kwargs
+        return {**kwargs, **extra}
 
-    def _open(self, event: Event, args: tuple[Any, ...], extra: dict[str, Any]) -> None:
-        """Fire the start event; if that raises, close the run with an error and re-raise (D3)."""
-        try:
-            _dispatch(self.handlers, event, args, {**self._kwargs(event), **extra})
-        except BaseException as error:
-            self._close(_ERROR, error, {})
-            raise
-
-    def _emit(self, event: Event, args: tuple[Any, ...], extra: dict[str, Any]) -> None:
+    def _check(self, event: Event) -> bool:
+        """Refuse an event of another run type or after the end (D3); say whether anyone listens."""
         if event.run_type != "any" and event.run_type != _FAMILY.get(self.run_type, self.run_type):
             raise TypeError(f"{event.method} does not apply to a {self.run_type} run")
         if self._closed:
             raise RuntimeError(f"{event.method} after the end of {self.run_type} run {self.run_id}")
         if event.phase in ("end", "error"):
             self._closed = True
-        if self.handlers:
-            _dispatch(self.handlers, event, args, {**self._kwargs(event), **extra})
+        return bool(self.handlers)
 
-    def _close(self, table: Mapping[str, Event], payload: Any, extra: dict[str, Any]) -> None:
-        """Fire the end (``table=_END``) or error (``_ERROR``) event, unless already closed."""
-        if not self._closed:
-            self._emit(table[_FAMILY.get(self.run_type, self.run_type)], (payload,), extra)
+    def _closing(self, table: Mapping[str, Event]) -> Event | None:
+        """The end (``table=_END``) or error (``_ERROR``) event to fire, unless already closed."""
+        return None if self._closed else table[_FAMILY.get(self.run_type, self.run_type)]
+
+    def _emit(self, event: Event, args: tuple[Any, ...], extra: dict[str, Any]) -> None:
+        if self._check(event):
+            _dispatch(self.handlers, event, args, self._kwargs(event, extra))
+
+    def _open(self, event: Event, args: tuple[Any, ...], extra: dict[str, Any]) -> None:
+        """Fire the start event; if that raises, close the run with an error and re-raise (D3)."""
+        try:
+            _dispatch(self.handlers, event, args, self._kwargs(event, extra))
+        except BaseException as error:
+            self._close(_ERROR, error)
+            raise
+
+    def _close(self, table: Mapping[str, Event], payload: Any) -> None:
+        event = self._closing(table)
+        if event is not None:
+            self._emit(event, (payload,), {})
 
     def __repr__(self) -> str:
-        return (
-            f"<RunManager {self.run_type} run_id={self._run_id} handlers={list(self.handlers)!r}>"
-        )
+        return f"<{type(self).__name__} {self.run_type} run_id={self._run_id}>"
 
 
-def _run_manager_method(event: Event) -> Callable[..., None]:
-    def emit(self: RunManager, *args: Any, **kwargs: Any) -> None:
+_M = TypeVar("_M", bound=_Manager)
+
+
+@final
+class RunManager(_Run):
+    """One started run: fires its events and builds its children's managers.
+
+    Besides the fields of the `CallbackManager` it came from, it has ``run_id`` (made the first
+    time it is read, so an unobserved run costs no id, D7), ``parent_run_id`` and ``run_type``.
+    Its event methods are those of the `Event` table that are not start events: ``on_chain_end``,
+    ``on_llm_new_token``, ``on_tool_error``, ``on_text``... Each dispatches to ``handlers`` (D1,
+    D2), with ``run_id``, ``parent_run_id`` and ``tags``. An event of another run type
+    (``on_tool_end`` on a chain run) is a `TypeError`; any event after the run's end or error
+    event is a `RuntimeError`: a run ends exactly once (D3).
+    """
+
+    __slots__ = ()
+    _child_class = CallbackManager
+
+    if TYPE_CHECKING:  # the event methods are installed from the Event table below
+
+        def __getattr__(self, name: str) -> Callable[..., None]: ...
+
+        def get_child(self, tag: str | None = None) -> CallbackManager: ...
+
+
+@final
+class AsyncRunManager(_Run):
+    """`RunManager` whose event methods are coroutines (D5); ``get_child`` gives an
+    `AsyncCallbackManager`."""
+
+    __slots__ = ()
+    _child_class = AsyncCallbackManager
+
+    if TYPE_CHECKING:
+
+        def __getattr__(self, name: str) -> Callable[..., Awaitable[None]]: ...
+
+        def get_child(self, tag: str | None = None) -> AsyncCallbackManager: ...
+
+    async def _aemit(self, event: Event, args: tuple[Any, ...], extra: dict[str, Any]) -> None:
+        if self._check(event):
+            await _adispatch(self.handlers, event, args, self._kwargs(event, extra))
+
+    async def _aopen(self, event: Event, args: tuple[Any, ...], extra: dict[str, Any]) -> None:
+        try:
+            await _adispatch(self.handlers, event, args, self._kwargs(event, extra))
+        except BaseException as error:
+            await self._aclose(_ERROR, error)
+            raise
+
+    async def _aclose(self, table: Mapping[str, Event], payload: Any) -> None:
+        event = self._closing(table)
+        if event is not None:
+            await self._aemit(event, (payload,), {})
+
+
+def _run_manager_method(event: Event, is_async: bool) -> Callable[..., Any]:
+    def check(args: tuple[Any, ...]) -> None:
         if len(args) != len(event.payload):
-            raise TypeError(
-                f"{event.method}() takes {len(event.payload)} positional payload argument(s)"
-            )
+            count = len(event.payload)
+            raise TypeError(f"{event.method}() takes {count} positional payload argument(s)")
+
+    def emit(self: RunManager, *args: Any, **kwargs: Any) -> None:
+        check(args)
         self._emit(event, args, kwargs)
 
-    emit.__doc__ = f"Fire {event.method} for this run (phase {event.phase})."
-    return emit
+    async def aemit(self: AsyncRunManager, *args: Any, **kwargs: Any) -> None:
+        check(args)
+        await self._aemit(event, args, kwargs)
+
+    method = aemit if is_async else emit
+    method.__name__ = method.__qualname__ = event.method
+    method.__doc__ = f"Fire {event.method} for this run (phase {event.phase})."
+    return method
 
 
 for _event in Event:
     if _event.phase != "start":
-        _method = _run_manager_method(_event)
-        _method.__name__ = _method.__qualname__ = _event.method
-        setattr(RunManager, _event.method, _method)
-del _event, _method
+        setattr(RunManager, _event.method, _run_manager_method(_event, False))
+        setattr(AsyncRunManager, _event.method, _run_manager_method(_event, True))
+del _event
 
 
 # =================================================================================================
@@ -881,7 +1147,7 @@ del _event, _method
 # The run whose body is executing in this context, so that a runnable invoked inside it without
 # a config becomes its child (S10). Set only while a body runs, never across a ``yield``, and
 # reset afterwards: the caller's context is left as it was (S11).
-_CURRENT_RUN: contextvars.ContextVar[RunManager | None] = contextvars.ContextVar(
+_CURRENT_RUN: contextvars.ContextVar[_Run | None] = contextvars.ContextVar(
     "callbacks_current_run", default=None
 )
 # The enclosing call's ``max_concurrency``, inherited by nested batches and parallels.
@@ -927,7 +1193,7 @@ def _check_max_concurrency(key: str, value: Any) -> int:
 
 
 def _check_callbacks(key: str, value: Any) -> Any:
-    if isinstance(value, CallbackManager):
+    if isinstance(value, _Manager):
         return value
     return _check_handlers(value, f"config[{key!r}]")
 
@@ -975,14 +1241,29 @@ def _merge_configs(first: Mapping[str, Any], second: Mapping[str, Any]) -> dict[
     return merged
 
 
+def _collect(
+    outcomes: Iterable[tuple[Any, BaseException | None]], return_exceptions: bool
+) -> list[Any]:
+    """Outputs in item order; the first failure is raised, unless ``return_exceptions`` puts
+    `Exception` instances in place (an interrupt is raised all the same)."""
+    results: list[Any] = []
+    for output, failure in outcomes:
+        if failure is None:
+            results.append(output)
+        elif return_exceptions and isinstance(failure, Exception):
+            results.append(failure)
+        else:
+            raise failure
+    return results
+
+
 def _map_in_threads(
     func: Callable[[Any], Any], items: Sequence[Any], limit: int | None, return_exceptions: bool
 ) -> list[Any]:
     """``[func(item) for item in items]`` in a thread pool of at most ``limit`` workers.
 
     Each call runs in a copy of the caller's context (S11), so runs started there are children
-    of the caller's run. Every call finishes before this returns; then the first failure in
-    item order is raised, unless ``return_exceptions`` puts `Exception` instances in place.
+    of the caller's run. Every call finishes before the results are collected (`_collect`).
     """
     if len(items) == 1:
         try:
@@ -991,19 +1272,29 @@ def _map_in_threads(
             if return_exceptions:
                 return [error]
             raise
-    with ThreadPoolExecutor(max_workers=min(len(items), limit or 32) or 1) as pool:
+    with ThreadPoolExecutor(max_workers=min(len(items), limit or 32)) as pool:
         futures = [pool.submit(contextvars.copy_context().run, func, item) for item in items]
         wait(futures)
-    results: list[Any] = []
-    for future in futures:
-        failure = future.exception()
-        if failure is None:
-            results.append(future.result())
-        elif return_exceptions and isinstance(failure, Exception):
-            results.append(failure)
-        else:
-            raise failure
-    return results
+    outcomes = [(None, f.exception()) if f.exception() else (f.result(), None) for f in futures]
+    return _collect(outcomes, return_exceptions)
+
+
+async def _agather(
+    calls: Sequence[Callable[[], Awaitable[Any]]], limit: int | None, return_exceptions: bool
+) -> list[Any]:
+    """`_map_in_threads` for coroutines: each call a task (a copy of the context), at most
+    ``limit`` running at once, in order when ``limit`` is 1."""
+    semaphore = asyncio.Semaphore(limit) if limit else None
+
+    async def call(make: Callable[[], Awaitable[Any]]) -> Any:
+        if semaphore is None:
+            return await make()
+        async with semaphore:
+            return await make()
+
+    done = await asyncio.gather(*(call(c) for c in calls), return_exceptions=True)
+    outcomes = [(None, r) if isinstance(r, BaseException) else (r, None) for r in done]
+    return _collect(outcomes, return_exceptions)
 
 
 def _drain(generator: Generator[Any, None, Any]) -> Any:
@@ -1013,6 +1304,19 @@ def _drain(generator: Generator[Any, None, Any]) -> Any:
             next(generator)
         except StopIteration as stop:
             return stop.value
+
+
+def _enter(run: _Run, limit: int | None) -> tuple[contextvars.Token[Any], ...]:
+    """Make ``run`` the enclosing run of implicit children (S10), and ``limit`` the inherited
+    ``max_concurrency``; `_leave` restores the context (S11)."""
+    tokens = (_CURRENT_RUN.set(run),)
+    return (*tokens, _MAX_CONCURRENCY.set(limit)) if limit else tokens
+
+
+def _leave(tokens: tuple[contextvars.Token[Any], ...]) -> None:
+    if len(tokens) > 1:
+        _MAX_CONCURRENCY.reset(tokens[1])
+    _CURRENT_RUN.reset(tokens[0])
 
 
 class Runnable:
@@ -1028,16 +1332,19 @@ class Runnable:
       thread pool (R3).
     - ``stream(input, config=None)``: an iterator of output chunks; the run ends when the
       iterator is exhausted or closed (D3).
+    - ``ainvoke``, ``abatch``, ``astream``: the same under asyncio, with the same runs, events
+      and order; the events go through async dispatch (D5).
     - ``with_config(**config)``: a copy with config bound to it (S9).
     - ``a | b``: a `Chain`.
 
-    Config keys: ``callbacks`` (a list of handlers, or a `CallbackManager` to continue its
-    tree), ``tags``, ``metadata``, ``run_name``, ``run_id`` (this run only, R4, R6) and
+    Config keys: ``callbacks`` (a list of handlers, or a manager to continue its tree),
+    ``tags``, ``metadata``, ``run_name``, ``run_id`` (this run only, R4, R6) and
     ``max_concurrency`` (inherited by nested batches and parallels). An unknown key or a value
     of the wrong type is a `TypeError` naming it.
     """
 
     _run_type: ClassVar[str] = "chain"
+    _leaf: ClassVar[bool] = False  # a leaf's body starts no runs, so it sets no context
 
     def __init__(
         self,
@@ -1065,6 +1372,11 @@ class Runnable:
         """Run on ``input`` as one run and return the output; see the class docstring."""
         return self._invoke(input, _check_config(config), None)
 
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None) -> Any:
+        """`invoke` under asyncio. If the task is cancelled, the run (and each open run inside
+        it) fires its error event with the `asyncio.CancelledError`, which is re-raised (D3)."""
+        return await self._ainvoke(input, _check_config(config), None)
+
     def batch(
         self,
         inputs: Iterable[Any],
@@ -1080,27 +1392,24 @@ class Runnable:
         context. Outputs come in input order; the first failure is raised after every input
         has finished, unless ``return_exceptions`` puts exceptions in place of outputs.
         """
-        items = list(inputs)
-        if isinstance(config, Sequence):
-            if len(config) != len(items):
-                raise ValueError(
-                    f"batch() got {len(config)} configs for {len(items)} inputs; "
-                    "pass one config, or one per input"
-                )
-            configs = [_check_config(c) for c in config]
-        else:
-            shared = _check_config(config)
-            rest = {k: v for k, v in shared.items() if k != "run_id"}
-            configs = [shared, *[rest] * (len(items) - 1)]
-        if not items:
-            return []
-        limit = self._limit(configs[0]) or _MAX_CONCURRENCY.get()
-        return _map_in_threads(
-            lambda i: self._invoke(items[i], configs[i], None),
-            range(len(items)),
-            limit,
-            return_exceptions,
-        )
+        items, configs, limit = self._batch(inputs, config)
+        call = lambda i: self._invoke(items[i], configs[i], None)  # noqa: E731
+        return _map_in_threads(call, range(len(items)), limit, return_exceptions)
+
+    async def abatch(
+        self,
+        inputs: Iterable[Any],
+        config: RunnableConfig | Sequence[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+    ) -> list[Any]:
+        """`batch` under asyncio: one task per input, at most ``max_concurrency`` at once."""
+        items, configs, limit = self._batch(inputs, config)
+        calls = [
+            functools.partial(self._ainvoke, x, c, None)
+            for x, c in zip(items, configs, strict=True)
+        ]
+        return await _agather(calls, limit, return_exceptions)
 
     def stream(self, input: Any, config: RunnableConfig | None = None) -> Iterator[Any]:
         """Run on ``input`` and yield the output in chunks; one chunk unless the runnable streams.
@@ -1109,6 +1418,10 @@ class Runnable:
         open run inside it fires its error event with `GeneratorExit`, innermost first (D3).
         """
         return self._stream(input, _check_config(config), None)
+
+    def astream(self, input: Any, config: RunnableConfig | None = None) -> AsyncIterator[Any]:
+        """`stream` under asyncio; ``aclose()`` on it closes the open runs innermost first."""
+        return self._astream(input, _check_config(config), None, [])
 
     def with_config(self, config: RunnableConfig | None = None, **kwargs: Any) -> Self:
         """A copy of this runnable with config bound to every call (S9).
@@ -1121,10 +1434,8 @@ class Runnable:
         new = _check_config({**(config or {}), **kwargs})
         if "run_id" in new:
             raise TypeError("run_id cannot be bound: it names one run; pass it to invoke instead")
-        if isinstance(new.get("callbacks"), CallbackManager):
-            raise TypeError(
-                "with_config(callbacks=...) takes a list of handlers, not a CallbackManager"
-            )
+        if isinstance(new.get("callbacks"), _Manager):
+            raise TypeError("with_config(callbacks=...) takes a list of handlers, not a manager")
         bound = copy.copy(self)
         bound._bound = _merge_configs(self._bound, new)
         return bound
@@ -1153,25 +1464,48 @@ class Runnable:
     def _end_payload(self, output: Any) -> Any:
         return output
 
-    def _run(self, input: Any, run: RunManager) -> Any:
+    def _run(self, input: Any, run: _Run) -> Any:
         raise NotImplementedError
 
-    def _stream_body(
-        self, input: Any, run: RunManager, limit: int | None
-    ) -> Generator[Any, None, Any]:
+    async def _arun(self, input: Any, run: AsyncRunManager) -> Any:
+        return self._run(input, run)
+
+    def _stream_body(self, input: Any, run: _Run, limit: int | None) -> Generator[Any, None, Any]:
         output = self._in_scope(run, limit, self._run, input)
         yield output
         return output
 
+    async def _astream_body(
+        self, input: Any, run: AsyncRunManager, limit: int | None, out: list[Any]
+    ) -> AsyncGenerator[Any, None]:
+        out.append(await self._ain_scope(run, limit, self._arun, input))
+        yield out[-1]
+
     # -- the run protocol ----------------------------------------------------------------------
+
+    def _batch(
+        self, inputs: Iterable[Any], config: RunnableConfig | Sequence[RunnableConfig] | None
+    ) -> tuple[list[Any], list[dict[str, Any]], int | None]:
+        items = list(inputs)
+        if isinstance(config, Sequence):
+            if len(config) != len(items):
+                raise ValueError(
+                    f"batch() got {len(config)} configs for {len(items)} inputs; "
+                    "pass one config, or one per input"
+                )
+            configs = [_check_config(c) for c in config]
+        else:
+            shared = _check_config(config)
+            rest = {k: v for k, v in shared.items() if k != "run_id"}
+            configs = [shared, *[rest] * (len(items) - 1)][: len(items)]
+        limit = self._limit(configs[0] if configs else {}) or _MAX_CONCURRENCY.get()
+        return items, configs, limit
 
     def _limit(self, config: Mapping[str, Any]) -> int | None:
         """This call's own ``max_concurrency``, if it sets one (else the enclosing call's holds)."""
         return config.get("max_concurrency") or self._bound.get("max_concurrency")
 
-    def _manager(
-        self, config: Mapping[str, Any], parent: CallbackManager | None
-    ) -> CallbackManager:
+    def _manager(self, config: Mapping[str, Any], parent: _Manager | None) -> _Manager:
         """The manager for this call: inherited or given, then binding, request and constructor layers."""
         callbacks = config.get("callbacks")
         request: tuple[Any, ...] = ()
@@ -1179,8 +1513,8 @@ class Runnable:
             manager = parent
         elif callbacks is None:  # S10: a child of the enclosing run, if any
             current = _CURRENT_RUN.get()
-            manager = current.get_child() if current is not None else _EMPTY
-        elif isinstance(callbacks, CallbackManager):  # the caller continues a tree explicitly
+            manager = current._child(None, CallbackManager) if current is not None else _EMPTY
+        elif isinstance(callbacks, _Manager):  # the caller continues a tree explicitly
             manager = callbacks
         else:  # S10: a list of handlers starts a new root that inherits nothing
             manager, request = _EMPTY, callbacks
@@ -1189,7 +1523,7 @@ class Runnable:
             "tags" in config or "metadata" in config
         ):
             return manager
-        manager = manager.copy()
+        manager = CallbackManager._clone(manager)
         manager._merge(
             bound.get("callbacks", ()), bound.get("tags", ()), bound.get("metadata", {}), True
         )
@@ -1197,44 +1531,84 @@ class Runnable:
         manager._merge(self.callbacks, self.tags, self.metadata, False)  # S2, S3, S5: local last
         return manager
 
-    def _begin(
-        self, input: Any, config: Mapping[str, Any], parent: CallbackManager | None
-    ) -> RunManager:
+    def _start_event(
+        self, input: Any, config: Mapping[str, Any]
+    ) -> tuple[Event, tuple[Any, ...], dict[str, Any]]:
+        args, extra = self._start_args(input)
+        name = config.get("run_name") or self._bound.get("run_name") or self.get_name()
+        return _START[self._run_type], args, {**extra, "name": name}
+
+    def _begin(self, input: Any, config: Mapping[str, Any], parent: _Manager | None) -> RunManager:
         run = RunManager._new(self._manager(config, parent), self._run_type, config.get("run_id"))
         if run.handlers:  # D7: no payload, no id, no dispatch when nobody listens
-            args, extra = self._start_args(input)
-            name = config.get("run_name") or self._bound.get("run_name") or self.get_name()
-            run._open(_START[self._run_type], args, {**extra, "name": name})
+            run._open(*self._start_event(input, config))
+        return run
+
+    async def _abegin(
+        self, input: Any, config: Mapping[str, Any], parent: _Manager | None
+    ) -> AsyncRunManager:
+        manager = self._manager(config, parent)
+        run = AsyncRunManager._new(manager, self._run_type, config.get("run_id"))
+        if run.handlers:
+            await run._aopen(*self._start_event(input, config))
         return run
 
     def _in_scope(
-        self, run: RunManager, limit: int | None, body: Callable[[Any, RunManager], Any], input: Any
+        self, run: _Run, limit: int | None, body: Callable[[Any, Any], Any], input: Any
     ) -> Any:
         """Run ``body`` with ``run`` as the enclosing run of implicit children (S10, S11)."""
-        run_token = _CURRENT_RUN.set(run)
-        limit_token = _MAX_CONCURRENCY.set(limit) if limit else None
+        if self._leaf:
+            return body(input, run)
+        tokens = _enter(run, limit)
         try:
             return body(input, run)
         finally:
-            if limit_token is not None:
-                _MAX_CONCURRENCY.reset(limit_token)
-            _CURRENT_RUN.reset(run_token)
+            _leave(tokens)
 
-    def _invoke(self, input: Any, config: Mapping[str, Any], parent: CallbackManager | None) -> Any:
+    async def _ain_scope(
+        self,
+        run: AsyncRunManager,
+        limit: int | None,
+        body: Callable[[Any, Any], Awaitable[Any]],
+        input: Any,
+    ) -> Any:
+        """`_in_scope` for a coroutine body (tasks it starts copy the context, so inherit it)."""
+        if self._leaf:
+            return await body(input, run)
+        tokens = _enter(run, limit)
+        try:
+            return await body(input, run)
+        finally:
+            _leave(tokens)
+
+    def _invoke(self, input: Any, config: Mapping[str, Any], parent: _Manager | None) -> Any:
         run = None
         try:
             run = self._begin(input, config, parent)
             output = self._in_scope(run, self._limit(config), self._run, input)
         except BaseException as error:  # R1: BaseException counts
             if run is not None and run.handlers:
-                run._close(_ERROR, error, {})
+                run._close(_ERROR, error)
             raise
         if run.handlers:
-            run._close(_END, self._end_payload(output), {})
+            run._close(_END, self._end_payload(output))
+        return output
+
+    async def _ainvoke(self, input: Any, config: Mapping[str, Any], parent: _Manager | None) -> Any:
+        run = None
+        try:
+            run = await self._abegin(input, config, parent)
+            output = await self._ain_scope(run, self._limit(config), self._arun, input)
+        except BaseException as error:  # R1, and asyncio.CancelledError (D3)
+            if run is not None and run.handlers:
+                await run._aclose(_ERROR, error)
+            raise
+        if run.handlers:
+            await run._aclose(_END, self._end_payload(output))
         return output
 
     def _stream(
-        self, input: Any, config: Mapping[str, Any], parent: CallbackManager | None
+        self, input: Any, config: Mapping[str, Any], parent: _Manager | None
     ) -> Generator[Any, None, Any]:
         run = None
         try:
@@ -1242,11 +1616,32 @@ class Runnable:
             output = yield from self._stream_body(input, run, self._limit(config))
         except BaseException as error:  # includes GeneratorExit from an early close (D3)
             if run is not None and run.handlers:
-                run._close(_ERROR, error, {})
+                run._close(_ERROR, error)
             raise
         if run.handlers:
-            run._close(_END, self._end_payload(output), {})
+            run._close(_END, self._end_payload(output))
         return output
+
+    async def _astream(
+        self, input: Any, config: Mapping[str, Any], parent: _Manager | None, out: list[Any]
+    ) -> AsyncGenerator[Any, None]:
+        """`_stream` for asyncio; the final output is appended to ``out``."""
+        run = body = None
+        inner: list[Any] = []
+        try:
+            run = await self._abegin(input, config, parent)
+            body = self._astream_body(input, run, self._limit(config), inner)
+            async for chunk in body:
+                yield chunk
+        except BaseException as error:  # GeneratorExit from aclose() too (D3)
+            if body is not None:
+                await body.aclose()  # inner runs close first
+            if run is not None and run.handlers:
+                await run._aclose(_ERROR, error)
+            raise
+        if run.handlers:
+            await run._aclose(_END, self._end_payload(inner[-1]))
+        out.append(inner[-1])
 
 
 _EMPTY: Final = CallbackManager()  # never mutated: managers are copied before they change
@@ -1262,12 +1657,19 @@ def _coerce(step: Any) -> Runnable:
     raise TypeError(f"cannot use {step!r} as a step: expected a Runnable, a function or a dict")
 
 
+def _call(result: Any) -> Any:
+    """A user function's result, awaited to completion first if it is a coroutine (sync path)."""
+    return _run_coroutine(result) if inspect.isawaitable(result) else result
+
+
 class Lambda(Runnable):
     """Runs ``func(input)``, or ``func(input, config)`` if ``func`` has a ``config`` parameter.
 
-    The config it receives is ``{"callbacks": <child manager>}``: pass it on to continue the run
-    tree explicitly. Runnables invoked inside ``func`` without a config are children of this
-    run anyway (S10). The default name is the function's ``__name__`` (R4).
+    ``func`` may be sync or async: ``invoke`` runs an async one to completion, ``ainvoke`` runs a
+    sync one in a worker thread (with a copy of the context). The config it receives is
+    ``{"callbacks": <child manager>}``: pass it on to continue the run tree explicitly.
+    Runnables invoked inside ``func`` without a config are children of this run anyway (S10).
+    The default name is the function's ``__name__`` (R4).
     """
 
     def __init__(self, func: Callable[..., Any], **options: Unpack[_Options]) -> None:
@@ -1284,10 +1686,20 @@ class Lambda(Runnable):
         name = getattr(self.func, "__name__", "<lambda>")
         return "Lambda" if name == "<lambda>" else str(name)
 
-    def _run(self, input: Any, run: RunManager) -> Any:
-        if self._takes_config:
-            return self.func(input, {"callbacks": run.get_child()})
-        return self.func(input)
+    def _call_func(self, input: Any, run: _Run) -> Any:
+        return (
+            self.func(input, {"callbacks": run.get_child()})
+            if self._takes_config
+            else self.func(input)
+        )
+
+    def _run(self, input: Any, run: _Run) -> Any:
+        return _call(self._call_func(input, run))
+
+    async def _arun(self, input: Any, run: AsyncRunManager) -> Any:
+        if inspect.iscoroutinefunction(self.func):
+            return await self._call_func(input, run)
+        return await asyncio.to_thread(self._run, input, run)
 
 
 class Chain(Runnable):
@@ -1310,35 +1722,48 @@ class Chain(Runnable):
         if not flat:
             raise ValueError("a Chain needs at least one step")
         self.steps: tuple[Runnable, ...] = tuple(flat)
+        self._steps = tuple((step, f"seq:step:{i}") for i, step in enumerate(flat, 1))
 
     def _is_plain(self) -> bool:
         return not (self.name or self.callbacks or self.tags or self.metadata or self._bound)
 
-    def _run(self, input: Any, run: RunManager) -> Any:
-        for i, step in enumerate(self.steps, 1):
-            input = step._invoke(input, _NO_CONFIG, run.get_child(f"seq:step:{i}"))
+    def _run(self, input: Any, run: _Run, steps: int | None = None) -> Any:
+        for step, tag in self._steps[:steps]:
+            input = step._invoke(input, _NO_CONFIG, run._child(tag, CallbackManager))
         return input
 
-    def _stream_body(
-        self, input: Any, run: RunManager, limit: int | None
-    ) -> Generator[Any, None, Any]:
-        *head, last = self.steps
+    async def _arun(self, input: Any, run: AsyncRunManager, steps: int | None = None) -> Any:
+        for step, tag in self._steps[:steps]:
+            input = await step._ainvoke(input, _NO_CONFIG, run._child(tag, CallbackManager))
+        return input
 
-        def run_head(value: Any, run: RunManager) -> Any:
-            for i, step in enumerate(head, 1):
-                value = step._invoke(value, _NO_CONFIG, run.get_child(f"seq:step:{i}"))
-            return value
-
-        value = self._in_scope(run, limit, run_head, input)
+    def _stream_body(self, input: Any, run: _Run, limit: int | None) -> Generator[Any, None, Any]:
+        value = self._in_scope(run, limit, lambda x, r: self._run(x, r, -1), input)
         limit = limit or _MAX_CONCURRENCY.get()  # this generator holds no context across yields
-        config = {"max_concurrency": limit} if limit else _NO_CONFIG
-        return (
-            yield from last._stream(value, config, run.get_child(f"seq:step:{len(self.steps)}"))
-        )
+        last = self.steps[-1]._stream(value, self._limit_config(limit), self._last_child(run))
+        return (yield from last)
+
+    async def _astream_body(
+        self, input: Any, run: AsyncRunManager, limit: int | None, out: list[Any]
+    ) -> AsyncGenerator[Any, None]:
+        value = await self._ain_scope(run, limit, lambda x, r: self._arun(x, r, -1), input)
+        limit = limit or _MAX_CONCURRENCY.get()
+        last = self.steps[-1]._astream(value, self._limit_config(limit), self._last_child(run), out)
+        try:
+            async for chunk in last:
+                yield chunk
+        finally:
+            await last.aclose()  # an early close reaches the innermost run first (D3)
+
+    def _limit_config(self, limit: int | None) -> Mapping[str, Any]:
+        return {"max_concurrency": limit} if limit else _NO_CONFIG
+
+    def _last_child(self, run: _Run) -> CallbackManager:
+        return run._child(self._steps[-1][1], CallbackManager)
 
 
 class Parallel(Runnable):
-    """Runs every step on the same input in a thread pool; returns ``{key: output}``.
+    """Runs every step on the same input in a thread pool (or as tasks); returns ``{key: output}``.
 
     ``Parallel(key=step, ...)`` or ``Parallel({"key": step})``. Each branch's run is tagged
     ``map:key:<key>`` and runs in a copy of the context (S11); at most ``max_concurrency``
@@ -1363,15 +1788,21 @@ class Parallel(Runnable):
             raise ValueError("a Parallel needs at least one step")
         self.steps = {str(key): _coerce(step) for key, step in merged.items()}
 
-    def _run(self, input: Any, run: RunManager) -> Any:
-        keys = list(self.steps)
+    def _branches(self, run: _Run) -> list[tuple[str, Runnable, CallbackManager]]:
+        return [(k, s, run._child(f"map:key:{k}", CallbackManager)) for k, s in self.steps.items()]
 
-        def branch(key: str) -> Any:
-            return self.steps[key]._invoke(input, _NO_CONFIG, run.get_child(f"map:key:{key}"))
-
-        return dict(
-            zip(keys, _map_in_threads(branch, keys, _MAX_CONCURRENCY.get(), False), strict=True)
+    def _run(self, input: Any, run: _Run) -> Any:
+        branches = self._branches(run)
+        outputs = _map_in_threads(
+            lambda b: b[1]._invoke(input, _NO_CONFIG, b[2]), branches, _MAX_CONCURRENCY.get(), False
         )
+        return {key: output for (key, _, _), output in zip(branches, outputs, strict=True)}
+
+    async def _arun(self, input: Any, run: AsyncRunManager) -> Any:
+        branches = self._branches(run)
+        calls = [functools.partial(s._ainvoke, input, _NO_CONFIG, m) for _, s, m in branches]
+        outputs = await _agather(calls, _MAX_CONCURRENCY.get(), False)
+        return {key: output for (key, _, _), output in zip(branches, outputs, strict=True)}
 
 
 def _check_error(error: BaseException | None) -> BaseException | None:
@@ -1408,6 +1839,7 @@ class LLM(Runnable):
     """
 
     _run_type: ClassVar[str] = "llm"
+    _leaf: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -1445,36 +1877,55 @@ class LLM(Runnable):
         text = output if isinstance(output, str) else output.content
         return LLMResult([[Generation(text, self._message(text))]])
 
-    def _generate(self, input: Any, run: RunManager, stream: bool) -> Generator[Any, None, Any]:
+    def _tokens(self, stream: bool) -> tuple[str, list[tuple[str, dict[str, Any]]]]:
+        """The next response, and its tokens with their ``chunk`` keyword (none unless streaming)."""
         with self._lock:
             text = next(self._cycle)
-        if stream:
-            for i, token in enumerate(_TOKEN.findall(text)):
-                if run.handlers:  # fire the token before handing it on (LangChain #16913)
-                    run._emit(
-                        Event.LLM_NEW_TOKEN,
-                        (token,),
-                        {"chunk": Generation(token, self._message(token))},
-                    )
-                yield self._output(token)
-                if i == 0 and self.error is not None:
-                    _raise(self.error)
+        tokens = _TOKEN.findall(text) if stream else []
+        return text, [(t, {"chunk": Generation(t, self._message(t))}) for t in tokens]
+
+    def _generate(self, run: _Run, stream: bool) -> Generator[Any, None, Any]:
+        text, tokens = self._tokens(stream)
+        for i, (token, chunk) in enumerate(tokens):
+            if run.handlers:  # fire the token before handing it on (LangChain #16913)
+                run._emit(Event.LLM_NEW_TOKEN, (token,), chunk)
+            yield self._output(token)
+            if i == 0 and self.error is not None:
+                _raise(self.error)
         if self.error is not None:
             _raise(self.error)
         return self._output(text)
 
-    def _run(self, input: Any, run: RunManager) -> Any:
-        return _drain(self._generate(input, run, self.streaming))
+    async def _agenerate(
+        self, run: AsyncRunManager, stream: bool, out: list[Any]
+    ) -> AsyncGenerator[Any, None]:
+        text, tokens = self._tokens(stream)
+        for i, (token, chunk) in enumerate(tokens):
+            if run.handlers:
+                await run._aemit(Event.LLM_NEW_TOKEN, (token,), chunk)
+            yield self._output(token)
+            if i == 0 and self.error is not None:
+                _raise(self.error)
+        if self.error is not None:
+            _raise(self.error)
+        out.append(self._output(text))
 
-    def _stream_body(
-        self, input: Any, run: RunManager, limit: int | None
-    ) -> Generator[Any, None, Any]:
-        return (yield from self._generate(input, run, True))
+    def _run(self, input: Any, run: _Run) -> Any:
+        return _drain(self._generate(run, self.streaming))
 
-    def _in_scope(
-        self, run: RunManager, limit: int | None, body: Callable[[Any, RunManager], Any], input: Any
-    ) -> Any:
-        return body(input, run)  # a leaf: no children can start inside it
+    async def _arun(self, input: Any, run: AsyncRunManager) -> Any:
+        out: list[Any] = []
+        async for _ in self._agenerate(run, self.streaming, out):
+            pass
+        return out[-1]
+
+    def _stream_body(self, input: Any, run: _Run, limit: int | None) -> Generator[Any, None, Any]:
+        return (yield from self._generate(run, True))
+
+    def _astream_body(
+        self, input: Any, run: AsyncRunManager, limit: int | None, out: list[Any]
+    ) -> AsyncGenerator[Any, None]:
+        return self._agenerate(run, True, out)
 
 
 class ChatModel(LLM):
@@ -1486,11 +1937,9 @@ class ChatModel(LLM):
 
     _run_type: ClassVar[str] = "chat_model"
 
-    def _messages(self, input: Any) -> list[Any]:
-        return [HumanMessage(input)] if isinstance(input, str) else _as_messages(input)
-
     def _start_args(self, input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        return (self._serialized(), [self._messages(input)]), {}
+        messages = [HumanMessage(input)] if isinstance(input, str) else _as_messages(input)
+        return (self._serialized(), [messages]), {}
 
     def _message(self, text: str) -> BaseMessage | None:
         return AIMessage(text)
@@ -1500,7 +1949,7 @@ class ChatModel(LLM):
 
 
 class Tool(Runnable):
-    """Calls ``func(**input)`` for a dict input, ``func(input)`` otherwise.
+    """Calls ``func(**input)`` for a dict input, ``func(input)`` otherwise (sync or async).
 
     ``on_tool_start`` gets ``str(input)`` as ``input_str`` and the dict input as ``inputs``
     (None otherwise); ``serialized`` carries the description. The default name is the
@@ -1534,10 +1983,18 @@ class Tool(Runnable):
         serialized = {**self._serialized(), "description": self.description}
         return (serialized, str(input)), {"inputs": input if isinstance(input, dict) else None}
 
-    def _run(self, input: Any, run: RunManager) -> Any:
+    def _call_func(self, input: Any) -> Any:
         if self.error is not None:
             _raise(self.error)
         return self.func(**input) if isinstance(input, dict) else self.func(input)
+
+    def _run(self, input: Any, run: _Run) -> Any:
+        return _call(self._call_func(input))
+
+    async def _arun(self, input: Any, run: AsyncRunManager) -> Any:
+        if inspect.iscoroutinefunction(self.func):
+            return await self._call_func(input)
+        return await asyncio.to_thread(self._run, input, run)
 
 
 class Retriever(Runnable):
@@ -1548,6 +2005,7 @@ class Retriever(Runnable):
     """
 
     _run_type: ClassVar[str] = "retriever"
+    _leaf: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -1565,11 +2023,25 @@ class Retriever(Runnable):
     def _start_args(self, input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
         return (self._serialized(), str(input)), {}
 
-    def _run(self, input: Any, run: RunManager) -> Any:
+    def _run(self, input: Any, run: _Run) -> Any:
         if self.error is not None:
             _raise(self.error)
         words = str(input).lower().split()
         return [d for d in self.documents if all(w in d.page_content.lower() for w in words)]
+
+
+def _enclosing_run(config: RunnableConfig | None) -> _Run:
+    if config is not None:
+        callbacks = _check_config(config).get("callbacks")
+        run = callbacks._parent if isinstance(callbacks, _Manager) else None
+    else:
+        run = _CURRENT_RUN.get()
+    if not isinstance(run, _Run):
+        raise RuntimeError(
+            "dispatching a custom event needs an enclosing run: call it from inside a "
+            "runnable, or pass the config that runnable received"
+        )
+    return run
 
 
 def dispatch_custom_event(name: str, data: Any, *, config: RunnableConfig | None = None) -> None:
@@ -1581,17 +2053,20 @@ def dispatch_custom_event(name: str, data: Any, *, config: RunnableConfig | None
     """
     if not isinstance(name, str):
         raise TypeError(f"custom event name must be a string, got {name!r}")
-    if config is not None:
-        callbacks = _check_config(config).get("callbacks")
-        run = callbacks._parent if isinstance(callbacks, CallbackManager) else None
+    _enclosing_run(config)._emit(Event.CUSTOM_EVENT, (name, data), {})
+
+
+async def adispatch_custom_event(
+    name: str, data: Any, *, config: RunnableConfig | None = None
+) -> None:
+    """`dispatch_custom_event` for async code: awaited under async dispatch (D5)."""
+    if not isinstance(name, str):
+        raise TypeError(f"custom event name must be a string, got {name!r}")
+    run = _enclosing_run(config)
+    if isinstance(run, AsyncRunManager):
+        await run._aemit(Event.CUSTOM_EVENT, (name, data), {})
     else:
-        run = _CURRENT_RUN.get()
-    if not isinstance(run, RunManager):
-        raise RuntimeError(
-            "dispatch_custom_event() needs an enclosing run: call it from inside a runnable, "
-            "or pass the config that runnable received"
-        )
-    run.on_custom_event(name, data)
+        run._emit(Event.CUSTOM_EVENT, (name, data), {})
 
 
 # =================================================================================================
