@@ -7,6 +7,7 @@ tests compare random run trees against a small pure model of the rules.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextvars
 import inspect
@@ -54,6 +55,7 @@ from callbacks import (
     Tool,
     ToolMessage,
     TraceChecker,
+    adispatch_custom_event,
     dispatch_custom_event,
     sequential_run_ids,
 )
@@ -1840,6 +1842,7 @@ class _Node:
     fails: bool = False
     streaming: bool = False
     catches: bool = False
+    async_body: bool = False  # a lambda whose function is a coroutine
     emits: bool = False
     plain: bool = False
     named: bool = True
@@ -1872,6 +1875,7 @@ def _leaves() -> st.SearchStrategy[_Node]:
         fails=_fails,
         streaming=st.booleans(),
         emits=st.booleans(),
+        async_body=st.booleans(),
         named=st.booleans(),
         call=_calls,
     )
@@ -1890,6 +1894,7 @@ def _composites(children: st.SearchStrategy[_Node]) -> st.SearchStrategy[_Node]:
         fails=_fails,
         catches=st.booleans(),
         emits=st.booleans(),
+        async_body=st.booleans(),
         plain=st.booleans(),
         named=st.booleans(),
         call=_calls,
@@ -1919,6 +1924,7 @@ class _Setup:
     flags: tuple[frozenset[str], ...]
     legacy: int | None = None  # this probe has no on_chat_model_start (D4)
     breaks: tuple[tuple[str, bool] | None, ...] = (None,) * 3  # (method, raise_error) (D2)
+    kinds: tuple[str, ...] = ("sync",) * 3  # sync | async, optionally "-inline" (D5, D6)
 
 
 class _Probe(TraceChecker):
@@ -1941,6 +1947,7 @@ class _Probe(TraceChecker):
             setattr(self, flag, True)
         self.breaks = setup.breaks[index]
         self.raise_error = bool(self.breaks and self.breaks[1])
+        self.run_inline = setup.kinds[index].endswith("-inline")
 
     def __repr__(self) -> str:
         return f"_Probe({self.index})"
@@ -1966,6 +1973,29 @@ class _LegacyProbe(_Probe):
     """A probe without chat support: its chat starts arrive as ``on_llm_start`` (D4)."""
 
     def on_chat_model_start(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError
+
+
+class _AsyncProbe(_Probe):
+    """`_Probe` whose event methods are coroutines (an `AsyncCallbackHandler` in all but name)."""
+
+
+def _async_probe_method(event: Event) -> Callable[..., Any]:
+    sync = _probe_method(event)
+
+    async def method(self: _Probe, *args: Any, **kwargs: Any) -> None:
+        await asyncio.sleep(0)  # let other handlers run meanwhile (D5)
+        sync(self, *args, **kwargs)
+
+    return method
+
+
+for _event in Event:
+    setattr(_AsyncProbe, _event.method, _async_probe_method(_event))
+
+
+class _AsyncLegacyProbe(_AsyncProbe):
+    async def on_chat_model_start(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError
 
 
@@ -2010,18 +2040,39 @@ def _build(node: _Node, probes: Sequence[_Probe]) -> Runnable:
 def _lambda_body(
     node: _Node, children: list[Runnable], probes: Sequence[_Probe]
 ) -> Callable[[Any, RunnableConfig], Any]:
+    def config_for(call: _Call, config: RunnableConfig) -> RunnableConfig | None:
+        configs: dict[str, RunnableConfig | None] = {
+            "implicit": None,
+            "explicit": config,
+            "new_root": {"callbacks": [probes[i] for i in call.handlers]},
+            "detach": {"callbacks": []},
+            "tags_md": {"tags": list(call.tags), "metadata": dict(call.metadata)},
+        }
+        return configs[call.style]
+
+    calls = list(zip(node.children, children, strict=True))
+    if node.async_body:
+
+        async def abody(value: Any, config: RunnableConfig) -> Any:
+            for spec, child in calls:
+                try:
+                    await child.ainvoke(value, config_for(spec.call, config))
+                except ValueError:
+                    if not node.catches:
+                        raise
+            if node.emits:
+                await adispatch_custom_event("evt", node.name)
+            if node.fails:
+                raise ValueError(f"fail-{node.name}")
+            return value
+
+        abody.__name__ = "body"  # the default run name (R4) does not depend on the colour
+        return abody
+
     def body(value: Any, config: RunnableConfig) -> Any:
-        for spec, child in zip(node.children, children, strict=True):
-            call = spec.call
-            configs: dict[str, RunnableConfig | None] = {
-                "implicit": None,
-                "explicit": config,
-                "new_root": {"callbacks": [probes[i] for i in call.handlers]},
-                "detach": {"callbacks": []},
-                "tags_md": {"tags": list(call.tags), "metadata": dict(call.metadata)},
-            }
+        for spec, child in calls:
             try:
-                child.invoke(value, configs[call.style])
+                child.invoke(value, config_for(spec.call, config))
             except ValueError:
                 if not node.catches:
                     raise
@@ -2257,6 +2308,11 @@ _setups = st.builds(
         min_size=_N_PROBES,
         max_size=_N_PROBES,
     ).map(tuple),
+    st.lists(
+        st.sampled_from(["sync", "async", "sync-inline", "async-inline"]),
+        min_size=_N_PROBES,
+        max_size=_N_PROBES,
+    ).map(tuple),
 )
 
 
@@ -2264,8 +2320,13 @@ def _probes(
     setup: _Setup,
 ) -> tuple[list[_Probe], list[tuple[int, Event, tuple[Any, ...], dict[str, Any]]]]:
     log: list[tuple[int, Event, tuple[Any, ...], dict[str, Any]]] = []
-    kinds = [_LegacyProbe if i == setup.legacy else _Probe for i in range(_N_PROBES)]
-    return [kind(i, log, setup) for i, kind in enumerate(kinds)], log
+    probes: list[_Probe] = []
+    for i, kind in enumerate(setup.kinds):
+        if kind.startswith("async"):
+            probes.append((_AsyncLegacyProbe if i == setup.legacy else _AsyncProbe)(i, log, setup))
+        else:
+            probes.append((_LegacyProbe if i == setup.legacy else _Probe)(i, log, setup))
+    return probes, log
 
 
 def _root_config(root: _Call, probes: Sequence[_Probe]) -> RunnableConfig:
@@ -2275,6 +2336,15 @@ def _root_config(root: _Call, probes: Sequence[_Probe]) -> RunnableConfig:
         "metadata": dict(root.metadata),
         "max_concurrency": 1,  # parallel branches in key order, so the global log is exact
     }
+
+
+def _has_async_body(node: _Node) -> bool:
+    return node.async_body or any(map(_has_async_body, node.children))
+
+
+def _by_handler(log: list[tuple[int, _Ev]]) -> list[tuple[int, _Ev]]:
+    """Each handler's events in their order, handler after handler (a stable sort)."""
+    return sorted(log, key=lambda entry: entry[0])
 
 
 @given(tree=_trees, root=_roots, setup=_setups)
@@ -2290,7 +2360,10 @@ def test_S1_to_S10_D1_to_D4_R0_to_R4_random_run_trees_match_the_model(
     except ValueError as error:  # R0, R1, D2: the failure that reaches the caller
         raised = str(error)
     assert raised == failure
-    assert _resolve_unseen(_observed(log), expected) == expected
+    observed = _observed(log)
+    if _has_async_body(tree):  # its children are dispatched under a loop (D5): no global order
+        observed, expected = _by_handler(observed), _by_handler(expected)
+    assert _resolve_unseen(observed, expected) == expected
     for probe in probes:
         probe.verify()  # D3 and X1 on each handler's own view
 
@@ -2304,9 +2377,40 @@ def test_R3_batch_runs_one_independent_root_per_input(
     expected, failure = _model(tree, root, setup)
     outputs = runnable.batch(["x"] * n, _root_config(root, probes), return_exceptions=True)
     assert [str(o) if isinstance(o, Exception) else None for o in outputs] == [failure] * n
-    assert _resolve_unseen(_observed(log), expected * n, runs_per_node=n) == expected * n
+    observed, expected = _observed(log), expected * n
+    if _has_async_body(tree):
+        observed, expected = _by_handler(observed), _by_handler(expected)
+    assert _resolve_unseen(observed, expected, runs_per_node=n) == expected
     for probe in probes:
         probe.verify()
+
+
+@given(tree=_trees, root=_roots, setup=_setups)
+def test_D5_D6_parity_ainvoke_gives_each_handler_the_events_invoke_gives(
+    tree: _Node, root: _Call, setup: _Setup
+) -> None:
+    """Same trees, same model: under ``ainvoke`` (async dispatch, D5) every handler gets the
+    very list ``invoke`` gives it (sync dispatch, async handlers run to completion, D6). Only
+    the interleaving across concurrent non-inline handlers may differ."""
+    expected, failure = _model(tree, root, setup)
+    per_handler = _by_handler(expected)
+    views: list[list[tuple[int, _Ev]]] = []
+    for mode in ("invoke", "ainvoke"):
+        probes, log = _probes(setup)
+        runnable, config = _build(tree, probes), _root_config(root, probes)
+        try:
+            if mode == "invoke":
+                runnable.invoke("x", config)
+            else:
+                asyncio.run(runnable.ainvoke("x", config))
+            raised = None
+        except ValueError as error:
+            raised = str(error)
+        assert raised == failure, mode
+        views.append(_resolve_unseen(_by_handler(_observed(log)), per_handler))
+        for probe in probes:
+            probe.verify()
+    assert views[0] == views[1] == per_handler
 
 
 # ===============================================================================================
