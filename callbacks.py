@@ -49,6 +49,13 @@ and never lets a handler's exception break the run unless that handler sets ``ra
 The `Event` enum is the one table of events: method names, run types, phases and ignore flags
 are read from it by the handler base class, the run managers, the dispatcher and the checker.
 
+Async is the same system called differently. ``ainvoke`` starts runs through an
+`AsyncCallbackManager`, whose dispatcher runs ``run_inline`` handlers first and in order, then
+the others concurrently; an async handler met by the sync dispatcher is run to completion in
+its turn. Who is called, with what and what a failure means is decided in one place for both.
+Every event reaches every handler before the run goes on, even when the awaiting task is being
+cancelled, so that each handler always sees one end or error for each start.
+
 The file reads top to bottom: events, payloads, handlers, dispatch, managers, runnables, extras
 (recorder, trace checker, deterministic ids) and a demo (``python callbacks.py``). Rule ids in
 comments (``S2``, ``D3``, ``R1``...) refer to the project's SPEC; the README lists them all.
@@ -1657,11 +1664,6 @@ def _coerce(step: Any) -> Runnable:
     raise TypeError(f"cannot use {step!r} as a step: expected a Runnable, a function or a dict")
 
 
-def _call(result: Any) -> Any:
-    """A user function's result, awaited to completion first if it is a coroutine (sync path)."""
-    return _run_coroutine(result) if inspect.isawaitable(result) else result
-
-
 class Lambda(Runnable):
     """Runs ``func(input)``, or ``func(input, config)`` if ``func`` has a ``config`` parameter.
 
@@ -1677,6 +1679,7 @@ class Lambda(Runnable):
         if not callable(func):
             raise TypeError(f"Lambda expects a function, got {func!r}")
         self.func = func
+        self._is_async = inspect.iscoroutinefunction(func)
         try:
             self._takes_config = "config" in inspect.signature(func).parameters
         except (TypeError, ValueError):  # some builtins have no signature
@@ -1694,10 +1697,11 @@ class Lambda(Runnable):
         )
 
     def _run(self, input: Any, run: _Run) -> Any:
-        return _call(self._call_func(input, run))
+        result = self._call_func(input, run)
+        return _run_coroutine(result) if self._is_async else result
 
     async def _arun(self, input: Any, run: AsyncRunManager) -> Any:
-        if inspect.iscoroutinefunction(self.func):
+        if self._is_async:
             return await self._call_func(input, run)
         return await asyncio.to_thread(self._run, input, run)
 
@@ -1973,6 +1977,7 @@ class Tool(Runnable):
         if not callable(func):
             raise TypeError(f"Tool expects a function, got {func!r}")
         self.func = func
+        self._is_async = inspect.iscoroutinefunction(func)
         self.description = description if description is not None else (inspect.getdoc(func) or "")
         self.error = _check_error(error)
 
@@ -1989,10 +1994,11 @@ class Tool(Runnable):
         return self.func(**input) if isinstance(input, dict) else self.func(input)
 
     def _run(self, input: Any, run: _Run) -> Any:
-        return _call(self._call_func(input))
+        result = self._call_func(input)
+        return _run_coroutine(result) if self._is_async else result
 
     async def _arun(self, input: Any, run: AsyncRunManager) -> Any:
-        if inspect.iscoroutinefunction(self.func):
+        if self._is_async:
             return await self._call_func(input)
         return await asyncio.to_thread(self._run, input, run)
 

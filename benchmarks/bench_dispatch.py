@@ -9,6 +9,7 @@ plain function call doing the same work as a `Lambda`, so the others can be read
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import platform
 import sys
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # callbacks.py 
 
 from callbacks import (
     LLM,
+    AsyncCallbackHandler,
     BaseCallbackHandler,
     CallbackManager,
     Chain,
@@ -51,7 +53,36 @@ def cases() -> list[tuple[str, Callable[[], Any]]]:
         ("LLM.invoke, 1 request-time handler", lambda: llm.invoke("capital of France?", one)),
         ("RunManager.on_text, 1 handler", lambda: run_1.on_text("note")),
         ("RunManager.on_text, 10 handlers", lambda: run_10.on_text("note")),
+        *async_cases(chain, handler),
     ]
+
+
+async def _nothing() -> None:
+    return None
+
+
+def async_cases(chain: Chain, handler: BaseCallbackHandler) -> list[tuple[str, Callable[[], Any]]]:
+    """The async calls, each driven by ``run_until_complete`` on one loop (its cost is row 1)."""
+    loop = asyncio.new_event_loop()
+    inline = BaseCallbackHandler()
+    inline.run_inline = True
+    configs: list[tuple[str, RunnableConfig | None]] = [
+        ("no handlers", None),
+        ("1 inline sync handler", {"callbacks": [inline]}),
+        ("1 AsyncCallbackHandler", {"callbacks": [AsyncCallbackHandler()]}),
+        ("1 sync handler (worker thread)", {"callbacks": [handler]}),
+    ]
+    rows: list[tuple[str, Callable[[], Any]]] = [
+        ("run_until_complete(empty coroutine)", lambda: loop.run_until_complete(_nothing()))
+    ]
+    for label, config in configs:
+        rows.append(
+            (
+                f"3-step Chain.ainvoke, {label}",
+                lambda c=config: loop.run_until_complete(chain.ainvoke(1, c)),  # type: ignore[misc]
+            )
+        )
+    return rows
 
 
 def best_ns(func: Callable[[], Any], repeat: int, min_time: float) -> float:
