@@ -80,6 +80,7 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
+    Coroutine,
     Generator,
     Iterable,
     Iterator,
@@ -554,18 +555,16 @@ async def _acall_handler(
     return None
 
 
-async def _complete(tasks: Sequence[asyncio.Future[Any]]) -> None:
-    """Wait until every task is done, even if the waiting task is cancelled meanwhile; then
-    re-raise that cancellation. Handlers never see a half-delivered event (D3)."""
+async def _complete(tasks: Sequence[asyncio.Future[Any]]) -> BaseException | None:
+    """Wait until every task is done, even if the waiting task is cancelled meanwhile; return
+    that cancellation, for the caller to raise once the event has reached everyone (D3)."""
     cancelled: BaseException | None = None
     while True:
         try:
             await asyncio.wait(tasks)
-            break
+            return cancelled
         except asyncio.CancelledError as error:
             cancelled = error
-    if cancelled is not None:
-        raise cancelled
 
 
 async def _adispatch(
@@ -579,16 +578,17 @@ async def _adispatch(
     """
     loop = asyncio.get_running_loop()
     outcomes: dict[int, asyncio.Future[BaseException | None]] = {}
+    cancelled: list[BaseException | None] = []
     for i, handler in enumerate(handlers):
         if getattr(handler, "run_inline", False):
             outcomes[i] = loop.create_task(_acall_handler(handler, event, args, kwargs))
-            await _complete([outcomes[i]])
+            cancelled.append(await _complete([outcomes[i]]))
     others = [i for i in range(len(handlers)) if i not in outcomes]
     for i in others:
         outcomes[i] = loop.create_task(_acall_handler(handlers[i], event, args, kwargs))
     if others:
-        await _complete([outcomes[i] for i in others])
-    first = _first_failure(outcomes[i].result() for i in range(len(handlers)))
+        cancelled.append(await _complete([outcomes[i] for i in others]))
+    first = _first_failure([*(outcomes[i].result() for i in range(len(handlers))), *cancelled])
     if first is not None:
         raise first
 
@@ -1293,15 +1293,19 @@ async def _agather(
     ``limit`` running at once, in order when ``limit`` is 1."""
     semaphore = asyncio.Semaphore(limit) if limit else None
 
-    async def call(make: Callable[[], Awaitable[Any]]) -> Any:
-        if semaphore is None:
-            return await make()
-        async with semaphore:
-            return await make()
+    async def call(make: Callable[[], Awaitable[Any]]) -> tuple[Any, BaseException | None]:
+        try:
+            if semaphore is None:
+                return await make(), None
+            async with semaphore:
+                return await make(), None
+        except asyncio.CancelledError:
+            raise
+        except BaseException as error:  # an interrupt must not escape its task and the loop
+            return None, error
 
     done = await asyncio.gather(*(call(c) for c in calls), return_exceptions=True)
-    outcomes = [(None, r) if isinstance(r, BaseException) else (r, None) for r in done]
-    return _collect(outcomes, return_exceptions)
+    return _collect([d if isinstance(d, tuple) else (None, d) for d in done], return_exceptions)
 
 
 def _drain(generator: Generator[Any, None, Any]) -> Any:
@@ -1313,17 +1317,47 @@ def _drain(generator: Generator[Any, None, Any]) -> Any:
             return stop.value
 
 
-def _enter(run: _Run, limit: int | None) -> tuple[contextvars.Token[Any], ...]:
-    """Make ``run`` the enclosing run of implicit children (S10), and ``limit`` the inherited
-    ``max_concurrency``; `_leave` restores the context (S11)."""
-    tokens = (_CURRENT_RUN.set(run),)
-    return (*tokens, _MAX_CONCURRENCY.set(limit)) if limit else tokens
+def _within(run: _Run, limit: int | None, body: Callable[[Any, Any], Any], input: Any) -> Any:
+    """Called in a fresh copy of the context: make ``run`` the enclosing run of implicit
+    children (S10), and ``limit`` the inherited ``max_concurrency``, then run ``body``."""
+    _CURRENT_RUN.set(run)
+    if limit:
+        _MAX_CONCURRENCY.set(limit)
+    return body(input, run)
 
 
-def _leave(tokens: tuple[contextvars.Token[Any], ...]) -> None:
-    if len(tokens) > 1:
-        _MAX_CONCURRENCY.reset(tokens[1])
-    _CURRENT_RUN.reset(tokens[0])
+class _Step:
+    """Hands what a coroutine yielded (a future, or None) up to the task that runs us."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __await__(self) -> Generator[Any, None, None]:
+        yield self.value
+
+
+async def _run_in(context: contextvars.Context, coroutine: Coroutine[Any, Any, Any]) -> Any:
+    """Await ``coroutine`` with each of its steps run in ``context``, in this very task.
+
+    Unlike a new task with that context, an interrupt raised inside stays in our frames, so
+    the runs around it still close (D3); a cancellation is passed on to the coroutine.
+    """
+    error: BaseException | None = None
+    while True:
+        try:
+            if error is None:
+                step = context.run(coroutine.send, None)
+            else:
+                step = context.run(coroutine.throw, error)
+        except StopIteration as stop:
+            return stop.value
+        try:
+            await _Step(step)
+            error = None
+        except BaseException as caught:  # cancellation, or close(): the coroutine decides
+            error = caught
 
 
 class Runnable:
@@ -1563,14 +1597,11 @@ class Runnable:
     def _in_scope(
         self, run: _Run, limit: int | None, body: Callable[[Any, Any], Any], input: Any
     ) -> Any:
-        """Run ``body`` with ``run`` as the enclosing run of implicit children (S10, S11)."""
+        """Run ``body`` in a copy of the context where ``run`` encloses implicit children (S10);
+        whatever the body sets there stays there (S11)."""
         if self._leaf:
             return body(input, run)
-        tokens = _enter(run, limit)
-        try:
-            return body(input, run)
-        finally:
-            _leave(tokens)
+        return contextvars.copy_context().run(_within, run, limit, body, input)
 
     async def _ain_scope(
         self,
@@ -1579,14 +1610,12 @@ class Runnable:
         body: Callable[[Any, Any], Awaitable[Any]],
         input: Any,
     ) -> Any:
-        """`_in_scope` for a coroutine body (tasks it starts copy the context, so inherit it)."""
+        """`_in_scope` for a coroutine body; tasks it starts copy its context, so inherit it."""
         if self._leaf:
             return await body(input, run)
-        tokens = _enter(run, limit)
-        try:
-            return await body(input, run)
-        finally:
-            _leave(tokens)
+        context = contextvars.copy_context()
+        coroutine = context.run(_within, run, limit, body, input)
+        return await _run_in(context, coroutine)
 
     def _invoke(self, input: Any, config: Mapping[str, Any], parent: _Manager | None) -> Any:
         run = None

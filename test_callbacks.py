@@ -21,7 +21,15 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    Callable,
+    Coroutine,
+    Generator,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -34,6 +42,9 @@ import callbacks
 from callbacks import (
     LLM,
     AIMessage,
+    AsyncCallbackHandler,
+    AsyncCallbackManager,
+    AsyncRunManager,
     BaseCallbackHandler,
     CallbackManager,
     Chain,
@@ -2411,6 +2422,1144 @@ def test_D5_D6_parity_ainvoke_gives_each_handler_the_events_invoke_gives(
         for probe in probes:
             probe.verify()
     assert views[0] == views[1] == per_handler
+
+
+# ===============================================================================================
+# Async: dispatch under a loop (D5), async handlers under sync dispatch (D6), async runs
+# ===============================================================================================
+
+
+# --- async helpers -------------------------------------------------------------------------------
+
+_Log = list[tuple[Any, ...]]
+_Delay = Callable[[str, int | None], float]
+
+
+def _no_delay(method: str, run: int | None) -> float:
+    return 0.0
+
+
+def _every(seconds: float) -> _Delay:
+    """Sleep ``seconds`` in every event."""
+    return lambda method, run: seconds
+
+
+def _only(method: str, run: int, seconds: float) -> _Delay:
+    """Sleep ``seconds`` in one event of one run only."""
+    return lambda m, r: seconds if (m, r) == (method, run) else 0.0
+
+
+class _LogProbeState:
+    """What `_SyncLogProbe` and `_AsyncLogProbe` share.
+
+    For every event the probe appends ``(label, "got", event method, run id)`` to the shared
+    ``log``, feeds its own `Recorder` (``recorder``) and `TraceChecker` (``checker``), notes its
+    thread in ``threads``, sleeps ``delay(method, run id)`` seconds (``time.sleep`` or
+    ``asyncio.sleep``), then appends ``(label, "done", event method, run id)``. With
+    ``fail=(method, error)`` it raises ``error`` from that method after logging "done".
+    """
+
+    def __init__(
+        self,
+        label: str,
+        log: _Log,
+        *,
+        run_inline: bool = False,
+        delay: _Delay = _no_delay,
+        fail: tuple[str, BaseException] | None = None,
+        raise_error: bool = False,
+    ) -> None:
+        self.label = label
+        self.log = log
+        self.run_inline = run_inline
+        self.raise_error = raise_error
+        self.delay = delay
+        self.fail = fail
+        self.threads: set[int] = set()
+        self.recorder = Recorder(label)
+        self.checker = TraceChecker()
+        self.entered: asyncio.Event | None = None  # set when a delayed event arrives (async)
+
+    def _got(self, event: Event, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
+        run = _int(kwargs.get("run_id"))
+        self.threads.add(threading.get_ident())
+        self.log.append((self.label, "got", event.method, run))
+        getattr(self.recorder, event.method)(*args, **kwargs)
+        getattr(self.checker, event.method)(*args, **kwargs)
+        return self.delay(event.method, run)
+
+    def _done(self, event: Event, kwargs: dict[str, Any]) -> None:
+        self.log.append((self.label, "done", event.method, _int(kwargs.get("run_id"))))
+        if self.fail is not None and self.fail[0] == event.method:
+            raise self.fail[1]
+
+
+class _SyncLogProbe(_LogProbeState, BaseCallbackHandler):
+    """A sync handler that logs, records and checks every event (see `_LogProbeState`)."""
+
+
+class _AsyncLogProbe(_LogProbeState, AsyncCallbackHandler):
+    """An async handler that logs, records and checks every event (see `_LogProbeState`)."""
+
+
+def _sync_log_probe_method(event: Event) -> Callable[..., None]:
+    def method(self: _SyncLogProbe, *args: Any, **kwargs: Any) -> None:
+        delay = self._got(event, args, kwargs)
+        if delay:
+            time.sleep(delay)
+        self._done(event, kwargs)
+
+    return method
+
+
+def _async_log_probe_method(event: Event) -> Callable[..., Coroutine[Any, Any, None]]:
+    async def method(self: _AsyncLogProbe, *args: Any, **kwargs: Any) -> None:
+        delay = self._got(event, args, kwargs)
+        if delay and self.entered is not None:
+            self.entered.set()
+        await asyncio.sleep(delay)  # always yields to the loop, even for 0
+        self._done(event, kwargs)
+
+    return method
+
+
+for _e in Event:
+    setattr(_SyncLogProbe, _e.method, _sync_log_probe_method(_e))
+    setattr(_AsyncLogProbe, _e.method, _async_log_probe_method(_e))
+del _e
+
+
+def _entries(labels: Sequence[str], method: str, run: int) -> list[tuple[Any, ...]]:
+    """What probes ``labels`` log for one event, one after another: got, done, got, done..."""
+    return [(label, stage, method, run) for label in labels for stage in ("got", "done")]
+
+
+def _blocks(log: _Log) -> list[tuple[tuple[Any, ...], ...]]:
+    """The log cut into blocks: consecutive probe entries of one event (run id and method) form
+    one block, sorted (handlers of one event may interleave); any other entry is a block alone.
+    An event that overlaps anything else splits into several blocks."""
+
+    def key(entry: tuple[Any, ...]) -> tuple[Any, ...]:
+        return entry[2:] if len(entry) == 4 else (id(entry),)
+
+    return [tuple(sorted(group)) for _, group in itertools.groupby(log, key)]
+
+
+def _errors(rec: Recorder) -> list[BaseException]:
+    return [r.args[0] for r in rec.records if r.event.phase == "error"]
+
+
+def _mixed_probes(log: _Log) -> list[_LogProbeState]:
+    """One probe of each kind: sync, async, inline sync, inline async."""
+    return [
+        _SyncLogProbe("sync", log),
+        _AsyncLogProbe("async", log),
+        _SyncLogProbe("inline_sync", log, run_inline=True),
+        _AsyncLogProbe("inline_async", log, run_inline=True),
+    ]
+
+
+# ===============================================================================================
+# D5: async dispatch
+# ===============================================================================================
+
+
+def test_D5_inline_handlers_run_first_in_order_on_the_loop_then_the_others() -> None:
+    log: _Log = []
+    n_sync = _SyncLogProbe("n_sync", log, delay=_every(0.02))
+    i_async1 = _AsyncLogProbe("i_async1", log, run_inline=True, delay=_every(0.03))
+    n_async = _AsyncLogProbe("n_async", log, delay=_every(0.01))
+    i_sync = _SyncLogProbe("i_sync", log, run_inline=True, delay=_every(0.01))
+    i_async2 = _AsyncLogProbe("i_async2", log, run_inline=True)
+    handlers = [n_sync, i_async1, n_async, i_sync, i_async2]
+
+    async def main() -> int:
+        assert await Lambda(_ident, name="f").ainvoke("q", {"callbacks": handlers}) == "q"
+        return threading.get_ident()
+
+    with sequential_run_ids():
+        loop_thread = asyncio.run(main())
+    inline, others = ("i_async1", "i_sync", "i_async2"), ("n_sync", "n_async")
+    for block, method in zip((log[:10], log[10:]), ("on_chain_start", "on_chain_end"), strict=True):
+        assert block[:6] == _entries(inline, method, 1)  # in order, one after another
+        assert sorted(block[6:]) == sorted(_entries(others, method, 1))  # all after the inline
+    assert len(log) == 20
+    assert i_sync.threads == {loop_thread}  # inline sync: on the loop
+    assert i_async1.threads == i_async2.threads == n_async.threads == {loop_thread}
+    assert len(n_sync.threads) == 1 and loop_thread not in n_sync.threads  # a worker thread
+
+
+def test_D5_non_inline_handlers_are_awaited_concurrently() -> None:
+    # Three non-inline handlers (one sync, two async) meet at a barrier in every event: they
+    # can only all pass it if they run at the same time (else it breaks after 5 s).
+    barriers = {m: threading.Barrier(3, timeout=5) for m in ("on_chain_start", "on_chain_end")}
+    met: list[tuple[str, str, bool]] = []
+
+    def meet(label: str, method: str) -> None:
+        try:
+            barriers[method].wait()
+            met.append((label, method, True))
+        except threading.BrokenBarrierError:
+            met.append((label, method, False))
+
+    class SyncMeet(BaseCallbackHandler):
+        def on_chain_start(self, *args: Any, **kwargs: Any) -> None:
+            meet("sync", "on_chain_start")
+
+        def on_chain_end(self, *args: Any, **kwargs: Any) -> None:
+            meet("sync", "on_chain_end")
+
+    class AsyncMeet(AsyncCallbackHandler):
+        def __init__(self, label: str) -> None:
+            self.label = label
+
+        async def on_chain_start(self, *args: Any, **kwargs: Any) -> None:
+            await asyncio.to_thread(meet, self.label, "on_chain_start")
+
+        async def on_chain_end(self, *args: Any, **kwargs: Any) -> None:
+            await asyncio.to_thread(meet, self.label, "on_chain_end")
+
+    handlers = [SyncMeet(), AsyncMeet("async1"), AsyncMeet("async2")]
+    assert asyncio.run(Lambda(_ident).ainvoke("q", {"callbacks": handlers})) == "q"
+    assert sorted(met) == sorted(
+        (label, method, True)
+        for label in ("sync", "async1", "async2")
+        for method in ("on_chain_start", "on_chain_end")
+    )
+
+
+def test_D5_every_handler_finishes_before_the_run_goes_on() -> None:
+    log: _Log = []
+    delays = {"h1": 0.05, "h2": 0.01, "h3": 0.04, "h4": 0.02, "h5": 0.03}
+    handlers: list[_LogProbeState] = [
+        _AsyncLogProbe(k, log, delay=_every(v)) for k, v in delays.items()
+    ]
+    handlers.append(_SyncLogProbe("s", log, delay=_every(0.02)))
+    labels = [h.label for h in handlers]
+
+    def a(x: str) -> str:
+        log.append(("body", "a"))
+        return x
+
+    async def b(x: str) -> str:
+        log.append(("body", "b"))
+        return x
+
+    chain = Chain(Lambda(a), Lambda(b), name="outer")
+
+    async def main() -> None:
+        assert await chain.ainvoke("q", {"callbacks": handlers}) == "q"
+        log.append(("returned",))
+
+    with sequential_run_ids():
+        asyncio.run(main())
+
+    def block(method: str, run: int) -> tuple[tuple[Any, ...], ...]:
+        return tuple(sorted(_entries(labels, method, run)))
+
+    assert _blocks(log) == [
+        block("on_chain_start", 1),
+        block("on_chain_start", 2),
+        (("body", "a"),),
+        block("on_chain_end", 2),
+        block("on_chain_start", 3),
+        (("body", "b"),),
+        block("on_chain_end", 3),
+        block("on_chain_end", 1),
+        (("returned",),),
+    ]
+    for h in handlers:
+        h.checker.verify()
+
+
+def test_D5_no_handler_is_dropped_from_llm_start() -> None:
+    log: _Log = []
+    probes = _mixed_probes(log)
+
+    class AsyncLLMStartOnly(AsyncCallbackHandler):
+        """Implements on_llm_start, not on_chat_model_start: gets the D4 fallback."""
+
+        def __init__(self) -> None:
+            self.prompts: list[list[str]] = []
+
+        async def on_llm_start(self, serialized: Any, prompts: list[str], **kwargs: Any) -> None:
+            self.prompts.append(prompts)
+
+    fallback = AsyncLLMStartOnly()
+    handlers: list[Any] = [*probes, fallback]
+
+    async def main() -> None:
+        await LLM("out", name="llm").ainvoke("p", {"callbacks": handlers})
+        await ChatModel("out", name="chat").ainvoke("m", {"callbacks": handlers})
+        runs = await AsyncCallbackManager.configure(handlers).on_llm_start({}, ["p1", "p2"])
+        for run in runs:
+            await run.on_llm_end(LLMResult([[Generation("x")]]))
+
+    with sequential_run_ids():
+        asyncio.run(main())
+    for probe in probes:
+        assert _trace(probe.recorder) == [
+            ("on_llm_start", 1, None, [], {}),
+            ("on_llm_end", 1, None, [], None),
+            ("on_chat_model_start", 2, None, [], {}),
+            ("on_llm_end", 2, None, [], None),
+            ("on_llm_start", 3, None, [], {}),
+            ("on_llm_start", 4, None, [], {}),
+            ("on_llm_end", 3, None, [], None),
+            ("on_llm_end", 4, None, [], None),
+        ], probe.label
+        probe.checker.verify()
+    assert fallback.prompts == [["p"], ["Human: m"], ["p1"], ["p2"]]
+
+
+_REQUEST: contextvars.ContextVar[str] = contextvars.ContextVar("request", default="unset")
+
+
+def test_D5_sync_handlers_run_in_a_worker_thread_with_the_context_copied() -> None:
+    seen: list[tuple[str, str]] = []
+    threads: set[int] = set()
+
+    class ContextProbe(BaseCallbackHandler):
+        def _see(self, method: str) -> None:
+            seen.append((method, _REQUEST.get()))
+            threads.add(threading.get_ident())
+
+        def on_chain_start(self, *args: Any, **kwargs: Any) -> None:
+            self._see("on_chain_start")
+
+        def on_chain_end(self, *args: Any, **kwargs: Any) -> None:
+            self._see("on_chain_end")
+
+        def on_llm_start(self, *args: Any, **kwargs: Any) -> None:
+            self._see("on_llm_start")
+
+        def on_llm_end(self, *args: Any, **kwargs: Any) -> None:
+            self._see("on_llm_end")
+
+    chain = Chain(Lambda(_ident, name="a"), LLM("x", name="llm"), name="outer")
+
+    async def main() -> int:
+        for request in ("req-1", "req-2"):  # a stale copy would show req-1 twice
+            _REQUEST.set(request)
+            await chain.ainvoke("q", {"callbacks": [ContextProbe()]})
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(main())
+    methods = ["on_chain_start", "on_chain_start", "on_chain_end"]
+    methods += ["on_llm_start", "on_llm_end", "on_chain_end"]
+    assert seen == [(m, r) for r in ("req-1", "req-2") for m in methods]
+    assert threads and loop_thread not in threads
+
+
+# ===============================================================================================
+# D6: async handlers under sync dispatch
+# ===============================================================================================
+
+
+def _d6_handlers(log: _Log) -> tuple[_SyncLogProbe, _AsyncLogProbe, _SyncLogProbe]:
+    """An async handler that takes its time, listed between two sync ones."""
+    return (
+        _SyncLogProbe("s1", log),
+        _AsyncLogProbe("a", log, delay=_every(0.02)),
+        _SyncLogProbe("s2", log),
+    )
+
+
+def _d6_expected() -> list[tuple[Any, ...]]:
+    return [
+        *_entries(("s1", "a", "s2"), "on_chain_start", 1),
+        *_entries(("s1", "a", "s2"), "on_chain_end", 1),
+    ]
+
+
+def _invoke_sync(runnable: Runnable, config: RunnableConfig, in_loop: bool) -> Any:
+    """``runnable.invoke`` (sync) with ids from 1: from plain code, or inside a running loop."""
+    with sequential_run_ids():
+        if not in_loop:
+            return runnable.invoke("q", config)
+
+        async def main() -> Any:
+            return runnable.invoke("q", config)
+
+        return asyncio.run(main())
+
+
+def test_D6_async_handler_under_sync_invoke_without_a_loop_runs_in_handler_order() -> None:
+    log: _Log = []
+    handlers = _d6_handlers(log)
+    assert _invoke_sync(Lambda(_ident, name="f"), {"callbacks": list(handlers)}, False) == "q"
+    assert log == _d6_expected()
+    # the same from a plain thread (no loop there either)
+    thread_log: _Log = []
+    outputs: list[Any] = []
+    thread_handlers = _d6_handlers(thread_log)
+
+    def target() -> None:
+        config: RunnableConfig = {"callbacks": list(thread_handlers)}
+        outputs.append(_invoke_sync(Lambda(_ident, name="f"), config, False))
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    assert outputs == ["q"]
+    assert thread_log == _d6_expected()
+    for h in (*handlers, *thread_handlers):
+        h.checker.verify()
+
+
+def test_D6_async_handler_under_sync_invoke_inside_a_running_loop() -> None:
+    log: _Log = []
+    s1, a, s2 = _d6_handlers(log)
+    loop_threads: list[int] = []
+
+    async def main() -> Any:
+        loop_threads.append(threading.get_ident())
+        return Lambda(_ident, name="f").invoke("q", {"callbacks": [s1, a, s2]})
+
+    with sequential_run_ids():
+        assert asyncio.run(main()) == "q"
+    assert log == _d6_expected()
+    assert s1.threads == s2.threads == set(loop_threads)  # sync dispatch: the caller's thread
+    assert a.threads and loop_threads[0] not in a.threads  # a worker thread with its own loop
+    for h in (s1, a, s2):
+        h.checker.verify()
+
+
+@pytest.mark.parametrize("in_loop", [False, True], ids=["no_loop", "in_loop"])
+def test_D6_async_handler_raise_error_propagates_from_sync_invoke(in_loop: bool) -> None:
+    log: _Log = []
+    error = ValueError("strict")
+    strict = _AsyncLogProbe("strict", log, fail=("on_chain_start", error), raise_error=True)
+    after = _SyncLogProbe("after", log)
+    with pytest.raises(ValueError) as info:
+        _invoke_sync(Lambda(_ident, name="f"), {"callbacks": [strict, after]}, in_loop)
+    assert info.value is error  # langchain_core swallows it: deviation
+    assert log == [
+        *_entries(("strict", "after"), "on_chain_start", 1),
+        *_entries(("strict", "after"), "on_chain_error", 1),  # D3: the run is closed
+    ]
+    assert _errors(strict.recorder) == [error]
+    strict.checker.verify()
+    after.checker.verify()
+
+
+@pytest.mark.parametrize("in_loop", [False, True], ids=["no_loop", "in_loop"])
+def test_D6_async_handler_without_raise_error_only_logs(
+    in_loop: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    log: _Log = []
+    quiet = _AsyncLogProbe("quiet", log, fail=("on_chain_start", ValueError("boom")))
+    after = _SyncLogProbe("after", log)
+    with caplog.at_level(logging.WARNING, logger="callbacks"):
+        assert _invoke_sync(Lambda(_ident, name="f"), {"callbacks": [quiet, after]}, in_loop) == "q"
+    assert log == [
+        *_entries(("quiet", "after"), "on_chain_start", 1),
+        *_entries(("quiet", "after"), "on_chain_end", 1),
+    ]
+    assert caplog.record_tuples == [
+        (
+            "callbacks",
+            logging.WARNING,
+            "error in _AsyncLogProbe.on_chain_start callback: ValueError('boom')",
+        )
+    ]
+
+
+# ===============================================================================================
+# D3: balance under cancellation and interrupts
+# ===============================================================================================
+
+
+def test_D3_cancelling_a_nested_async_run_keeps_every_trace_balanced() -> None:
+    log: _Log = []
+    probes = _mixed_probes(log)
+    checker = TraceChecker()
+    started: list[asyncio.Event] = []
+
+    async def slow(x: str) -> str:
+        started[0].set()
+        await asyncio.sleep(10)
+        return x
+
+    chain = Chain(
+        Lambda(_ident, name="a"),
+        Chain(Lambda(_ident, name="b"), Lambda(slow), name="inner"),
+        name="outer",
+    )
+
+    async def main() -> None:
+        started.append(asyncio.Event())
+        task = asyncio.create_task(chain.ainvoke("q", {"callbacks": [*probes, checker]}))
+        await started[0].wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task  # the cancellation reaches the caller
+        assert task.cancelled()
+
+    with sequential_run_ids():
+        asyncio.run(main())
+    for probe in probes:
+        assert _trace(probe.recorder) == [
+            ("on_chain_start", 1, None, [], {}),
+            ("on_chain_start", 2, 1, ["seq:step:1"], {}),
+            ("on_chain_end", 2, 1, ["seq:step:1"], None),
+            ("on_chain_start", 3, 1, ["seq:step:2"], {}),
+            ("on_chain_start", 4, 3, ["seq:step:1"], {}),
+            ("on_chain_end", 4, 3, ["seq:step:1"], None),
+            ("on_chain_start", 5, 3, ["seq:step:2"], {}),
+            ("on_chain_error", 5, 3, ["seq:step:2"], None),  # innermost first
+            ("on_chain_error", 3, 1, ["seq:step:2"], None),
+            ("on_chain_error", 1, None, [], None),
+        ], probe.label
+        errors = _errors(probe.recorder)
+        assert len(errors) == 3
+        assert all(isinstance(e, asyncio.CancelledError) for e in errors)
+        probe.checker.verify()
+    checker.verify()
+
+
+def _cancel_while_delivering(method: str, slow_inline: bool) -> tuple[_Log, list[_LogProbeState]]:
+    """Cancel ``outer`` while a slow async handler is still handling ``method`` of run 2 (the
+    first step); return the log and the handlers (the slow one first)."""
+    log: _Log = []
+    slow = _AsyncLogProbe("slow", log, run_inline=slow_inline, delay=_only(method, 2, 0.2))
+    handlers: list[_LogProbeState] = [slow, *_mixed_probes(log)]
+    chain = Chain(Lambda(_ident, name="a"), Lambda(_ident, name="b"), name="outer")
+
+    async def main() -> None:
+        slow.entered = asyncio.Event()
+        task = asyncio.create_task(chain.ainvoke("q", {"callbacks": handlers}))
+        await slow.entered.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with sequential_run_ids():
+        asyncio.run(main())
+    return log, handlers
+
+
+@pytest.mark.parametrize(
+    "slow_inline",
+    [False, True],
+    ids=["slow_handler_not_inline", "slow_handler_inline"],
+)
+def test_D3_end_event_is_not_lost_when_the_awaiting_task_is_cancelled(slow_inline: bool) -> None:
+    log, handlers = _cancel_while_delivering("on_chain_end", slow_inline)
+    assert ("slow", "done", "on_chain_end", 2) in log  # the slow handler was not cut short
+    for h in handlers:
+        assert _trace(h.recorder) == [
+            ("on_chain_start", 1, None, [], {}),
+            ("on_chain_start", 2, 1, ["seq:step:1"], {}),
+            ("on_chain_end", 2, 1, ["seq:step:1"], None),  # every handler got the end
+            ("on_chain_error", 1, None, [], None),  # then the parent fails: cancelled
+        ], h.label
+        assert [type(e) for e in _errors(h.recorder)] == [asyncio.CancelledError]
+        h.checker.verify()
+
+
+@pytest.mark.parametrize(
+    "slow_inline",
+    [False, True],
+    ids=["slow_handler_not_inline", "slow_handler_inline"],
+)
+def test_D3_start_event_is_not_lost_when_the_awaiting_task_is_cancelled(
+    slow_inline: bool,
+) -> None:
+    log, handlers = _cancel_while_delivering("on_chain_start", slow_inline)
+    assert ("slow", "done", "on_chain_start", 2) in log
+    for h in handlers:
+        assert _trace(h.recorder) == [
+            ("on_chain_start", 1, None, [], {}),
+            ("on_chain_start", 2, 1, ["seq:step:1"], {}),  # every handler got the start
+            ("on_chain_error", 2, 1, ["seq:step:1"], None),  # then its error, innermost first
+            ("on_chain_error", 1, None, [], None),
+        ], h.label
+        assert [type(e) for e in _errors(h.recorder)] == [asyncio.CancelledError] * 2
+        h.checker.verify()
+
+
+def _interrupt_sync(x: Any) -> Any:
+    raise KeyboardInterrupt
+
+
+async def _interrupt_async(x: Any) -> Any:
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("func", [_interrupt_sync, _interrupt_async], ids=["sync", "async"])
+def test_D3_keyboard_interrupt_inside_an_async_run_closes_every_run(
+    func: Callable[[Any], Any],
+) -> None:
+    log: _Log = []
+    probes = _mixed_probes(log)
+    chain = Chain(
+        Lambda(_ident, name="a"),
+        Chain(Lambda(_ident, name="b"), Lambda(func, name="boom"), name="inner"),
+        name="outer",
+    )
+    with sequential_run_ids(), pytest.raises(KeyboardInterrupt) as info:
+        asyncio.run(chain.ainvoke("q", {"callbacks": probes}))
+    for probe in probes:
+        assert _trace(probe.recorder) == [
+            ("on_chain_start", 1, None, [], {}),
+            ("on_chain_start", 2, 1, ["seq:step:1"], {}),
+            ("on_chain_end", 2, 1, ["seq:step:1"], None),
+            ("on_chain_start", 3, 1, ["seq:step:2"], {}),
+            ("on_chain_start", 4, 3, ["seq:step:1"], {}),
+            ("on_chain_end", 4, 3, ["seq:step:1"], None),
+            ("on_chain_start", 5, 3, ["seq:step:2"], {}),
+            ("on_chain_error", 5, 3, ["seq:step:2"], None),
+            ("on_chain_error", 3, 1, ["seq:step:2"], None),
+            ("on_chain_error", 1, None, [], None),
+        ], probe.label
+        assert _errors(probe.recorder) == [info.value] * 3  # the same object, re-raised
+        probe.checker.verify()
+
+
+# ===============================================================================================
+# S10, S11 under asyncio
+# ===============================================================================================
+
+
+def test_S10_1000_concurrent_ainvokes_stay_parented_to_their_own_roots() -> None:
+    n = 1000
+    llm = LLM("ans", name="llm")
+
+    def pre(x: int) -> int:  # sync: runs in a worker thread under ainvoke
+        return x
+
+    async def ask(x: int) -> str:
+        await asyncio.sleep(0)  # the other calls' bodies run meanwhile
+        return f"{x}:{await llm.ainvoke(f'q{x}')}"  # an implicit child (S10)
+
+    async def branch(x: str) -> str:
+        await asyncio.sleep(0)
+        return x
+
+    tree = Chain(
+        Lambda(pre),
+        Lambda(ask),
+        Parallel(a=Lambda(branch, name="a"), b=Retriever([f"doc{i}" for i in range(3)], name="b")),
+        name="tree",
+    )
+    rec = Recorder()  # inline, for speed: 14,000 events
+    rec.run_inline = True
+    checker = TraceChecker()
+    checker.run_inline = True
+    config: RunnableConfig = {"callbacks": [rec, checker]}
+
+    async def main() -> list[Any]:
+        return await asyncio.gather(*(tree.ainvoke(i, config) for i in range(n)))
+
+    outputs = asyncio.run(main())
+    assert outputs == [{"a": f"{i}:ans", "b": []} for i in range(n)]
+    checker.verify()  # every run balanced, children closed before parents
+    starts = {r.run_id: r for r in rec.records if r.event.phase == "start"}
+    assert len(starts) == 7 * n
+    closes = [r.run_id for r in rec.records if r.event.phase in ("end", "error")]
+    assert sorted(map(str, closes)) == sorted(map(str, starts))
+    assert not [r for r in rec.records if r.event.phase == "error"]
+    children: dict[uuid.UUID | None, list[uuid.UUID]] = {}
+    for run_id, r in starts.items():
+        assert run_id is not None
+        children.setdefault(r.parent_run_id, []).append(run_id)
+        parent, depth = r.parent_run_id, 0  # every parent chain leads to a root
+        while parent is not None:
+            parent, depth = starts[parent].parent_run_id, depth + 1
+            assert depth <= 3
+
+    def shape(run_id: uuid.UUID) -> tuple[Any, ...]:
+        r = starts[run_id]
+        kids = sorted((shape(k) for k in children.get(run_id, [])), key=lambda s: str(s[0]))
+        return (r.kwargs["name"], tuple(r.tags or ()), r.args[1], tuple(kids))
+
+    def expected(i: int) -> tuple[Any, ...]:
+        answer = f"{i}:ans"
+        return (
+            "tree",
+            (),
+            i,
+            (  # children sorted by name
+                (
+                    "Parallel",
+                    ("seq:step:3",),
+                    answer,
+                    (("a", ("map:key:a",), answer, ()), ("b", ("map:key:b",), answer, ())),
+                ),
+                ("ask", ("seq:step:2",), i, (("llm", (), [f"q{i}"], ()),)),
+                ("pre", ("seq:step:1",), i, ()),
+            ),
+        )
+
+    roots = children[None]
+    assert len(roots) == n
+    assert sorted((shape(root) for root in roots), key=lambda s: int(s[2])) == [
+        expected(i) for i in range(n)
+    ]
+
+
+def test_S10_async_implicit_children_across_create_task_and_gather() -> None:
+    rec, checker = Recorder(), TraceChecker()
+    llm = LLM("by-task", name="llm")
+    leaf = Lambda(_ident, name="leaf")
+
+    async def fan(x: str) -> list[Any]:
+        task = asyncio.create_task(llm.ainvoke("t"))
+        gathered = await asyncio.gather(leaf.ainvoke("g1"), leaf.ainvoke("g2"))
+        return [await task, *gathered]
+
+    chain = Chain(Lambda(_ident, name="pre"), Lambda(fan), name="outer")
+    config: RunnableConfig = {"callbacks": [rec, checker], "tags": ["t0"], "metadata": {"k": 1}}
+    with sequential_run_ids():
+        assert asyncio.run(chain.ainvoke("q", config)) == ["by-task", "g1", "g2"]
+    checker.verify()
+    starts = {
+        r.kwargs["name"] + ":" + str(r.args[1]): r for r in rec.records if r.event.phase == "start"
+    }
+    fan_run = starts["fan:q"].run_id
+    assert fan_run is not None
+    for key in ("llm:['t']", "leaf:g1", "leaf:g2"):
+        r = starts[key]
+        assert (r.parent_run_id, r.tags, r.metadata) == (fan_run, ["t0"], {"k": 1}), key
+    assert len(starts) == 6 and len(rec.records) == 12
+
+
+def test_S10_sync_invoke_inside_an_async_run_is_a_child() -> None:
+    rec, checker = Recorder(), TraceChecker()
+    llm = LLM("out", name="llm")
+
+    async def async_body(x: str) -> str:
+        return str(llm.invoke(x + "-from-async"))  # sync call inside an async body
+
+    def sync_body(x: str) -> str:  # under ainvoke this runs in a worker thread
+        return str(llm.invoke(x + "-from-thread"))
+
+    chain = Chain(Lambda(async_body), Lambda(sync_body), name="outer")
+    with sequential_run_ids():
+        assert asyncio.run(chain.ainvoke("q", {"callbacks": [rec, checker]})) == "out"
+    checker.verify()
+    assert [(m, i, p) for m, i, p, _, _ in _trace(rec)] == [
+        ("on_chain_start", 1, None),
+        ("on_chain_start", 2, 1),
+        ("on_llm_start", 3, 2),
+        ("on_llm_end", 3, 2),
+        ("on_chain_end", 2, 1),
+        ("on_chain_start", 4, 1),
+        ("on_llm_start", 5, 4),
+        ("on_llm_end", 5, 4),
+        ("on_chain_end", 4, 1),
+        ("on_chain_end", 1, None),
+    ]
+    assert [r.args[1] for r in rec.records if r.event is Event.LLM_START] == [
+        ["q-from-async"],
+        ["out-from-thread"],
+    ]
+
+
+@pytest.mark.parametrize("outer_async", [False, True], ids=["invoke", "ainvoke"])
+def test_S10_async_run_inside_a_sync_run_is_a_child(outer_async: bool) -> None:
+    rec, checker = Recorder(), TraceChecker()
+    inner = Chain(Lambda(_ident, name="a"), LLM("out", name="llm"), name="inner")
+
+    def body(x: str) -> Any:  # a sync body starting its own loop
+        return asyncio.run(inner.ainvoke(x))
+
+    outer = Lambda(body, name="outer")
+    config: RunnableConfig = {"callbacks": [rec, checker]}
+    with sequential_run_ids():
+        if outer_async:
+            assert asyncio.run(outer.ainvoke("q", config)) == "out"
+        else:
+            assert outer.invoke("q", config) == "out"
+    checker.verify()
+    assert [(m, i, p, t) for m, i, p, t, _ in _trace(rec)] == [
+        ("on_chain_start", 1, None, []),
+        ("on_chain_start", 2, 1, []),
+        ("on_chain_start", 3, 2, ["seq:step:1"]),
+        ("on_chain_end", 3, 2, ["seq:step:1"]),
+        ("on_llm_start", 4, 2, ["seq:step:2"]),
+        ("on_llm_end", 4, 2, ["seq:step:2"]),
+        ("on_chain_end", 2, 1, []),
+        ("on_chain_end", 1, None, []),
+    ]
+
+
+def test_S11_ainvoke_leaves_the_callers_context_unchanged() -> None:
+    local, rec = Recorder("local"), Recorder("request")
+    llm = LLM("x", callbacks=[local])
+    inside: list[dict[Any, Any]] = []
+
+    async def body(x: str) -> Any:
+        inside.append(dict(contextvars.copy_context()))
+        return await llm.ainvoke(x)
+
+    async def failing(x: str) -> Any:
+        raise ValueError("boom")
+
+    async def main() -> None:
+        before = dict(contextvars.copy_context())
+        config: RunnableConfig = {"callbacks": [rec], "max_concurrency": 2}
+        await Lambda(body, name="outer").ainvoke("q", config)
+        assert dict(contextvars.copy_context()) == before
+        with pytest.raises(ValueError):
+            await Lambda(failing, name="failing").ainvoke("q", config)
+        assert dict(contextvars.copy_context()) == before
+        await llm.ainvoke("again")  # a root again: nothing of the earlier runs leaked
+        assert inside[0] != before  # the checks above are not vacuous
+
+    with sequential_run_ids():
+        asyncio.run(main())
+    assert _trace(local) == [
+        ("on_llm_start", 2, 1, [], {}),
+        ("on_llm_end", 2, 1, [], None),
+        ("on_llm_start", 4, None, [], {}),
+        ("on_llm_end", 4, None, [], None),
+    ]
+    assert [(m, i, p) for m, i, p, _, _ in _trace(rec)] == [
+        ("on_chain_start", 1, None),
+        ("on_llm_start", 2, 1),
+        ("on_llm_end", 2, 1),
+        ("on_chain_end", 1, None),
+        ("on_chain_start", 3, None),
+        ("on_chain_error", 3, None),
+    ]
+
+
+_USER_VAR: contextvars.ContextVar[str] = contextvars.ContextVar("user_var", default="caller")
+
+
+def _set_user_var_sync(x: Any) -> Any:
+    _USER_VAR.set("body")
+    return x
+
+
+async def _set_user_var_async(x: Any) -> Any:
+    _USER_VAR.set("body")
+    return x
+
+
+def test_S11_a_context_variable_set_in_a_body_does_not_leak_to_the_invoke_caller() -> None:
+    chain = Lambda(_set_user_var_sync) | Lambda(lambda x: _USER_VAR.get(), name="read")
+    assert chain.invoke("q") == "caller"  # each step's body has its own copy of the context
+    assert Lambda(_set_user_var_sync).invoke("q", {"callbacks": [Recorder()]}) == "q"
+    assert _USER_VAR.get() == "caller"
+
+
+def test_D3_keyboard_interrupt_in_an_async_parallel_branch_closes_every_run() -> None:
+    for _ in range(10):  # an interrupt escaping a task would leave runs open, now and then
+        rec, checker = Recorder(), TraceChecker()
+
+        async def late(x: Any) -> Any:
+            await asyncio.sleep(0)
+            return x
+
+        parallel = Parallel(a=Lambda(_interrupt_sync, name="stop"), b=Lambda(late, name="late"))
+        with sequential_run_ids(), pytest.raises(KeyboardInterrupt):
+            asyncio.run(parallel.ainvoke("q", {"callbacks": [rec, checker]}))
+        checker.verify()
+        assert [type(e).__name__ for e in _errors(rec)] == ["KeyboardInterrupt"] * 2
+        assert rec.events()[0] == "on_chain_start" and rec.events()[-1] == "on_chain_error"
+
+
+@pytest.mark.parametrize(
+    "func",
+    [
+        _set_user_var_sync,
+        _set_user_var_async,
+    ],
+    ids=["sync_body", "async_body"],
+)
+def test_S11_a_context_variable_set_in_a_body_does_not_leak_to_the_ainvoke_caller(
+    func: Callable[[Any], Any],
+) -> None:
+    async def main() -> str:
+        await Lambda(func).ainvoke("q", {"callbacks": [Recorder()]})
+        return _USER_VAR.get()
+
+    assert asyncio.run(main()) == "caller"
+
+
+# ===============================================================================================
+# R3 under asyncio: abatch
+# ===============================================================================================
+
+
+def test_R3_abatch_makes_one_root_per_input_run_id_for_the_first_only() -> None:
+    rec, checker = Recorder(), TraceChecker()
+
+    async def leaf(x: str) -> str:
+        return x.upper()
+
+    config: RunnableConfig = {"callbacks": [rec, checker], "run_id": _U(99), "max_concurrency": 1}
+    with sequential_run_ids():
+        out = asyncio.run(Lambda(leaf).abatch(["x", "y", "z"], config))
+    assert out == ["X", "Y", "Z"]
+    checker.verify()
+    assert [(m, i, p) for m, i, p, _, _ in _trace(rec)] == [
+        ("on_chain_start", 99, None),
+        ("on_chain_end", 99, None),
+        ("on_chain_start", 1, None),
+        ("on_chain_end", 1, None),
+        ("on_chain_start", 2, None),
+        ("on_chain_end", 2, None),
+    ]
+    assert [r.args[-1] for r in rec.records] == ["x", "X", "y", "Y", "z", "Z"]
+
+
+def test_S11_abatch_inside_an_async_run_makes_children() -> None:
+    rec = Recorder()
+    leaf = Lambda(_ident, name="leaf")
+
+    async def outer_body(xs: list[str]) -> list[Any]:
+        return await leaf.abatch(xs)
+
+    outer = Lambda(outer_body, name="outer")
+    config: RunnableConfig = {"callbacks": [rec], "max_concurrency": 1}
+    with sequential_run_ids():
+        assert asyncio.run(outer.ainvoke(["x", "y"], config)) == ["x", "y"]
+    assert [(m, i, p) for m, i, p, _, _ in _trace(rec)] == [
+        ("on_chain_start", 1, None),
+        ("on_chain_start", 2, 1),
+        ("on_chain_end", 2, 1),
+        ("on_chain_start", 3, 1),
+        ("on_chain_end", 3, 1),
+        ("on_chain_end", 1, None),
+    ]
+
+
+@pytest.mark.parametrize("limit", [1, 3, None])
+def test_R3_abatch_max_concurrency_bounds_the_tasks(limit: int | None) -> None:
+    active, peak = [0], [0]
+
+    async def work(x: int) -> int:
+        active[0] += 1
+        peak[0] = max(peak[0], active[0])
+        for _ in range(3):  # let every other ready task run meanwhile
+            await asyncio.sleep(0.001)
+        active[0] -= 1
+        return x
+
+    config: RunnableConfig = {"callbacks": [Recorder()]}
+    if limit is not None:
+        config["max_concurrency"] = limit
+    assert asyncio.run(Lambda(work).abatch(list(range(7)), config)) == list(range(7))
+    assert peak[0] == (limit or 7)  # all seven at once without a limit: the count is real
+
+
+def test_R3_abatch_return_exceptions_puts_exceptions_in_place() -> None:
+    rec, checker = Recorder(), TraceChecker()
+
+    async def pick(x: int) -> int:
+        if x == 2:
+            raise ValueError("two")
+        return x
+
+    config: RunnableConfig = {"callbacks": [rec, checker], "max_concurrency": 1}
+    with sequential_run_ids():
+        out = asyncio.run(
+            Lambda(pick, name="pick").abatch([1, 2, 3], config, return_exceptions=True)
+        )
+    assert out[0] == 1 and out[2] == 3
+    assert isinstance(out[1], ValueError) and str(out[1]) == "two"
+    assert [(m, i) for m, i, _, _, _ in _trace(rec)] == [
+        ("on_chain_start", 1),
+        ("on_chain_end", 1),
+        ("on_chain_start", 2),
+        ("on_chain_error", 2),
+        ("on_chain_start", 3),
+        ("on_chain_end", 3),
+    ]
+    assert _errors(rec) == [out[1]]  # the very exception returned in place
+    checker.verify()
+    rec2 = Recorder()
+    with pytest.raises(ValueError, match="two"):
+        asyncio.run(Lambda(pick).abatch([1, 2, 3], {"callbacks": [rec2], "max_concurrency": 1}))
+    assert len(rec2.records) == 6  # every input finished before the failure was raised
+
+
+# ===============================================================================================
+# D3, D5 under asyncio: astream
+# ===============================================================================================
+
+
+def test_D5_astream_fires_each_token_before_its_chunk() -> None:
+    log: _Log = []
+    rec, checker = Recorder(), TraceChecker()
+
+    class SlowTokens(AsyncCallbackHandler):
+        async def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+            await asyncio.sleep(0.01)  # a token handler that takes its time
+            log.append(("token", token, kwargs["chunk"].text))
+
+    chain = Chain(Lambda(_ident, name="a"), LLM("one two three", name="llm"), name="outer")
+
+    async def main() -> None:
+        async for chunk in chain.astream("q", {"callbacks": [SlowTokens(), rec, checker]}):
+            log.append(("chunk", chunk))
+
+    with sequential_run_ids():
+        asyncio.run(main())
+    assert log == [
+        ("token", "one ", "one "),
+        ("chunk", "one "),
+        ("token", "two ", "two "),
+        ("chunk", "two "),
+        ("token", "three", "three"),
+        ("chunk", "three"),
+    ]
+    assert _trace(rec) == [
+        ("on_chain_start", 1, None, [], {}),
+        ("on_chain_start", 2, 1, ["seq:step:1"], {}),
+        ("on_chain_end", 2, 1, ["seq:step:1"], None),
+        ("on_llm_start", 3, 1, ["seq:step:2"], {}),
+        ("on_llm_new_token", 3, 1, ["seq:step:2"], None),
+        ("on_llm_new_token", 3, 1, ["seq:step:2"], None),
+        ("on_llm_new_token", 3, 1, ["seq:step:2"], None),
+        ("on_llm_end", 3, 1, ["seq:step:2"], None),
+        ("on_chain_end", 1, None, [], None),
+    ]
+    assert rec.records[-2].args[0].generations[0][0].text == "one two three"
+    assert rec.records[-1].args[0] == "one two three"
+    checker.verify()
+
+
+def test_D3_astream_closed_early_errors_innermost_first() -> None:
+    log: _Log = []
+    probes = _mixed_probes(log)
+    chain = Chain(
+        Lambda(_ident, name="a"),
+        Chain(Lambda(_ident, name="b"), LLM("one two three", name="llm"), name="inner"),
+        name="outer",
+    )
+
+    async def main() -> None:
+        stream = chain.astream("q", {"callbacks": probes})
+        assert isinstance(stream, AsyncGenerator)
+        assert await anext(stream) == "one "
+        await stream.aclose()
+
+    with sequential_run_ids():
+        asyncio.run(main())
+    for probe in probes:
+        assert _trace(probe.recorder) == [
+            ("on_chain_start", 1, None, [], {}),
+            ("on_chain_start", 2, 1, ["seq:step:1"], {}),
+            ("on_chain_end", 2, 1, ["seq:step:1"], None),
+            ("on_chain_start", 3, 1, ["seq:step:2"], {}),
+            ("on_chain_start", 4, 3, ["seq:step:1"], {}),
+            ("on_chain_end", 4, 3, ["seq:step:1"], None),
+            ("on_llm_start", 5, 3, ["seq:step:2"], {}),
+            ("on_llm_new_token", 5, 3, ["seq:step:2"], None),
+            ("on_llm_error", 5, 3, ["seq:step:2"], None),
+            ("on_chain_error", 3, 1, ["seq:step:2"], None),
+            ("on_chain_error", 1, None, [], None),
+        ], probe.label
+        errors = _errors(probe.recorder)
+        assert len(errors) == 3 and all(isinstance(e, GeneratorExit) for e in errors)
+        probe.checker.verify()
+
+
+# ===============================================================================================
+# The async manager API (S4, D3) and adispatch_custom_event
+# ===============================================================================================
+
+
+def test_S4_D3_async_manager_api_starts_runs_and_children() -> None:
+    rec = Recorder()
+
+    async def main() -> None:
+        manager = AsyncCallbackManager.configure([rec], inheritable_tags=["t0"])
+        run = await manager.on_chain_start({"name": "outer"}, {"q": 1})
+        assert isinstance(run, AsyncRunManager)
+        child = run.get_child("t")
+        assert isinstance(child, AsyncCallbackManager)
+        assert child.parent_run_id == run.run_id
+        assert (child.tags, child.inheritable_tags) == (("t0", "t"), ("t0",))
+        llm_runs = await child.on_llm_start({"name": "llm"}, ["p1", "p2"])
+        assert all(isinstance(r, AsyncRunManager) for r in llm_runs)
+        with pytest.raises(TypeError):
+            llm_runs[0].get_child()  # LLM runs are leaves (R2)
+        await llm_runs[0].on_llm_new_token("tok")
+        for r in llm_runs:
+            await r.on_llm_end(LLMResult([[Generation("x")]]))
+        await run.on_text("note")
+        await run.on_chain_end({"out": 1})
+        with pytest.raises(RuntimeError):
+            await run.on_chain_error(ValueError("late"))  # D3: a run ends exactly once
+        tool = await manager.on_tool_start({"name": "t"}, "in")
+        with pytest.raises(TypeError):
+            await tool.on_chain_end({})  # an event of another run type
+        await tool.on_tool_end("out")
+
+    with sequential_run_ids():
+        asyncio.run(main())
+    assert _trace(rec) == [
+        ("on_chain_start", 1, None, ["t0"], {}),
+        ("on_llm_start", 2, 1, ["t0", "t"], {}),
+        ("on_llm_start", 3, 1, ["t0", "t"], {}),
+        ("on_llm_new_token", 2, 1, ["t0", "t"], None),
+        ("on_llm_end", 2, 1, ["t0", "t"], None),
+        ("on_llm_end", 3, 1, ["t0", "t"], None),
+        ("on_text", 1, None, ["t0"], None),
+        ("on_chain_end", 1, None, ["t0"], None),
+        ("on_tool_start", 4, None, ["t0"], {}),
+        ("on_tool_end", 4, None, ["t0"], None),
+    ]
+
+
+def test_S10_adispatch_custom_event_belongs_to_the_enclosing_run() -> None:
+    seen: list[tuple[str, str, Any, dict[str, Any]]] = []
+    threads: set[int] = set()
+
+    class CustomSync(BaseCallbackHandler):
+        def on_custom_event(self, name: str, data: Any, **kwargs: Any) -> None:
+            seen.append(("sync", name, data, kwargs))
+
+    class CustomAsync(AsyncCallbackHandler):
+        async def on_custom_event(self, name: str, data: Any, **kwargs: Any) -> None:
+            threads.add(threading.get_ident())
+            await asyncio.sleep(0.01)
+            seen.append(("async", name, data, kwargs))
+
+    async def body(x: str) -> str:
+        await adispatch_custom_event("progress", {"x": x})
+        seen.append(("body", "after", None, {}))  # the event was delivered before this
+        return x
+
+    async def with_config(x: str, config: RunnableConfig) -> str:
+        await adispatch_custom_event("explicit", x, config=config)
+        return x
+
+    chain = Chain(
+        Lambda(_ident, name="a"), Lambda(body), Lambda(with_config), name="outer", tags=["local"]
+    )
+    config: RunnableConfig = {
+        "callbacks": [CustomSync(), CustomAsync()],
+        "tags": ["t0"],
+        "metadata": {"k": 1},
+    }
+
+    async def main() -> int:
+        assert await chain.ainvoke("q", config) == "q"
+        with pytest.raises(RuntimeError):
+            await adispatch_custom_event("outside", None)
+        return threading.get_ident()
+
+    with sequential_run_ids():
+        loop_thread = asyncio.run(main())
+    assert threads == {loop_thread}  # awaited on the loop (D5), not run aside in a thread
+    where = {"run_id": _U(3), "tags": ["t0", "seq:step:2"], "metadata": {"k": 1}}
+    where_explicit = {"run_id": _U(4), "tags": ["t0", "seq:step:3"], "metadata": {"k": 1}}
+    assert sorted(seen[:2], key=str) == [
+        ("async", "progress", {"x": "q"}, where),  # no parent_run_id
+        ("sync", "progress", {"x": "q"}, where),
+    ]
+    assert seen[2] == ("body", "after", None, {})
+    assert sorted(seen[3:], key=str) == [
+        ("async", "explicit", "q", where_explicit),
+        ("sync", "explicit", "q", where_explicit),
+    ]
 
 
 # ===============================================================================================
