@@ -543,8 +543,7 @@ async def _acall_handler(
         if inspect.iscoroutinefunction(method) or getattr(handler, "run_inline", False):
             result = method(*args, **kwargs)
         else:
-            call = functools.partial(contextvars.copy_context().run, method, *args, **kwargs)
-            result = await asyncio.get_running_loop().run_in_executor(None, call)
+            result = await _in_thread(functools.partial(method, *args, **kwargs))
         if inspect.isawaitable(result):
             await result
     except BaseException as error:
@@ -565,6 +564,21 @@ async def _complete(tasks: Sequence[asyncio.Future[Any]]) -> BaseException | Non
             return cancelled
         except asyncio.CancelledError as error:
             cancelled = error
+
+
+async def _in_thread(func: Callable[[], Any]) -> Any:
+    """Run ``func`` in a worker thread with a copy of the context, under an event loop.
+
+    If the awaiting task is cancelled meanwhile, the thread cannot be stopped: it is waited
+    for all the same, so that runs it started close before the runs around it (D3), and then
+    the cancellation is raised.
+    """
+    loop = asyncio.get_running_loop()
+    future = loop.run_in_executor(None, contextvars.copy_context().run, func)
+    cancelled = await _complete([future])
+    if cancelled is not None:
+        raise cancelled
+    return future.result()
 
 
 async def _adispatch(
@@ -671,12 +685,12 @@ class _Manager:
         self._parent = parent_run_id
         self.handlers = self.inheritable_handlers = self.tags = self.inheritable_tags = ()
         self.metadata, self.inheritable_metadata = {}, {}
+        self.add_handlers(handlers, inherit=False)  # in the order given, then any others
         self.add_handlers(inheritable_handlers, inherit=True)
-        self.add_handlers(handlers, inherit=False)
-        self.add_tags(inheritable_tags, inherit=True)
         self.add_tags(tags, inherit=False)
+        self.add_tags(inheritable_tags, inherit=True)
         self.add_metadata(inheritable_metadata or {}, inherit=True)
-        self.add_metadata(metadata or {}, inherit=False)
+        self.add_metadata(metadata or {}, inherit=False)  # the run's own value wins (S8)
 
     @classmethod
     def configure(
@@ -1272,9 +1286,9 @@ def _map_in_threads(
     Each call runs in a copy of the caller's context (S11), so runs started there are children
     of the caller's run. Every call finishes before the results are collected (`_collect`).
     """
-    if len(items) == 1:
+    if len(items) <= 1:
         try:
-            return [func(items[0])]
+            return [func(item) for item in items]
         except Exception as error:
             if return_exceptions:
                 return [error]
@@ -1461,7 +1475,11 @@ class Runnable:
         return self._stream(input, _check_config(config), None)
 
     def astream(self, input: Any, config: RunnableConfig | None = None) -> AsyncIterator[Any]:
-        """`stream` under asyncio; ``aclose()`` on it closes the open runs innermost first."""
+        """`stream` under asyncio; ``aclose()`` on it closes the open runs innermost first.
+
+        Leaving an ``async for`` early does not close the iterator: its runs then close only
+        when asyncio finalizes it. Close it (``contextlib.aclosing``) to close them at once.
+        """
         return self._astream(input, _check_config(config), None, [])
 
     def with_config(self, config: RunnableConfig | None = None, **kwargs: Any) -> Self:
@@ -1670,10 +1688,16 @@ class Runnable:
             async for chunk in body:
                 yield chunk
         except BaseException as error:  # GeneratorExit from aclose() too (D3)
+            failure = error
             if body is not None:
-                await body.aclose()  # inner runs close first
+                try:
+                    await body.aclose()  # inner runs close first
+                except BaseException as closing:  # their closing failed: that is ours too
+                    failure = closing
             if run is not None and run.handlers:
-                await run._aclose(_ERROR, error)
+                await run._aclose(_ERROR, failure)
+            if failure is not error:
+                raise failure from None
             raise
         if run.handlers:
             await run._aclose(_END, self._end_payload(inner[-1]))
@@ -1693,6 +1717,12 @@ def _coerce(step: Any) -> Runnable:
     raise TypeError(f"cannot use {step!r} as a step: expected a Runnable, a function or a dict")
 
 
+def _function_name(func: Callable[..., Any], default: str) -> str:
+    """A function's ``__name__``, or ``default`` for a lambda or a nameless callable (R4)."""
+    name = getattr(func, "__name__", "<lambda>")
+    return default if name == "<lambda>" else str(name)
+
+
 class Lambda(Runnable):
     """Runs ``func(input)``, or ``func(input, config)`` if ``func`` has a ``config`` parameter.
 
@@ -1700,7 +1730,7 @@ class Lambda(Runnable):
     sync one in a worker thread (with a copy of the context). The config it receives is
     ``{"callbacks": <child manager>}``: pass it on to continue the run tree explicitly.
     Runnables invoked inside ``func`` without a config are children of this run anyway (S10).
-    The default name is the function's ``__name__`` (R4).
+    The default name is the function's ``__name__``, or ``"Lambda"`` for a lambda (R4).
     """
 
     def __init__(self, func: Callable[..., Any], **options: Unpack[_Options]) -> None:
@@ -1715,8 +1745,7 @@ class Lambda(Runnable):
             self._takes_config = False
 
     def _default_name(self) -> str:
-        name = getattr(self.func, "__name__", "<lambda>")
-        return "Lambda" if name == "<lambda>" else str(name)
+        return _function_name(self.func, type(self).__name__)
 
     def _call_func(self, input: Any, run: _Run) -> Any:
         return (
@@ -1732,7 +1761,7 @@ class Lambda(Runnable):
     async def _arun(self, input: Any, run: AsyncRunManager) -> Any:
         if self._is_async:
             return await self._call_func(input, run)
-        return await asyncio.to_thread(self._run, input, run)
+        return await _in_thread(functools.partial(self._run, input, run))
 
 
 class Chain(Runnable):
@@ -2011,7 +2040,7 @@ class Tool(Runnable):
         self.error = _check_error(error)
 
     def _default_name(self) -> str:
-        return str(getattr(self.func, "__name__", type(self).__name__))
+        return _function_name(self.func, type(self).__name__)
 
     def _start_args(self, input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
         serialized = {**self._serialized(), "description": self.description}
@@ -2029,7 +2058,7 @@ class Tool(Runnable):
     async def _arun(self, input: Any, run: AsyncRunManager) -> Any:
         if self._is_async:
             return await self._call_func(input)
-        return await asyncio.to_thread(self._run, input, run)
+        return await _in_thread(functools.partial(self._run, input, run))
 
 
 class Retriever(Runnable):
@@ -2066,11 +2095,8 @@ class Retriever(Runnable):
 
 
 def _enclosing_run(config: RunnableConfig | None) -> _Run:
-    if config is not None:
-        callbacks = _check_config(config).get("callbacks")
-        run = callbacks._parent if isinstance(callbacks, _Manager) else None
-    else:
-        run = _CURRENT_RUN.get()
+    callbacks = _check_config(config).get("callbacks")
+    run = callbacks._parent if isinstance(callbacks, _Manager) else _CURRENT_RUN.get()
     if not isinstance(run, _Run):
         raise RuntimeError(
             "dispatching a custom event needs an enclosing run: call it from inside a "
@@ -2082,9 +2108,9 @@ def _enclosing_run(config: RunnableConfig | None) -> _Run:
 def dispatch_custom_event(name: str, data: Any, *, config: RunnableConfig | None = None) -> None:
     """Fire ``on_custom_event(name, data)`` as an event of the enclosing run.
 
-    The enclosing run is the one whose body is executing (S10), or the one whose child config
-    ``config`` is. Its handlers receive ``run_id`` = that run's id, its tags and metadata, and
-    no ``parent_run_id``. Outside any run: `RuntimeError`.
+    The enclosing run is the one whose child manager ``config["callbacks"]`` is, else the one
+    whose body is executing (S10). Its own handlers receive ``run_id`` = that run's id, its
+    tags and metadata, and no ``parent_run_id``. Outside any run: `RuntimeError`.
     """
     if not isinstance(name, str):
         raise TypeError(f"custom event name must be a string, got {name!r}")
@@ -2234,6 +2260,7 @@ class TraceChecker(BaseCallbackHandler):
     def __init__(self) -> None:
         self.problems: list[str] = []
         self._runs: dict[uuid.UUID, _RunState] = {}
+        self._unseen_parents: set[uuid.UUID] = set()
         self._lock = threading.Lock()
 
     def verify(self) -> None:
@@ -2256,19 +2283,25 @@ class TraceChecker(BaseCallbackHandler):
             isinstance(tags, list) and all(isinstance(t, str) for t in tags)
         ):
             self.problems.append(f"{where}: tags {tags!r} is not a list of strings")
-        if metadata is not None and not isinstance(metadata, dict):
-            self.problems.append(f"{where}: metadata {metadata!r} is not a dict")
+        if metadata is not None and not (
+            isinstance(metadata, dict) and all(isinstance(k, str) for k in metadata)
+        ):
+            self.problems.append(f"{where}: metadata {metadata!r} is not a dict of str keys")
         state = self._runs.get(run_id)
         if event.phase == "start":
             parent_id = kwargs.get("parent_run_id")
             if state is not None:
                 self.problems.append(f"{where}: run id used twice")
                 return
+            if run_id in self._unseen_parents:
+                self.problems.append(f"{where}: started after a child that names it as parent")
             parent = self._runs.get(parent_id) if parent_id is not None else None
             if parent is not None:
                 if not parent.open:
                     self.problems.append(f"{where}: started after its parent {parent_id} closed")
                 parent.children.add(run_id)
+            elif parent_id is not None:  # a partial view, unless that parent starts later
+                self._unseen_parents.add(parent_id)
             family = _FAMILY.get(event.run_type, event.run_type)
             hidden = getattr(self, _END[family].ignore_flag or "", False)
             self._runs[run_id] = _RunState(family, parent_id, must_close=not hidden)

@@ -935,6 +935,18 @@ def test_S5_configure_puts_inheritable_before_local() -> None:
     assert list(manager.inheritable_handlers) == [b, a, c]
 
 
+def test_S5_manager_constructor_keeps_the_order_given() -> None:
+    a, b, c = Recorder("a"), Recorder("b"), Recorder("c")
+    manager = CallbackManager([a, b], [b, c], tags=["x", "y"], inheritable_tags=["y", "z"])
+    assert (list(manager.handlers), list(manager.inheritable_handlers)) == ([a, b, c], [b, c])
+    assert (list(manager.tags), list(manager.inheritable_tags)) == (["x", "y", "z"], ["y", "z"])
+    manager = CallbackManager(metadata={"k": "run"}, inheritable_metadata={"k": "kids", "j": 1})
+    assert (manager.metadata, manager.inheritable_metadata) == (
+        {"k": "run", "j": 1},
+        {"k": "kids", "j": 1},
+    )
+
+
 def test_S6_handler_listed_twice_at_request_time_is_called_once() -> None:
     log: list[_LogEntry] = []
     h = _Shared("h", log)
@@ -1714,6 +1726,7 @@ def test_R4_default_names() -> None:
         (Lambda(lambda x: x), "Lambda"),
         (Lambda(my_func, name="named"), "named"),
         (Tool(my_func), "my_func"),
+        (Tool(lambda x: x), "Tool"),
         (Tool(my_func, name="tool"), "tool"),
         (Chain(Lambda(my_func)), "Chain"),
         (Parallel(a=Lambda(my_func)), "Parallel"),
@@ -3562,6 +3575,96 @@ def test_S10_adispatch_custom_event_belongs_to_the_enclosing_run() -> None:
     ]
 
 
+def test_D3_astream_closed_early_stays_balanced_when_closing_an_inner_run_fails() -> None:
+    class FailsOnLLMError(BaseCallbackHandler):
+        raise_error = True
+
+        def on_llm_error(self, error: BaseException, **kwargs: Any) -> None:
+            raise ValueError("handler broke")
+
+    async def main(rec: Recorder, checker: TraceChecker) -> None:
+        chain = Chain(Lambda(_ident, name="a"), LLM("a b c"), name="outer")
+        stream = chain.astream("q", {"callbacks": [rec, checker, FailsOnLLMError()]})
+        assert isinstance(stream, AsyncGenerator)
+        await stream.__anext__()
+        with pytest.raises(ValueError, match="handler broke"):
+            await stream.aclose()
+
+    for closer in ("sync", "async"):
+        rec, checker = Recorder(), TraceChecker()
+        if closer == "async":
+            asyncio.run(main(rec, checker))
+        else:  # the sync stream, for comparison: the same trace
+            chain = Chain(Lambda(_ident, name="a"), LLM("a b c"), name="outer")
+            stream = chain.stream("q", {"callbacks": [rec, checker, FailsOnLLMError()]})
+            next(stream)
+            assert isinstance(stream, Generator)
+            with pytest.raises(ValueError, match="handler broke"):
+                stream.close()
+        checker.verify()
+        assert rec.events()[-2:] == ["on_llm_error", "on_chain_error"], closer
+        assert [type(e).__name__ for e in _errors(rec)] == ["GeneratorExit", "ValueError"]
+
+
+def test_D3_cancelled_ainvoke_waits_for_a_sync_body_so_its_children_close_first() -> None:
+    class SlowStart(BaseCallbackHandler):
+        def on_llm_start(self, *args: Any, **kwargs: Any) -> None:
+            time.sleep(0.2)
+
+    started = threading.Event()
+
+    def body(x: Any) -> Any:
+        started.set()
+        return LLM("z", name="inner").invoke(x)
+
+    async def main(rec: Recorder, checker: TraceChecker) -> None:
+        task = asyncio.create_task(
+            Lambda(body, name="outer").ainvoke("q", {"callbacks": [rec, checker, SlowStart()]})
+        )
+        while not started.is_set():
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    rec, checker = Recorder(), TraceChecker()
+    with sequential_run_ids():
+        asyncio.run(main(rec, checker))
+    checker.verify()
+    assert _trace(rec) == [
+        ("on_chain_start", 1, None, [], {}),
+        ("on_llm_start", 2, 1, [], {}),
+        ("on_llm_end", 2, 1, [], None),  # the thread cannot be stopped: its run ends first
+        ("on_chain_error", 1, None, [], None),
+    ]
+    assert isinstance(_errors(rec)[0], asyncio.CancelledError)
+
+
+def test_R3_batch_of_no_inputs_is_empty() -> None:
+    rec = Recorder()
+    assert Lambda(_ident).batch([], {"callbacks": [rec]}) == []
+    assert asyncio.run(Lambda(_ident).abatch([], {"callbacks": [rec]})) == []
+    assert rec.records == []
+
+
+def test_S10_custom_event_with_a_config_without_a_manager_uses_the_enclosing_run() -> None:
+    rec = Recorder()
+
+    def body(x: Any, config: RunnableConfig) -> Any:
+        dispatch_custom_event("tags_only", 1, config={"tags": ["x"]})
+        dispatch_custom_event("given", 2, config=config)
+        return x
+
+    with sequential_run_ids():
+        Lambda(body, name="f").invoke("q", {"callbacks": [rec]})
+    assert rec.events()[0] == "on_chain_start"
+    assert [(r.event.method, r.run_id, r.args) for r in rec.records[1:]] == [
+        ("on_custom_event", _U(1), ("tags_only", 1)),
+        ("on_custom_event", _U(1), ("given", 2)),
+        ("on_chain_end", _U(1), ("q",)),
+    ]
+
+
 # ===============================================================================================
 # Extras: trace checker, recorder, deterministic ids (X1-X3)
 # ===============================================================================================
@@ -3641,7 +3744,7 @@ def test_X1_trace_checker_catches_a_broken_stream() -> None:
     badly_typed.on_chain_end({}, run_id="nope", tags=[])
     assert badly_typed.problems == [
         f"on_chain_start(run_id={a}): tags 't' is not a list of strings",
-        f"on_chain_start(run_id={a}): metadata [1] is not a dict",
+        f"on_chain_start(run_id={a}): metadata [1] is not a dict of str keys",
         "on_chain_end(run_id=nope): run_id is not a UUID",
     ]
 
@@ -3650,6 +3753,22 @@ def test_X1_trace_checker_catches_a_broken_stream() -> None:
     assert still_open.problems == []
     with pytest.raises(AssertionError, match=f"run {a} never closed"):
         still_open.verify()
+
+
+def test_X1_trace_checker_catches_a_parent_that_starts_after_its_child() -> None:
+    parent, child = uuid.uuid4(), uuid.uuid4()
+    checker = TraceChecker()
+    checker.on_chain_start({}, "x", run_id=child, parent_run_id=parent)
+    checker.on_chain_start({}, "x", run_id=parent)
+    checker.on_chain_end("x", run_id=parent)
+    checker.on_chain_end("x", run_id=child)
+    assert checker.problems == [
+        f"on_chain_start(run_id={parent}): started after a child that names it as parent"
+    ]
+    partial = TraceChecker()  # a parent never seen at all is a legitimate partial view
+    partial.on_chain_start({}, "x", run_id=child, parent_run_id=parent)
+    partial.on_chain_end("x", run_id=child)
+    partial.verify()
 
 
 def test_X2_recorder_tree_renders_names_types_tags_and_outcomes() -> None:
