@@ -1286,18 +1286,20 @@ def _map_in_threads(
     Each call runs in a copy of the caller's context (S11), so runs started there are children
     of the caller's run. Every call finishes before the results are collected (`_collect`).
     """
-    if len(items) <= 1:
-        try:
-            return [func(item) for item in items]
-        except Exception as error:
-            if return_exceptions:
-                return [error]
-            raise
+    if len(items) <= 1:  # no thread for a single item
+        return _collect([_attempt(func, item) for item in items], return_exceptions)
     with ThreadPoolExecutor(max_workers=min(len(items), limit or 32)) as pool:
-        futures = [pool.submit(contextvars.copy_context().run, func, item) for item in items]
+        futures = [pool.submit(contextvars.copy_context().run, _attempt, func, i) for i in items]
         wait(futures)
-    outcomes = [(None, f.exception()) if f.exception() else (f.result(), None) for f in futures]
-    return _collect(outcomes, return_exceptions)
+    return _collect([f.result() for f in futures], return_exceptions)
+
+
+def _attempt(func: Callable[[Any], Any], item: Any) -> tuple[Any, BaseException | None]:
+    """``func(item)`` as an outcome: ``(output, None)`` or ``(None, failure)``."""
+    try:
+        return func(item), None
+    except BaseException as error:
+        return None, error
 
 
 async def _agather(
