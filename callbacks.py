@@ -1333,13 +1333,15 @@ def _drain(generator: Generator[Any, None, Any]) -> Any:
             return stop.value
 
 
-def _within(run: _Run, limit: int | None, body: Callable[[Any, Any], Any], input: Any) -> Any:
-    """Called in a fresh copy of the context: make ``run`` the enclosing run of implicit
-    children (S10), and ``limit`` the inherited ``max_concurrency``, then run ``body``."""
-    _CURRENT_RUN.set(run)
+def _scope(run: _Run, limit: int | None) -> contextvars.Context:
+    """A fresh copy of the context in which ``run`` encloses implicit children (S10) and
+    ``limit`` is the inherited ``max_concurrency``. A body called through its ``run`` method
+    costs no Python frame of ours, which keeps deep nesting within the recursion limit."""
+    context = contextvars.copy_context()
+    context.run(_CURRENT_RUN.set, run)
     if limit:
-        _MAX_CONCURRENCY.set(limit)
-    return body(input, run)
+        context.run(_MAX_CONCURRENCY.set, limit)
+    return context
 
 
 class _Step:
@@ -1621,7 +1623,7 @@ class Runnable:
         whatever the body sets there stays there (S11)."""
         if self._leaf:
             return body(input, run)
-        return contextvars.copy_context().run(_within, run, limit, body, input)
+        return _scope(run, limit).run(body, input, run)
 
     async def _ain_scope(
         self,
@@ -1633,15 +1635,17 @@ class Runnable:
         """`_in_scope` for a coroutine body; tasks it starts copy its context, so inherit it."""
         if self._leaf:
             return await body(input, run)
-        context = contextvars.copy_context()
-        coroutine = context.run(_within, run, limit, body, input)
-        return await _run_in(context, coroutine)
+        context = _scope(run, limit)
+        return await _run_in(context, context.run(body, input, run))
 
     def _invoke(self, input: Any, config: Mapping[str, Any], parent: _Manager | None) -> Any:
         run = None
         try:
             run = self._begin(input, config, parent)
-            output = self._in_scope(run, self._limit(config), self._run, input)
+            if self._leaf:  # `_in_scope`, inlined: two frames per level of nesting, not four
+                output = self._run(input, run)
+            else:
+                output = _scope(run, self._limit(config)).run(self._run, input, run)
         except BaseException as error:  # R1: BaseException counts
             if run is not None and run.handlers:
                 run._close(_ERROR, error)
@@ -1654,7 +1658,11 @@ class Runnable:
         run = None
         try:
             run = await self._abegin(input, config, parent)
-            output = await self._ain_scope(run, self._limit(config), self._arun, input)
+            if self._leaf:  # `_ain_scope`, inlined, as in `_invoke`
+                output = await self._arun(input, run)
+            else:
+                context = _scope(run, self._limit(config))
+                output = await _run_in(context, context.run(self._arun, input, run))
         except BaseException as error:  # R1, and asyncio.CancelledError (D3)
             if run is not None and run.handlers:
                 await run._aclose(_ERROR, error)
@@ -1749,21 +1757,21 @@ class Lambda(Runnable):
     def _default_name(self) -> str:
         return _function_name(self.func, type(self).__name__)
 
-    def _call_func(self, input: Any, run: _Run) -> Any:
-        return (
-            self.func(input, {"callbacks": run.get_child()})
-            if self._takes_config
-            else self.func(input)
-        )
+    def _run(self, input: Any, run: _Run, drive: bool = True) -> Any:
+        """Call ``func``; with ``drive``, run an async one to completion (D6's loop rules)."""
+        if self._takes_config:
+            result = self.func(input, {"callbacks": run.get_child()})
+        else:
+            result = self.func(input)
+        return _run_coroutine(result) if drive and self._is_async else result
 
-    def _run(self, input: Any, run: _Run) -> Any:
-        result = self._call_func(input, run)
-        return _run_coroutine(result) if self._is_async else result
-
-    async def _arun(self, input: Any, run: AsyncRunManager) -> Any:
+    def _arun(self, input: Any, run: AsyncRunManager) -> Coroutine[Any, Any, Any]:
+        """The body as a coroutine: an async ``func``'s own (no frame of ours in between, so
+        nesting goes deep), else a call of ``func`` in a worker thread."""
         if self._is_async:
-            return await self._call_func(input, run)
-        return await _in_thread(functools.partial(self._run, input, run))
+            result: Coroutine[Any, Any, Any] = self._run(input, run, drive=False)
+            return result
+        return _in_thread(functools.partial(self._run, input, run))
 
 
 class Chain(Runnable):
