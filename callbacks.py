@@ -138,7 +138,8 @@ __all__ = [
     "sequential_run_ids",
 ]
 
-logger = logging.getLogger(__name__)
+# Handler failures are logged here, under this fixed name even when the file is vendored (D2).
+_LOGGER: Final = logging.getLogger("callbacks")
 
 # =================================================================================================
 # Events
@@ -455,19 +456,26 @@ def _method_for(handler: object, event: Event) -> Callable[..., Any] | None:
 
 
 def _after_failure(
-    handler: object, event: Event, args: tuple[Any, ...], error: BaseException
+    handler: object, event: Event, args: tuple[Any, ...], kwargs: dict[str, Any], error: BaseException
 ) -> tuple[Event, tuple[Any, ...]] | BaseException | None:
     """What a handler's failure means: an event to fall back to (D4), an error to raise, or none.
 
-    An `Exception` is logged, naming the handler class, the event and the error, and raised
-    only with ``raise_error`` (D2); anything else (`KeyboardInterrupt`...) is always raised.
+    An `Exception` is logged as one warning on the ``"callbacks"`` logger, naming the handler
+    class, the event, the run id and the error, and raised only with ``raise_error`` (D2);
+    anything else (`KeyboardInterrupt`...) is always raised, and not logged.
     """
     if isinstance(error, NotImplementedError) and event in _FALLBACK:
         other, convert = _FALLBACK[event]
         return other, convert(args)
     if not isinstance(error, Exception):
         return error
-    logger.warning("error in %s.%s callback: %r", type(handler).__name__, event.method, error)
+    _LOGGER.warning(
+        "error in %s.%s callback for run %s: %r",
+        type(handler).__name__,
+        event.method,
+        kwargs.get("run_id"),
+        error,
+    )
     return error if getattr(handler, "raise_error", False) else None
 
 
@@ -510,7 +518,7 @@ def _call_handler(
         if inspect.isawaitable(result):
             _run_coroutine(result)
     except BaseException as error:
-        outcome = _after_failure(handler, event, args, error)
+        outcome = _after_failure(handler, event, args, kwargs, error)
         if isinstance(outcome, tuple):
             return _call_handler(handler, *outcome, kwargs)  # D4, obeys ignore_llm
         return outcome
@@ -547,7 +555,7 @@ async def _acall_handler(
         if inspect.isawaitable(result):
             await result
     except BaseException as error:
-        outcome = _after_failure(handler, event, args, error)
+        outcome = _after_failure(handler, event, args, kwargs, error)
         if isinstance(outcome, tuple):
             return await _acall_handler(handler, *outcome, kwargs)
         return outcome
@@ -988,6 +996,8 @@ class _Run:
 
     @classmethod
     def _new(cls, manager: _Manager, run_type: str, run_id: uuid.UUID | None) -> Self:
+        if run_id is not None and not isinstance(run_id, uuid.UUID):  # before any event
+            raise TypeError(f"run_id must be a uuid.UUID or None, got {run_id!r}")
         self = cls.__new__(cls)
         self.handlers = manager.handlers
         self.inheritable_handlers = manager.inheritable_handlers

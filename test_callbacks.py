@@ -455,7 +455,8 @@ def test_D2_failing_handler_is_logged_and_the_run_goes_on(
         (
             "callbacks",
             logging.WARNING,
-            "error in _Shared.on_chain_start callback: ValueError('boom')",
+            "error in _Shared.on_chain_start callback for run "
+            "00000000-0000-0000-0000-000000000001: ValueError('boom')",
         )
     ]
 
@@ -487,9 +488,9 @@ def test_D2_raise_error_handler_failure_propagates_after_every_handler(
         ("after", "on_chain_end", 1),
     ]
     assert [m for _, _, m in caplog.record_tuples] == [
-        "error in _Shared.on_chain_end callback: TypeError('quiet')",
-        "error in _Shared.on_chain_end callback: ValueError('first')",
-        "error in _Shared.on_chain_end callback: KeyError('second')",
+        f"error in _Shared.on_chain_end callback for run {_U(1)}: TypeError('quiet')",
+        f"error in _Shared.on_chain_end callback for run {_U(1)}: ValueError('first')",
+        f"error in _Shared.on_chain_end callback for run {_U(1)}: KeyError('second')",
     ]
 
 
@@ -705,14 +706,15 @@ def test_D4_not_implemented_elsewhere_is_an_ordinary_handler_error(
             raise NotImplementedError("no chains")
 
     quiet, strict = NotImpl(), NotImpl(raise_error=True)
-    with caplog.at_level(logging.WARNING, logger="callbacks"):
+    with caplog.at_level(logging.WARNING, logger="callbacks"), sequential_run_ids():
         assert Lambda(_ident, name="f").invoke("q", {"callbacks": [quiet]}) == "q"
     assert quiet.seen == []  # no fallback to on_llm_start
     assert caplog.record_tuples == [
         (
             "callbacks",
             logging.WARNING,
-            "error in NotImpl.on_chain_start callback: NotImplementedError('no chains')",
+            f"error in NotImpl.on_chain_start callback for run {_U(1)}: "
+            "NotImplementedError('no chains')",
         )
     ]
     with pytest.raises(NotImplementedError, match="no chains"):
@@ -2873,7 +2875,8 @@ def test_D6_async_handler_without_raise_error_only_logs(
         (
             "callbacks",
             logging.WARNING,
-            "error in _AsyncLogProbe.on_chain_start callback: ValueError('boom')",
+            f"error in _AsyncLogProbe.on_chain_start callback for run {_U(1)}: "
+            "ValueError('boom')",
         )
     ]
 
