@@ -456,7 +456,11 @@ def _method_for(handler: object, event: Event) -> Callable[..., Any] | None:
 
 
 def _after_failure(
-    handler: object, event: Event, args: tuple[Any, ...], kwargs: dict[str, Any], error: BaseException
+    handler: object,
+    event: Event,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    error: BaseException,
 ) -> tuple[Event, tuple[Any, ...]] | BaseException | None:
     """What a handler's failure means: an event to fall back to (D4), an error to raise, or none.
 
@@ -493,14 +497,37 @@ def _first_failure(errors: Iterable[BaseException | None]) -> BaseException | No
     return first
 
 
+async def _outcome(awaitable: Awaitable[Any]) -> tuple[Any, BaseException | None]:
+    """``await awaitable`` as an outcome: ``(result, None)`` or ``(None, the very exception)``.
+
+    A `asyncio.CancelledError` raised by the code itself is an outcome like any other; one that
+    cancels this very task is the loop's business and is raised.
+    """
+    try:
+        return await awaitable, None
+    except BaseException as error:
+        task = asyncio.current_task()
+        if isinstance(error, asyncio.CancelledError) and task is not None and task.cancelling():
+            raise
+        return None, error
+
+
 def _run_coroutine(awaitable: Any) -> Any:
-    """Run a coroutine to completion from sync code: here, or on a worker thread's own loop."""
+    """Run a coroutine to completion from sync code: here, or on a worker thread's own loop.
+
+    What it raises is re-raised, the same object (R1), even an interrupt or a cancellation.
+    """
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(awaitable)
-    with ThreadPoolExecutor(max_workers=1) as pool:  # a loop runs here: it cannot be re-entered
-        return pool.submit(contextvars.copy_context().run, asyncio.run, awaitable).result()
+        result, error = asyncio.run(_outcome(awaitable))
+    else:
+        with ThreadPoolExecutor(max_workers=1) as pool:  # a loop runs here: no re-entering it
+            run = contextvars.copy_context().run
+            result, error = pool.submit(run, asyncio.run, _outcome(awaitable)).result()
+    if error is not None:
+        raise error
+    return result
 
 
 def _call_handler(
@@ -1320,15 +1347,11 @@ async def _agather(
     semaphore = asyncio.Semaphore(limit) if limit else None
 
     async def call(make: Callable[[], Awaitable[Any]]) -> tuple[Any, BaseException | None]:
-        try:
-            if semaphore is None:
-                return await make(), None
-            async with semaphore:
-                return await make(), None
-        except asyncio.CancelledError:
-            raise
-        except BaseException as error:  # an interrupt must not escape its task and the loop
-            return None, error
+        # an interrupt must not escape its task and stop the loop: it is an outcome
+        if semaphore is None:
+            return await _outcome(make())
+        async with semaphore:
+            return await _outcome(make())
 
     done = await asyncio.gather(*(call(c) for c in calls), return_exceptions=True)
     return _collect([d if isinstance(d, tuple) else (None, d) for d in done], return_exceptions)
@@ -1639,7 +1662,7 @@ class Runnable:
         self,
         run: AsyncRunManager,
         limit: int | None,
-        body: Callable[[Any, Any], Awaitable[Any]],
+        body: Callable[[Any, Any], Coroutine[Any, Any, Any]],
         input: Any,
     ) -> Any:
         """`_in_scope` for a coroutine body; tasks it starts copy its context, so inherit it."""

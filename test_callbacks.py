@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import contextvars
+import gc
 import inspect
 import itertools
 import logging
@@ -20,7 +22,10 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
+import tracemalloc
 import uuid
+import weakref
 from collections.abc import (
     AsyncGenerator,
     Callable,
@@ -2029,15 +2034,23 @@ def _tool_fn(*args: Any, **kwargs: Any) -> str:
     return "tool-out"
 
 
-def _build(node: _Node, probes: Sequence[_Probe]) -> Runnable:
-    """The real runnable for a spec node."""
+def _build(
+    node: _Node,
+    probes: Sequence[_Probe],
+    faults: dict[str, tuple[BaseException, bool]] | None = None,
+) -> Runnable:
+    """The real runnable for a spec node; ``faults`` maps node names to an exception that node
+    raises, and for a lambda whether before its children (else after them)."""
+    faults = faults or {}
     kw: dict[str, Any] = {
         "name": node.name if node.named else None,
         "callbacks": [probes[i] for i in node.ctor],
         "tags": list(node.tags),
         "metadata": {**dict(node.metadata), "node": node.name},
     }
-    error = ValueError(f"fail-{node.name}") if node.fails else None
+    error: BaseException | None = ValueError(f"fail-{node.name}") if node.fails else None
+    if node.name in faults and node.kind != "lambda":
+        error = faults[node.name][0]
     runnable: Runnable
     if node.kind in ("llm", "chat"):
         model = LLM if node.kind == "llm" else ChatModel
@@ -2047,14 +2060,14 @@ def _build(node: _Node, probes: Sequence[_Probe]) -> Runnable:
     elif node.kind == "retriever":
         runnable = Retriever(["a b"], error=error, **kw)
     elif node.kind == "chain":
-        steps = [_build(c, probes) for c in node.children]
+        steps = [_build(c, probes, faults) for c in node.children]
         runnable = Chain(*steps) if node.plain else Chain(*steps, **kw)
     elif node.kind == "parallel":
-        runnable = Parallel({f"k{i}": _build(c, probes) for i, c in enumerate(node.children)}, **kw)
+        kids = {f"k{i}": _build(c, probes, faults) for i, c in enumerate(node.children)}
+        runnable = Parallel(kids, **kw)
     else:
-        runnable = Lambda(
-            _lambda_body(node, [_build(c, probes) for c in node.children], probes), **kw
-        )
+        children = [_build(c, probes, faults) for c in node.children]
+        runnable = Lambda(_lambda_body(node, children, probes, faults.get(node.name)), **kw)
     if node.bound is not None:
         b = node.bound
         runnable = runnable.with_config(
@@ -2064,8 +2077,15 @@ def _build(node: _Node, probes: Sequence[_Probe]) -> Runnable:
 
 
 def _lambda_body(
-    node: _Node, children: list[Runnable], probes: Sequence[_Probe]
+    node: _Node,
+    children: list[Runnable],
+    probes: Sequence[_Probe],
+    fault: tuple[BaseException, bool] | None = None,
 ) -> Callable[[Any, RunnableConfig], Any]:
+    def inject(first: bool) -> None:
+        if fault is not None and fault[1] == first:
+            raise fault[0]
+
     def config_for(call: _Call, config: RunnableConfig) -> RunnableConfig | None:
         configs: dict[str, RunnableConfig | None] = {
             "implicit": None,
@@ -2080,6 +2100,7 @@ def _lambda_body(
     if node.async_body:
 
         async def abody(value: Any, config: RunnableConfig) -> Any:
+            inject(True)
             for spec, child in calls:
                 try:
                     await child.ainvoke(value, config_for(spec.call, config))
@@ -2088,6 +2109,7 @@ def _lambda_body(
                         raise
             if node.emits:
                 await adispatch_custom_event("evt", node.name)
+            inject(False)
             if node.fails:
                 raise ValueError(f"fail-{node.name}")
             return value
@@ -2096,6 +2118,7 @@ def _lambda_body(
         return abody
 
     def body(value: Any, config: RunnableConfig) -> Any:
+        inject(True)
         for spec, child in calls:
             try:
                 child.invoke(value, config_for(spec.call, config))
@@ -2104,6 +2127,7 @@ def _lambda_body(
                     raise
         if node.emits:
             dispatch_custom_event("evt", node.name)
+        inject(False)
         if node.fails:
             raise ValueError(f"fail-{node.name}")
         return value
@@ -2875,8 +2899,7 @@ def test_D6_async_handler_without_raise_error_only_logs(
         (
             "callbacks",
             logging.WARNING,
-            f"error in _AsyncLogProbe.on_chain_start callback for run {_U(1)}: "
-            "ValueError('boom')",
+            f"error in _AsyncLogProbe.on_chain_start callback for run {_U(1)}: ValueError('boom')",
         )
     ]
 
@@ -3666,6 +3689,469 @@ def test_S10_custom_event_with_a_config_without_a_manager_uses_the_enclosing_run
         ("on_custom_event", _U(1), ("given", 2)),
         ("on_chain_end", _U(1), ("q",)),
     ]
+
+
+# ===============================================================================================
+# Robustness: faults, load from threads, bad input, nothing retained, depth (D2, D3, R1)
+# ===============================================================================================
+
+
+class _FaultError(Exception):
+    """An ordinary failure that no catching lambda catches (they catch `ValueError`)."""
+
+
+@dataclass(frozen=True)
+class _Fault:
+    """One fault injected into a run tree."""
+
+    target: int  # which lambda or leaf raises, counted modulo their number in preorder
+    kind: str  # exception | interrupt | cancel (async modes only; an interrupt otherwise)
+    first: bool  # a lambda raises before calling its children, else after them
+
+
+_FAULT_TYPES: dict[str, type[BaseException]] = {
+    "exception": _FaultError,
+    "interrupt": KeyboardInterrupt,
+    "cancel": asyncio.CancelledError,
+}
+_faults = st.builds(
+    _Fault, st.integers(0, 50), st.sampled_from(sorted(_FAULT_TYPES)), st.booleans()
+)
+_MODES = ("invoke", "stream", "ainvoke", "astream")
+
+
+def _preorder(node: _Node) -> list[_Node]:
+    return [node, *(n for kid in node.children for n in _preorder(kid))]
+
+
+def _without_failures(node: _Node) -> _Node:
+    """The tree with no node failing on its own: the injected fault is the only one."""
+    return replace(node, fails=False, children=tuple(map(_without_failures, node.children)))
+
+
+def _drive(
+    runnable: Runnable, config: RunnableConfig, mode: str, value: Any = "x"
+) -> BaseException | None:
+    """Run ``runnable`` on ``value`` to the end in ``mode``; return what it raised, if any."""
+
+    async def arun() -> None:
+        if mode == "ainvoke":
+            await runnable.ainvoke(value, config)
+            return
+        stream: Any = runnable.astream(value, config)
+        async with contextlib.aclosing(stream):
+            async for _ in stream:
+                pass
+
+    async def main() -> BaseException | None:
+        try:
+            await arun()
+        except BaseException as error:  # a CancelledError raised by a body, too
+            return error
+        return None
+
+    try:
+        if mode == "invoke":
+            runnable.invoke(value, config)
+        elif mode == "stream":
+            for _ in runnable.stream(value, config):
+                pass
+        else:
+            return asyncio.run(main())
+    except BaseException as error:
+        return error
+    return None
+
+
+class _Warnings(logging.Handler):
+    """Collects the messages logged on the ``callbacks`` logger while installed."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> _Warnings:
+        logging.getLogger("callbacks").addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("callbacks").removeHandler(self)
+
+
+def _canonical(log: list[tuple[int, _Ev]]) -> list[tuple[int, _Ev]]:
+    """Run ids no probe saw start renamed by order of appearance, so two runs compare."""
+    names: dict[uuid.UUID, str] = {}
+
+    def name(x: Any) -> Any:
+        return names.setdefault(x, f"id{len(names)}") if isinstance(x, uuid.UUID) else x
+
+    return [(h, (ev[0], name(ev[1]), name(ev[2]), *ev[3:])) for h, ev in log]
+
+
+def _faulty_run(
+    tree: _Node, root: _Call, setup: _Setup, fault: _Fault, mode: str
+) -> tuple[BaseException, BaseException | None, list[tuple[int, _Ev]], list[str], list[str]]:
+    """One run with the fault injected: the fault object, what the run raised, each handler's
+    view, the warnings logged and the warnings the handlers' failures should have logged."""
+    targets = [
+        n for n in _preorder(tree) if n.kind in ("llm", "chat", "tool", "retriever", "lambda")
+    ]
+    target = targets[fault.target % len(targets)]
+    kind = "interrupt" if fault.kind == "cancel" and not mode.startswith("a") else fault.kind
+    error = _FAULT_TYPES[kind](f"fault-{target.name}")
+    probes, log = _probes(setup)
+    runnable = _build(tree, probes, {target.name: (error, fault.first)})
+    with _Warnings() as warnings:
+        raised = _drive(runnable, _root_config(root, probes), mode)
+    for probe in probes:
+        probe.verify()  # D3: one end or error per start, children closed before their parent
+    expected_warnings = [
+        f"error in {type(probes[i]).__name__}.{event.method} callback for run {kw['run_id']}: "
+        f"ValueError('handler-{i}')"
+        for i, event, _, kw in log
+        if (setup.breaks[i] or ("", False))[0] == event.method
+    ]
+    view = _canonical(_by_handler(_observed(log)))
+    return error, raised, view, sorted(warnings.messages), sorted(expected_warnings)
+
+
+@given(tree=_trees, root=_roots, setup=_setups, fault=_faults, mode=st.sampled_from(_MODES))
+def test_D2_D3_R1_injected_faults_keep_traces_balanced_and_errors_intact(
+    tree: _Node, root: _Call, setup: _Setup, fault: _Fault, mode: str
+) -> None:
+    """A random tree with one fault (an `Exception`, a `KeyboardInterrupt` or, under asyncio, a
+    `asyncio.CancelledError`) raised by a lambda or a leaf, a streaming model between two
+    tokens included, in all four call modes, with handlers failing without ``raise_error``.
+
+    For every handler: each start it saw has exactly one end or error, children close before
+    their parent (D3). What leaves the call is the very object the fault raised, with a
+    traceback that reaches the raising frame (R1). Handlers that fail without ``raise_error``
+    change nothing: every handler's view and the outcome are those of the same run without
+    those failures, and each failure is logged once, naming the handler class, the event
+    and the run (D2).
+    """
+    tree = _without_failures(tree)
+    quiet = replace(setup, breaks=tuple(b and (b[0], False) for b in setup.breaks))
+    clean = replace(setup, breaks=(None,) * _N_PROBES)
+    error, raised, view, warnings, expected_warnings = _faulty_run(tree, root, quiet, fault, mode)
+    assert raised is error  # R1: the same object
+    assert raised.__traceback__ is not None
+    assert traceback.extract_tb(raised.__traceback__)[-1].name in ("inject", "_raise")
+    assert warnings == expected_warnings  # D2: one warning per handler failure
+    clean_error, clean_raised, clean_view, clean_warnings, _ = _faulty_run(
+        tree, root, clean, fault, mode
+    )
+    assert clean_raised is clean_error and clean_warnings == []
+    assert (type(raised), str(raised)) == (type(clean_raised), str(clean_raised))
+    assert view == clean_view  # D2: a quiet handler failure changes no one's view
+
+
+# -- load from threads -----------------------------------------------------------------------------
+
+
+class _Tally(BaseCallbackHandler):
+    """Keeps ``(event, run id, parent id, the invocation's id)`` for every event; thread-safe
+    because ``list.append`` is atomic."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[Event, uuid.UUID, uuid.UUID | None, str | None]] = []
+
+
+def _tally_method(event: Event) -> Callable[..., None]:
+    def method(self: _Tally, *args: Any, **kwargs: Any) -> None:
+        key = None
+        if event.phase == "start":
+            key = str(args[1][0] if isinstance(args[1], list) else args[1]).split(":")[0]
+        self.rows.append((event, kwargs["run_id"], kwargs.get("parent_run_id"), key))
+
+    return method
+
+
+for _event in Event:
+    setattr(_Tally, _event.method, _tally_method(_event))
+
+_LOAD_THREADS, _LOAD_RUNS = 8, 2000
+# Per invocation: the root lambda and its chain of a lambda, a tool and a streaming model: 5
+# runs, each with its input carrying the invocation's key, and 2 tokens: 12 events.
+_LOAD_EVENTS = 12
+
+
+def _load_tree() -> Runnable:
+    chain = Chain(Lambda(lambda x: f"{x}: q", name="prep"), Tool(str), LLM("a b", streaming=True))
+    return Lambda(lambda x: chain.invoke(x), name="root")
+
+
+def _check_load(tally: _Tally, checker: TraceChecker, keys: set[str]) -> None:
+    """No event lost or duplicated; each run's chain of parents ends at the root run of the
+    same invocation; every trace balanced."""
+    checker.verify()
+    assert len(tally.rows) == len(keys) * _LOAD_EVENTS
+    starts = {
+        run: (parent, key) for event, run, parent, key in tally.rows if event.phase == "start"
+    }
+    assert len(starts) == len(keys) * 5  # run ids unique: no start lost or duplicated
+    ends = collections.Counter(run for event, run, _, _ in tally.rows if event.phase == "end")
+    assert set(ends) == set(starts) and set(ends.values()) == {1}
+    roots = {key: run for run, (parent, key) in starts.items() if parent is None}
+    assert set(roots) == keys  # one root per invocation
+    for run, (parent, key) in starts.items():
+        top, above = run, parent
+        while above is not None:
+            top, above = above, starts[above][0]
+        assert top == roots[key]  # the run belongs to its own invocation's tree
+
+
+def test_D3_S10_8_threads_x_2000_nested_invokes_share_one_handler_without_loss() -> None:
+    tally, checker, tree = _Tally(), TraceChecker(), _load_tree()
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            for i in range(_LOAD_RUNS):
+                tree.invoke(f"{t}-{i}", {"callbacks": [tally, checker]})
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(_LOAD_THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []  # no exception in any thread
+    keys = {f"{t}-{i}" for t in range(_LOAD_THREADS) for i in range(_LOAD_RUNS)}
+    _check_load(tally, checker, keys)
+
+
+def test_R3_S11_batch_of_16000_with_max_concurrency_8_shares_one_handler_without_loss() -> None:
+    tally, checker, tree = _Tally(), TraceChecker(), _load_tree()
+    keys = [f"b-{i}" for i in range(_LOAD_THREADS * _LOAD_RUNS)]
+    outputs = tree.batch(keys, {"callbacks": [tally, checker], "max_concurrency": 8})
+    assert outputs == ["a b"] * len(keys)
+    _check_load(tally, checker, set(keys))
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+
+class _NotAHandler:
+    def __repr__(self) -> str:
+        return "<not a handler>"
+
+
+_BAD_CONFIGS: list[tuple[Any, type[Exception], str]] = [
+    ({"callback": []}, TypeError, "unknown config key 'callback'"),
+    ({"callbacks": "h"}, TypeError, "got 'h'"),
+    ({"callbacks": 42}, TypeError, "got 42"),
+    ({"callbacks": _NotAHandler()}, TypeError, "got <not a handler>"),
+    ({"callbacks": [_NotAHandler()]}, TypeError, "<not a handler>"),
+    ({"tags": "t1"}, TypeError, "got 't1'"),
+    ({"tags": ["ok", 3]}, TypeError, "got 3"),
+    ({"metadata": ["a"]}, TypeError, "got ['a']"),
+    ({"metadata": {1: "x"}}, TypeError, "got {1: 'x'}"),
+    ({"run_id": "abc"}, TypeError, "got 'abc'"),
+    ({"run_name": 7}, TypeError, "got 7"),
+    ({"max_concurrency": 0}, ValueError, "got 0"),
+    ({"max_concurrency": -3}, ValueError, "got -3"),
+    ({"max_concurrency": "8"}, TypeError, "got '8'"),
+    (["callbacks"], TypeError, "config must be a dict, got ['callbacks']"),
+]
+
+
+@pytest.mark.parametrize(("config", "kind", "names"), _BAD_CONFIGS, ids=repr)
+def test_config_bad_input_is_rejected_before_any_event_naming_the_value(
+    config: Any, kind: type[Exception], names: str
+) -> None:
+    """Bad config is a clear error naming the offending value, raised before the run starts:
+    a handler watching the enclosing run sees that run fail, and no start of the bad one."""
+    inner = Lambda(_ident, name="inner")
+    for call in (
+        lambda: inner.invoke(1, config),
+        lambda: inner.stream(1, config),
+        lambda: inner.batch([1, 2], [{}, config]),  # the good first input does not start either
+        lambda: asyncio.run(inner.ainvoke(1, config)),
+        lambda: asyncio.run(inner.abatch([1, 2], [{}, config])),
+    ):
+        rec = Recorder()
+        outer = Lambda(lambda x, call=call: call(), name="outer")
+        with pytest.raises(kind) as info:
+            outer.invoke(1, {"callbacks": [rec]})
+        assert names in str(info.value)
+        assert str(info.value)[0].islower()
+        assert rec.events() == ["on_chain_start", "on_chain_error"]  # the outer run only
+        assert rec.records[1].args[0] is info.value
+
+
+def test_config_bad_manager_input_is_rejected_before_any_event() -> None:
+    rec = Recorder()
+    manager = CallbackManager([rec])
+    with pytest.raises(TypeError, match=r"run_id must be a uuid\.UUID or None, got 'abc'"):
+        manager.on_chain_start({}, {}, run_id="abc")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="got <not a handler>"):
+        manager.add_handler(_NotAHandler())
+    with pytest.raises(TypeError, match="got <not a handler>"):
+        CallbackManager([_NotAHandler()])
+    with pytest.raises(TypeError, match="tags must be a list of strings, got 'abc'"):
+        manager.add_tags("abc")
+    with pytest.raises(TypeError, match="got 5"):
+        Lambda(_ident, callbacks=5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="got 5"):
+        Lambda(_ident).with_config(callbacks=5)
+    run = manager.on_chain_start({}, {})
+    with pytest.raises(TypeError, match="on_chain_end\\(\\) takes 1 positional payload"):
+        run.on_chain_end()
+    assert rec.events() == ["on_chain_start"]  # only the good start
+
+
+def test_D2_handler_with_a_wrong_signature_is_a_handler_error_not_a_crash(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Narrow(BaseCallbackHandler):
+        def on_chain_start(self, serialized: Any) -> None:
+            pass  # takes neither the inputs nor the keywords
+
+    rec = Recorder()
+    with caplog.at_level(logging.WARNING, logger="callbacks"), sequential_run_ids():
+        assert Lambda(_ident, name="f").invoke(1, {"callbacks": [Narrow(), rec]}) == 1
+    assert rec.events() == ["on_chain_start", "on_chain_end"]
+    [message] = [m for _, _, m in caplog.record_tuples]
+    assert message.startswith(
+        f"error in Narrow.on_chain_start callback for run {_U(1)}: TypeError("
+    )
+    strict = Narrow()
+    strict.raise_error = True
+    rec = Recorder()
+    with pytest.raises(TypeError, match="on_chain_start"):
+        Lambda(_ident, name="f").invoke(1, {"callbacks": [strict, rec]})
+    assert rec.events() == ["on_chain_start", "on_chain_error"]  # D3: closed all the same
+
+
+def test_S10_custom_event_outside_a_run_is_a_clear_error() -> None:
+    with pytest.raises(RuntimeError, match="needs an enclosing run"):
+        dispatch_custom_event("evt", {})
+    with pytest.raises(RuntimeError, match="needs an enclosing run"):
+        asyncio.run(adispatch_custom_event("evt", {}))
+    with pytest.raises(TypeError, match="custom event name must be a string, got 3"):
+        Lambda(lambda x: dispatch_custom_event(3, x)).invoke(1)  # type: ignore[arg-type]
+
+
+# -- nothing retained --------------------------------------------------------------------------
+
+
+class _Big:
+    """An input or output that can be watched with a weak reference."""
+
+
+def test_D7_R1_a_finished_run_leaves_no_reference_to_its_values_managers_or_handlers() -> None:
+    """After a call returns, or raises and its exception is dropped, nothing the library keeps
+    refers to the input, the outputs, the run managers or the handlers, in all four modes."""
+    refs: list[weakref.ref[Any]] = []
+
+    def body(x: Any) -> _Big:
+        out = _Big()
+        refs.append(weakref.ref(out))
+        return out
+
+    def managers() -> int:  # they have no __weakref__ slot: count the live ones instead
+        return sum(isinstance(o, (CallbackManager, AsyncCallbackManager, callbacks._Run))
+                   for o in gc.get_objects())  # fmt: skip
+
+    gc.collect()
+    baseline = managers()
+
+    for mode in _MODES:
+        for fails in (False, True):
+            refs.clear()
+            handler, value = Recorder(), _Big()  # the recorder keeps every payload
+            refs.extend([weakref.ref(handler), weakref.ref(value)])
+            error = ValueError("model down") if fails else None
+            model = LLM("ok", streaming=True, error=error)
+            tree = Lambda(body, name="a") | Parallel(b=Lambda(body, name="b"), c=model)
+            config: RunnableConfig = {"callbacks": [handler], "max_concurrency": 1}
+            raised = _drive(tree, config, mode, value)
+            assert raised is error
+            assert len(handler.records) == 11  # 5 starts, 1 token, 5 ends or errors
+            del handler, value, error, model, tree, config, raised
+            gc.collect()
+            assert len(refs) == 4
+            assert [r() for r in refs] == [None] * 4, (mode, fails)
+            assert managers() == baseline, (mode, fails)
+
+
+def test_D7_100000_nested_runs_grow_traced_memory_by_less_than_64_kib() -> None:
+    class NoOp(BaseCallbackHandler):
+        pass
+
+    inner = Lambda(_ident, name="inner")
+    outer = Lambda(lambda x: inner.invoke(x), name="outer")
+    config: RunnableConfig = {"callbacks": [NoOp()]}
+
+    def runs(n: int) -> None:
+        for i in range(n):
+            outer.invoke(i, config)
+
+    tracemalloc.start()
+    try:
+        runs(1000)  # warm up: caches, interned strings, free lists
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        runs(100_000)
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 64 * 1024, f"{grown} bytes retained"
+
+
+# -- depth -------------------------------------------------------------------------------------
+
+_DEPTH = 200
+
+
+@pytest.mark.parametrize("mode", _MODES)
+def test_D3_a_chain_nested_200_deep_runs_and_reports_under_the_default_recursion_limit(
+    mode: str,
+) -> None:
+    assert sys.getrecursionlimit() == 1000  # Python's default
+    tree: Runnable = Lambda(_ident, name="leaf")
+    for i in range(_DEPTH):
+        tree = Chain(tree, name=f"c{i}")
+    rec, checker = Recorder(), TraceChecker()
+    assert _drive(tree, {"callbacks": [rec, checker]}, mode) is None
+    checker.verify()
+    names = {r.run_id: r.kwargs["name"] for r in rec.records if r.event.phase == "start"}
+    parents = [
+        (r.kwargs["name"], names.get(r.parent_run_id))
+        for r in rec.records
+        if r.event.phase == "start"
+    ]
+    chain = [f"c{i}" for i in reversed(range(_DEPTH))]
+    assert parents == list(zip([*chain, "leaf"], [None, *chain], strict=True))
+    assert rec.events() == ["on_chain_start"] * (_DEPTH + 1) + ["on_chain_end"] * (_DEPTH + 1)
+
+
+@pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
+def test_S10_lambdas_invoking_lambdas_nest_deep_under_the_default_recursion_limit(
+    mode: str,
+) -> None:
+    """A function that calls ``invoke`` (``ainvoke``) on the next: 200 (150) levels."""
+    depth = 200 if mode == "invoke" else 150
+    tree: Runnable = Lambda(_ident, name="leaf")
+    for i in range(depth):
+        if mode == "invoke":
+            tree = Lambda(lambda x, inner=tree: inner.invoke(x), name=f"l{i}")
+        else:
+
+            async def call(x: Any, inner: Runnable = tree) -> Any:
+                return await inner.ainvoke(x)
+
+            tree = Lambda(call, name=f"l{i}")
+    checker = TraceChecker()
+    assert _drive(tree, {"callbacks": [checker]}, mode) is None
+    checker.verify()
+    assert len(checker._runs) == depth + 1
 
 
 # ===============================================================================================
