@@ -520,14 +520,9 @@ def _run_coroutine(awaitable: Any) -> Any:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        result, error = asyncio.run(_outcome(awaitable))
-    else:
-        with ThreadPoolExecutor(max_workers=1) as pool:  # a loop runs here: no re-entering it
-            run = contextvars.copy_context().run
-            result, error = pool.submit(run, asyncio.run, _outcome(awaitable)).result()
-    if error is not None:
-        raise error
-    return result
+        return asyncio.run(awaitable)
+    with ThreadPoolExecutor(max_workers=1) as pool:  # a loop runs here: it cannot be re-entered
+        return pool.submit(contextvars.copy_context().run, asyncio.run, awaitable).result()
 
 
 def _call_handler(

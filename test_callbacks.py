@@ -3849,6 +3849,34 @@ def test_D2_D3_R1_injected_faults_keep_traces_balanced_and_errors_intact(
     assert view == clean_view  # D2: a quiet handler failure changes no one's view
 
 
+@pytest.mark.parametrize("in_loop", [False, True], ids=["no_loop", "in_loop"])
+def test_R1_D6_what_an_async_body_raises_under_invoke_is_the_same_object(in_loop: bool) -> None:
+    """Even through `asyncio.run` (D6's loop for an async body), the caller gets the very
+    object the body raised, a `asyncio.CancelledError` or an interrupt included."""
+    for error in (asyncio.CancelledError("body"), KeyboardInterrupt("body"), ValueError("body")):
+
+        async def body(x: Any, error: BaseException = error) -> Any:
+            raise error
+
+        rec = Recorder()
+        raised = _drive_sync_maybe_in_loop(Lambda(body), {"callbacks": [rec]}, in_loop)
+        assert raised is error
+        assert rec.events() == ["on_chain_start", "on_chain_error"]
+        assert rec.records[1].args[0] is error
+
+
+def _drive_sync_maybe_in_loop(
+    runnable: Runnable, config: RunnableConfig, in_loop: bool
+) -> BaseException | None:
+    if not in_loop:
+        return _drive(runnable, config, "invoke")
+
+    async def main() -> BaseException | None:
+        return _drive(runnable, config, "invoke")
+
+    return asyncio.run(main())
+
+
 # -- load from threads -----------------------------------------------------------------------------
 
 
@@ -4353,6 +4381,12 @@ def test_X4_every_rule_names_a_test() -> None:
         )
         found = re.search(rf"test_(\w*_)?{rule_id}_", tested)
         assert found or in_range, f"no test named for {rule_id}"
+
+
+def test_X4_every_test_the_readme_names_exists() -> None:
+    named = set(re.findall(r"`(test_\w+)`", _README.read_text(encoding="utf-8")))
+    assert named, "the README names no test"
+    assert sorted(n for n in named if n not in globals()) == []
 
 
 def test_X4_readme_event_table_is_the_enum() -> None:
