@@ -72,9 +72,12 @@ import functools
 import inspect
 import itertools
 import logging
+import os
+import random
 import re
 import threading
 import uuid
+import weakref
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
@@ -95,6 +98,7 @@ from typing import (
     ClassVar,
     Final,
     NamedTuple,
+    NoReturn,
     Self,
     TypedDict,
     TypeVar,
@@ -196,6 +200,7 @@ class Event(enum.Enum):
     payload: tuple[str, ...]
     keyword_payload: tuple[str, ...]
     keywords: tuple[str, ...]
+    closes: bool  # an end or error event: the run's last
 
     def __init__(
         self,
@@ -216,6 +221,7 @@ class Event(enum.Enum):
         self.keyword_payload = tuple(k.partition("=")[0] for k in keyword.split(", ") if k)
         kind = "start" if phase == "start" else "custom" if method == "on_custom_event" else "other"
         self.keywords = _KEYWORDS[kind]
+        self.closes = phase in ("end", "error")
 
     @property
     def signature(self) -> inspect.Signature:
@@ -237,6 +243,8 @@ _START: Final = {e.run_type: e for e in Event if e.phase == "start"}
 _END: Final = {e.run_type: e for e in Event if e.phase == "end"}
 _ERROR: Final = {e.run_type: e for e in Event if e.phase == "error"}
 _FAMILY: Final = {"chat_model": "llm"}  # a chat run streams, ends and fails as an LLM run
+_START_KEYWORDS: Final = _KEYWORDS["start"]
+_OTHER_KEYWORDS: Final = _KEYWORDS["other"]
 _METHODS: Final = frozenset(e.method for e in Event)
 
 
@@ -413,14 +421,20 @@ def _async_no_op(event: Event) -> Callable[..., Any]:
 _install_event_methods(AsyncCallbackHandler, _async_no_op)
 
 
+_DUCK_HANDLERS: Final[weakref.WeakSet[type]] = weakref.WeakSet()  # classes seen to qualify
+
+
 def _check_handler(obj: object) -> None:
     """Raise `TypeError` unless ``obj`` plausibly is a handler (has an event method)."""
-    if isinstance(obj, BaseCallbackHandler):
+    cls = type(obj)
+    if isinstance(obj, BaseCallbackHandler) or cls in _DUCK_HANDLERS:
         return
     if isinstance(obj, type) or not any(hasattr(obj, m) for m in _METHODS):
         raise TypeError(
             f"expected a callback handler (an object with on_* event methods), got {obj!r}"
         )
+    if any(hasattr(cls, m) for m in _METHODS):  # then every instance of the class qualifies
+        _DUCK_HANDLERS.add(cls)
 
 
 # =================================================================================================
@@ -537,7 +551,7 @@ def _call_handler(
         return None
     try:
         result = method(*args, **kwargs)
-        if inspect.isawaitable(result):
+        if result is not None and inspect.isawaitable(result):
             _run_coroutine(result)
     except BaseException as error:
         outcome = _after_failure(handler, event, args, kwargs, error)
@@ -556,7 +570,35 @@ def _dispatch(
     trace stays balanced (D3). Then the first non-`Exception` (such as `KeyboardInterrupt`) is
     raised, else the first failure of a ``raise_error`` handler; other failures are only logged.
     """
-    first = _first_failure([_call_handler(h, event, args, kwargs) for h in handlers])
+    first: BaseException | None = None
+    flag, name = event.ignore_flag, event.method
+    # The usual event (one payload argument, the three usual keywords) is passed with explicit
+    # keywords: that call costs half of a ``**kwargs`` one.
+    usual = len(args) == 1 and len(kwargs) == 3 and event.keywords is _OTHER_KEYWORDS
+    if usual:
+        payload, run_id, tags = args[0], kwargs["run_id"], kwargs["tags"]
+        parent_run_id = kwargs["parent_run_id"]
+    for handler in handlers:  # `_call_handler` and `_method_for`, inlined: the hot path
+        if flag is not None and getattr(handler, flag, False):
+            continue
+        method = getattr(handler, name, None)
+        if method is None:
+            if event not in _FALLBACK:
+                continue
+            method = _not_implemented
+        try:
+            if usual:
+                result = method(payload, run_id=run_id, parent_run_id=parent_run_id, tags=tags)
+            else:
+                result = method(*args, **kwargs)
+            if result is not None and inspect.isawaitable(result):
+                _run_coroutine(result)
+        except BaseException as error:
+            failure = _after_failure(handler, event, args, kwargs, error)
+            if isinstance(failure, tuple):
+                failure = _call_handler(handler, *failure, kwargs)  # D4, obeys ignore_llm
+            if failure is not None and (first is None or _outranks(failure, first)):
+                first = failure
     if first is not None:
         raise first
 
@@ -672,8 +714,11 @@ def _add_unique(
 ) -> tuple[Any, ...]:
     """Append the new items not yet present: an ordered set (S6 by identity, S7 by equality)."""
     out = list(items)
+    seen = {id(x) for x in items} if by_identity else set(items)  # tags are strings
     for item in new:
-        if not any((x is item) if by_identity else (x == item) for x in out):
+        key = id(item) if by_identity else item
+        if key not in seen:
+            seen.add(key)
             out.append(item)
     return tuple(out) if len(out) != len(items) else items
 
@@ -980,8 +1025,32 @@ class AsyncCallbackManager(_Manager):
         return [await self._start(Event.CHAT_MODEL_START, args, rid, kw) for args, rid in items]
 
 
+# Run ids (R6) are random version-4 UUIDs, as `uuid.uuid4` makes, at a fifth of its cost: 128
+# bits from a private generator (seeded from `os.urandom`, reseeded in a forked child, and out
+# of reach of `random.seed`), stamped with the version and variant bits, put straight into the
+# UUID's slots. Where `uuid.UUID` lacks those slots, `uuid.uuid4` itself is used.
+_RANDOM: Final = random.Random()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_RANDOM.seed)
+_V4_CLEAR: Final = ~((0xF000 << 64) | (0xC000 << 48))
+_V4_SET: Final = (0x4000 << 64) | (0x8000 << 48)
+
+
+_UNKNOWN: Final = uuid.SafeUUID.unknown  # an enum member: slow to look up on each call
+_SET: Final = object.__setattr__  # `uuid.UUID` refuses plain assignment
+
+
+def _uuid4() -> uuid.UUID:
+    """A random UUID of version 4 and the RFC 4122 variant, like `uuid.uuid4`'s."""
+    run_id = object.__new__(uuid.UUID)
+    _SET(run_id, "int", _RANDOM.getrandbits(128) & _V4_CLEAR | _V4_SET)
+    _SET(run_id, "is_safe", _UNKNOWN)
+    return run_id
+
+
 _ID_FACTORY: contextvars.ContextVar[Callable[[], uuid.UUID]] = contextvars.ContextVar(
-    "callbacks_run_id_factory", default=uuid.uuid4
+    "callbacks_run_id_factory",
+    default=_uuid4 if {"int", "is_safe"} <= set(uuid.UUID.__slots__) else uuid.uuid4,
 )
 
 
@@ -990,6 +1059,8 @@ class _Run:
 
     __slots__ = (
         "_closed",
+        "_family",
+        "_kw",
         "_parent",
         "_run_id",
         "handlers",
@@ -1011,26 +1082,38 @@ class _Run:
     _parent: _Run | uuid.UUID | None
     _run_id: uuid.UUID | None
     _closed: bool
+    _family: str  # the run type its events are checked against: "llm" for a chat run too
+    _kw: dict[str, Any] | None  # the keywords of its non-start events, made once (D7: lazily)
     _child_class: ClassVar[type[_Manager]]
 
     def __init__(self) -> None:
         raise TypeError(f"{type(self).__name__} is made by a manager's on_*_start, not directly")
 
     @classmethod
-    def _new(cls, manager: _Manager, run_type: str, run_id: uuid.UUID | None) -> Self:
+    def _new(cls, manager: _Manager | _Run, run_type: str, run_id: uuid.UUID | None) -> Self:
+        """A run started by ``manager``; from a run, a child of it with its inheritable values
+        (the manager ``get_child()`` would give, without making it)."""
         if run_id is not None and not isinstance(run_id, uuid.UUID):  # before any event
             raise TypeError(f"run_id must be a uuid.UUID or None, got {run_id!r}")
         self = cls.__new__(cls)
-        self.handlers = manager.handlers
-        self.inheritable_handlers = manager.inheritable_handlers
-        self.tags = manager.tags
-        self.inheritable_tags = manager.inheritable_tags
-        self.metadata = manager.metadata
-        self.inheritable_metadata = manager.inheritable_metadata
-        self._parent = manager._parent
+        if isinstance(manager, _Run):
+            self.handlers = self.inheritable_handlers = manager.inheritable_handlers
+            self.tags = self.inheritable_tags = manager.inheritable_tags
+            self.metadata = self.inheritable_metadata = manager.inheritable_metadata
+            self._parent = manager
+        else:
+            self.handlers = manager.handlers
+            self.inheritable_handlers = manager.inheritable_handlers
+            self.tags = manager.tags
+            self.inheritable_tags = manager.inheritable_tags
+            self.metadata = manager.metadata
+            self.inheritable_metadata = manager.inheritable_metadata
+            self._parent = manager._parent
         self.run_type = run_type
+        self._family = _FAMILY.get(run_type, run_type)
         self._run_id = run_id
         self._closed = False
+        self._kw = None
         return self
 
     @property
@@ -1056,7 +1139,7 @@ class _Run:
         return self._child(tag, self._child_class)
 
     def _child(self, tag: str | None, cls: type[_M]) -> _M:
-        if _FAMILY.get(self.run_type, self.run_type) == "llm":
+        if self._family == "llm":
             raise TypeError(f"a {self.run_type} run is a leaf and has no child runs")
         child = cls._make(self, self)
         if tag is not None and tag not in child.tags:
@@ -1066,27 +1149,46 @@ class _Run:
         return child
 
     def _kwargs(self, event: Event, extra: dict[str, Any]) -> dict[str, Any]:
+        """The keywords handlers get with ``event``: those of the event's kind, then ``extra``.
+
+        Those of the events that are neither start nor custom events (``run_id``,
+        ``parent_run_id``, ``tags``) are made once per run and handed to every such event.
+        """
+        kw = self._kw
+        if kw is None:
+            kw = self._kw = {
+                "run_id": self.run_id,
+                "parent_run_id": self.parent_run_id,
+                "tags": list(self.tags),
+            }
         keywords = event.keywords
-        kwargs: dict[str, Any] = {"run_id": self.run_id, "tags": list(self.tags)}
-        if "parent_run_id" in keywords:
-            kwargs["parent_run_id"] = self.parent_run_id
-        if "metadata" in keywords:
-            kwargs["metadata"] = dict(self.metadata)
-        return {**kwargs, **extra}
+        if keywords is _OTHER_KEYWORDS:
+            return {**kw, **extra} if extra else kw
+        if keywords is _START_KEYWORDS:
+            return {**kw, "metadata": dict(self.metadata), **extra}
+        return {
+            "run_id": kw["run_id"],
+            "tags": kw["tags"],
+            "metadata": dict(self.metadata),
+            **extra,
+        }
 
     def _check(self, event: Event) -> bool:
         """Refuse an event of another run type or after the end (D3); say whether anyone listens."""
-        if event.run_type != "any" and event.run_type != _FAMILY.get(self.run_type, self.run_type):
-            raise TypeError(f"{event.method} does not apply to a {self.run_type} run")
-        if self._closed:
-            raise RuntimeError(f"{event.method} after the end of {self.run_type} run {self.run_id}")
-        if event.phase in ("end", "error"):
+        if self._closed or (event.run_type != self._family and event.run_type != "any"):
+            self._refuse(event)
+        if event.closes:
             self._closed = True
         return bool(self.handlers)
 
+    def _refuse(self, event: Event) -> NoReturn:
+        if event.run_type != self._family and event.run_type != "any":
+            raise TypeError(f"{event.method} does not apply to a {self.run_type} run")
+        raise RuntimeError(f"{event.method} after the end of {self.run_type} run {self.run_id}")
+
     def _closing(self, table: Mapping[str, Event]) -> Event | None:
         """The end (``table=_END``) or error (``_ERROR``) event to fire, unless already closed."""
-        return None if self._closed else table[_FAMILY.get(self.run_type, self.run_type)]
+        return None if self._closed else table[self._family]
 
     def _emit(self, event: Event, args: tuple[Any, ...], extra: dict[str, Any]) -> None:
         if self._check(event):
@@ -1167,14 +1269,25 @@ class AsyncRunManager(_Run):
 
 
 def _run_manager_method(event: Event, is_async: bool) -> Callable[..., Any]:
+    count = len(event.payload)
+
     def check(args: tuple[Any, ...]) -> None:
-        if len(args) != len(event.payload):
-            count = len(event.payload)
+        if len(args) != count:
             raise TypeError(f"{event.method}() takes {count} positional payload argument(s)")
 
+    run_type, closes, plain = event.run_type, event.closes, event.keywords is _OTHER_KEYWORDS
+
     def emit(self: RunManager, *args: Any, **kwargs: Any) -> None:
-        check(args)
-        self._emit(event, args, kwargs)
+        # `_emit`, inlined: the hot path of every event after the start
+        if len(args) != count:
+            check(args)
+        if self._closed or (run_type != self._family and run_type != "any"):
+            self._refuse(event)
+        if closes:
+            self._closed = True
+        if self.handlers:
+            kw = self._kw if plain and not kwargs else None
+            _dispatch(self.handlers, event, args, kw or self._kwargs(event, kwargs))
 
     async def aemit(self: AsyncRunManager, *args: Any, **kwargs: Any) -> None:
         check(args)
@@ -1596,23 +1709,33 @@ class Runnable:
         """This call's own ``max_concurrency``, if it sets one (else the enclosing call's holds)."""
         return config.get("max_concurrency") or self._bound.get("max_concurrency")
 
-    def _manager(self, config: Mapping[str, Any], parent: _Manager | None) -> _Manager:
-        """The manager for this call: inherited or given, then binding, request and constructor layers."""
+    def _is_plain_call(self, config: Mapping[str, Any]) -> bool:
+        """Whether this call adds nothing to the manager it inherits or is given."""
+        return not (self._bound or self.callbacks or self.tags or self.metadata) and not (
+            "tags" in config or "metadata" in config
+        )
+
+    def _manager(self, config: Mapping[str, Any], parent: _Manager | None) -> _Manager | _Run:
+        """The manager for this call: inherited or given, then binding, request and constructor
+        layers. An implicit child that adds nothing gets the enclosing run itself."""
         callbacks = config.get("callbacks")
         request: tuple[Any, ...] = ()
         if parent is not None:  # a composite handing a child its manager
             manager = parent
         elif callbacks is None:  # S10: a child of the enclosing run, if any
             current = _CURRENT_RUN.get()
-            manager = current._child(None, CallbackManager) if current is not None else _EMPTY
+            if current is None:
+                manager = _EMPTY
+            elif self._is_plain_call(config):
+                return current  # `_Run._new` makes the child run from it directly
+            else:
+                manager = current._child(None, CallbackManager)
         elif isinstance(callbacks, _Manager):  # the caller continues a tree explicitly
             manager = callbacks
         else:  # S10: a list of handlers starts a new root that inherits nothing
             manager, request = _EMPTY, callbacks
         bound = self._bound
-        if not (bound or request or self.callbacks or self.tags or self.metadata) and not (
-            "tags" in config or "metadata" in config
-        ):
+        if not request and self._is_plain_call(config):
             return manager
         manager = CallbackManager._clone(manager)
         manager._merge(

@@ -17,6 +17,8 @@ import itertools
 import logging
 import os
 import pathlib
+import pickle
+import random
 import re
 import subprocess
 import sys
@@ -25,6 +27,7 @@ import time
 import traceback
 import tracemalloc
 import uuid
+import warnings
 import weakref
 from collections.abc import (
     AsyncGenerator,
@@ -1821,6 +1824,46 @@ def test_R6_run_ids_are_uuids_fresh_for_children() -> None:
     bad_config: Any = {"run_id": "not-a-uuid"}
     with pytest.raises(TypeError):
         chain.invoke("q", bad_config)
+
+
+def _fresh_id() -> uuid.UUID:
+    manager = CallbackManager([Recorder()])
+    return manager.on_chain_start({}, {}).run_id
+
+
+def test_R6_run_ids_are_version_4_uuids_that_behave_like_uuid4s() -> None:
+    ids = [_fresh_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    for run_id in ids[:100]:
+        twin = uuid.UUID(str(run_id))
+        assert type(run_id) is uuid.UUID and run_id.version == 4
+        assert run_id.variant == uuid.RFC_4122
+        assert (twin, hash(twin), run_id.is_safe) == (run_id, hash(run_id), uuid.SafeUUID.unknown)
+        assert pickle.loads(pickle.dumps(run_id)) == run_id
+    bits = [sum(i.int >> b & 1 for i in ids) for b in range(128)]  # the random bits vary
+    fixed = {b for b, ones in enumerate(bits) if ones in (0, len(ids))}
+    assert fixed == {76, 77, 78, 79, 62, 63}  # the version and variant bits only
+
+
+def test_R6_run_ids_ignore_random_seed_and_differ_after_fork() -> None:
+    random.seed(1)
+    first = _fresh_id()
+    random.seed(1)
+    assert _fresh_id() != first
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork on this platform")
+    read, write = os.pipe()
+    with warnings.catch_warnings():  # Python 3.12+ warns about fork when threads exist
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: report its next id and leave at once
+        os.write(write, _fresh_id().bytes)
+        os._exit(0)
+    os.close(write)
+    child = uuid.UUID(bytes=os.read(read, 16))
+    os.waitpid(pid, 0)
+    os.close(read)
+    assert child != _fresh_id()  # the child's generator was reseeded, not copied
 
 
 # -- property tests: random run trees against a pure model (S1-S10, D1-D4, R0-R4) -------------
