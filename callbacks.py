@@ -137,6 +137,7 @@ __all__ = [
     "Tool",
     "ToolMessage",
     "TraceChecker",
+    "Violation",
     "adispatch_custom_event",
     "dispatch_custom_event",
     "sequential_run_ids",
@@ -2398,75 +2399,79 @@ _install_event_methods(Recorder, _recorder_method)
 @dataclass(slots=True)
 class _RunState:
     family: str
-    parent: uuid.UUID | None
+    start: str  # the start event's method, to name a run that never closed
     must_close: bool  # False when the checker's own flags hide this run's end and error
     open: bool = True
     children: set[uuid.UUID] = field(default_factory=set)
 
 
+class Violation(NamedTuple):
+    """One broken rule seen by a `TraceChecker`: the rule's id (``D3``, ``R6`` or ``X1``), the
+    run it concerns (as received, so not always a UUID), the event that showed it and what."""
+
+    rule: str
+    run_id: Any
+    event: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.rule} {self.event}(run_id={self.run_id}): {self.message}"
+
+
 class TraceChecker(BaseCallbackHandler):
     """A handler that checks the events it receives against the rules, as they arrive (X1).
 
-    It checks: every start has exactly one end or error (D3); run ids are unique UUIDs (R6);
-    a child starts while its parent is open and closes before it (D3); tokens and notes come
-    only inside an open run; the end or error event matches the run's type; tags are lists of
-    strings and metadata dicts. A partial view is fine: runs whose parent it never saw are
-    roots, and events of runs whose start its own ignore flags hid are accepted. It uses only
-    the handler API, so it can watch a real LangChain app too.
+    It checks: every start is followed by exactly one end or error (D3); a child starts while
+    its parent is open and closes before it (D3); run ids are unique UUIDs (R6); tokens and
+    notes come only inside an open run of the right kind, and an end or error matches the run's
+    kind; tags are lists of strings and metadata dicts with string keys (X1). A partial view is
+    fine: a run whose parent it never saw is a root, and events of runs whose start its own
+    ``ignore_*`` flags hid are accepted. It uses only the handler API, so it can watch a real
+    LangChain app as well as this module.
 
-    Problems accumulate in ``problems``; ``verify()`` raises `AssertionError` listing them and
-    any run still open.
+    Each broken rule is appended to ``violations`` as a `Violation`. ``check()`` raises
+    `AssertionError` listing them, and every run still open. With ``strict=True`` the event that
+    shows a violation raises `AssertionError` at once: the checker sets ``raise_error``, so the
+    error leaves the call after the other handlers got the event (D2).
     """
 
-    def __init__(self) -> None:
-        self.problems: list[str] = []
+    def __init__(self, *, strict: bool = False) -> None:
+        self.strict = self.raise_error = strict
+        self.violations: list[Violation] = []
         self._runs: dict[uuid.UUID, _RunState] = {}
         self._unseen_parents: set[uuid.UUID] = set()
         self._lock = threading.Lock()
 
-    def verify(self) -> None:
-        """Raise `AssertionError` if any problem was seen or any run is still open."""
+    def check(self) -> None:
+        """Raise `AssertionError` if a rule was broken or a run is still open (D3)."""
         with self._lock:
-            problems = self.problems + [
-                f"run {i} never closed" for i, s in self._runs.items() if s.open and s.must_close
+            violations = self.violations + [
+                Violation("D3", i, s.start, "never closed by an end or error event")
+                for i, s in self._runs.items()
+                if s.open and s.must_close
             ]
-        if problems:
-            raise AssertionError("trace breaks the rules:\n" + "\n".join(problems))
+        if violations:
+            raise AssertionError("trace breaks the rules:\n" + "\n".join(map(str, violations)))
+
+    def _flag(self, rule: str, run_id: Any, event: Event, message: str) -> None:
+        self.violations.append(Violation(rule, run_id, event.method, message))
 
     def _check(self, event: Event, kwargs: dict[str, Any]) -> None:
         run_id = kwargs.get("run_id")
         tags, metadata = kwargs.get("tags"), kwargs.get("metadata")
-        where = f"{event.method}(run_id={run_id})"
         if not isinstance(run_id, uuid.UUID):
-            self.problems.append(f"{where}: run_id is not a UUID")
-            return
+            return self._flag("R6", run_id, event, "run_id is not a UUID")
         if tags is not None and not (
             isinstance(tags, list) and all(isinstance(t, str) for t in tags)
         ):
-            self.problems.append(f"{where}: tags {tags!r} is not a list of strings")
+            self._flag("X1", run_id, event, f"tags {tags!r} is not a list of strings")
         if metadata is not None and not (
             isinstance(metadata, dict) and all(isinstance(k, str) for k in metadata)
         ):
-            self.problems.append(f"{where}: metadata {metadata!r} is not a dict of str keys")
+            self._flag("X1", run_id, event, f"metadata {metadata!r} is not a dict of str keys")
         state = self._runs.get(run_id)
         if event.phase == "start":
-            parent_id = kwargs.get("parent_run_id")
-            if state is not None:
-                self.problems.append(f"{where}: run id used twice")
-                return
-            if run_id in self._unseen_parents:
-                self.problems.append(f"{where}: started after a child that names it as parent")
-            parent = self._runs.get(parent_id) if parent_id is not None else None
-            if parent is not None:
-                if not parent.open:
-                    self.problems.append(f"{where}: started after its parent {parent_id} closed")
-                parent.children.add(run_id)
-            elif parent_id is not None:  # a partial view, unless that parent starts later
-                self._unseen_parents.add(parent_id)
-            family = _FAMILY.get(event.run_type, event.run_type)
-            hidden = getattr(self, _END[family].ignore_flag or "", False)
-            self._runs[run_id] = _RunState(family, parent_id, must_close=not hidden)
-            return
+            return self._start(event, run_id, kwargs.get("parent_run_id"), state)
         if state is None:
             hidden = {
                 _FAMILY.get(e.run_type, e.run_type)
@@ -2474,26 +2479,51 @@ class TraceChecker(BaseCallbackHandler):
                 if getattr(self, e.ignore_flag or "", False)
             }
             if not (hidden and (event.run_type == "any" or event.run_type in hidden)):
-                self.problems.append(f"{where}: no open run with this id")
-            return
+                self._flag("D3", run_id, event, "no run with this id has started")
+            return None
         if not state.open:
-            self.problems.append(f"{where}: after the run closed")
+            self._flag("D3", run_id, event, "after the run's end or error")
         if event.run_type not in ("any", state.family):
-            self.problems.append(
-                f"{where}: event of a {event.run_type} run on a {state.family} run"
+            self._flag(
+                "X1", run_id, event, f"an event of {event.run_type} runs on a {state.family} run"
             )
-        if event.phase in ("end", "error"):
-            if any(self._runs[c].open and self._runs[c].must_close for c in state.children):
-                self.problems.append(
-                    f"{where}: closed before its children {sorted(map(str, state.children))}"
-                )
+        if event.closes:
+            still_open = sorted(
+                str(c) for c in state.children if self._runs[c].open and self._runs[c].must_close
+            )
+            if still_open:
+                self._flag("D3", run_id, event, f"closed before its children {still_open}")
             state.open = False
+        return None
+
+    def _start(
+        self, event: Event, run_id: uuid.UUID, parent_id: Any, state: _RunState | None
+    ) -> None:
+        if state is not None:
+            return self._flag("R6", run_id, event, "run id used twice")
+        if run_id in self._unseen_parents:
+            self._flag("D3", run_id, event, "started after a child that names it as parent")
+        parent = self._runs.get(parent_id) if parent_id is not None else None
+        if parent is not None:
+            if not parent.open:
+                self._flag("D3", run_id, event, f"started after its parent {parent_id} closed")
+            parent.children.add(run_id)
+        elif parent_id is not None:  # a partial view, unless that parent starts later
+            self._unseen_parents.add(parent_id)
+        family = _FAMILY.get(event.run_type, event.run_type)
+        hidden = getattr(self, _END[family].ignore_flag or "", False)
+        self._runs[run_id] = _RunState(family, event.method, must_close=not hidden)
+        return None
 
 
 def _checker_method(event: Event) -> Callable[..., None]:
     def check(self: TraceChecker, *args: Any, **kwargs: Any) -> None:
         with self._lock:
+            seen = len(self.violations)
             self._check(event, kwargs)
+            new = self.violations[seen:]
+        if new and self.strict:
+            raise AssertionError("trace breaks the rules: " + "; ".join(map(str, new)))
 
     return check
 
@@ -2531,20 +2561,20 @@ def _demo() -> None:
     """Run a small question-answering chain and print what two handlers saw."""
     request, constructor = Recorder("request"), Recorder("constructor")
     retriever = Retriever(["Paris is the capital of France.", "Rome is in Italy."], name="docs")
-    llm = LLM("The capital of France is Paris.", streaming=True, callbacks=[constructor])
+    model = ChatModel("The capital of France is Paris.", streaming=True, callbacks=[constructor])
 
     def prompt(inputs: dict[str, Any]) -> str:
         context = " ".join(d.page_content for d in inputs["context"])
         return f"Answer from the context.\nContext: {context}\nQuestion: {inputs['question']}"
 
-    def count_words(text: str) -> int:
-        """Count the words of a text."""
-        return len(text.split())
+    def count_words(message: AIMessage) -> int:
+        """Count the words of a message."""
+        return len(message.content.split())
 
     chain = (
         {"context": retriever, "question": Lambda(lambda q: q, name="passthrough")}
         | Lambda(prompt)
-        | llm
+        | model
         | Tool(count_words)
     ).with_config(run_name="qa")
     with sequential_run_ids():
@@ -2553,12 +2583,11 @@ def _demo() -> None:
             {"callbacks": [request], "tags": ["demo"], "max_concurrency": 1},
         )
     print(f"answer: {answer!r}\n")
-    print("Request-time handler (inherited by every run below the root):")
+    print(f"Request-time handler, {len(request.records)} events: inherited by every run (S1).")
     print(request.tree())
-    print("\nConstructor handler of the LLM (that run only, parent id still truthful):")
-    for r in constructor.records:
-        parent = r.parent_run_id.int if r.parent_run_id else None
-        print(f"    {r.event.method:<18} run={r.run_id.int if r.run_id else None} parent={parent}")
+    print(f"\nConstructor handler, {len(constructor.records)} events: local to the chat model, so")
+    print("only its run (S2); that run's parent, qa, was never heard, so it shows as a root.")
+    print(constructor.tree())
 
 
 if __name__ == "__main__":

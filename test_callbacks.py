@@ -11,6 +11,7 @@ import asyncio
 import collections
 import contextlib
 import contextvars
+import doctest
 import gc
 import inspect
 import itertools
@@ -74,6 +75,7 @@ from callbacks import (
     Tool,
     ToolMessage,
     TraceChecker,
+    Violation,
     adispatch_custom_event,
     dispatch_custom_event,
     sequential_run_ids,
@@ -536,7 +538,7 @@ def test_D3_balance_when_the_runnable_raises() -> None:
         ("on_chain_error", 1, None, [], None),
     ]
     assert [r.args for r in rec.records if r.event.phase == "error"] == [(error,), (error,)]
-    checker.verify()
+    checker.check()
 
 
 def test_D3_balance_when_raise_error_handler_fails_on_start() -> None:
@@ -572,7 +574,7 @@ def test_D3_balance_when_raise_error_handler_fails_on_start() -> None:
         ("strict", "on_chain_error", 3),
         ("strict", "on_chain_error", 1),
     ]
-    checker.verify()
+    checker.check()
 
 
 def test_D3_balance_on_keyboard_interrupt() -> None:
@@ -593,7 +595,7 @@ def test_D3_balance_on_keyboard_interrupt() -> None:
         ("on_chain_error", 1, None, [], None),
     ]
     assert all(isinstance(r.args[0], KeyboardInterrupt) for r in rec.records[-2:])
-    checker.verify()
+    checker.check()
 
 
 def test_D3_balance_when_retriever_and_tool_raise_system_exit() -> None:
@@ -607,7 +609,7 @@ def test_D3_balance_when_retriever_and_tool_raise_system_exit() -> None:
         ("on_tool_start", "str"),
         ("on_tool_error", "SystemExit"),
     ]
-    checker.verify()
+    checker.check()
 
 
 def test_D3_children_close_before_the_parent_when_a_branch_fails() -> None:
@@ -623,7 +625,7 @@ def test_D3_children_close_before_the_parent_when_a_branch_fails() -> None:
         ("on_chain_end", 3, 1, ["map:key:b"], None),
         ("on_chain_error", 1, None, [], None),
     ]
-    checker.verify()
+    checker.check()
 
 
 def test_D3_stream_closed_early_errors_innermost_first() -> None:
@@ -652,7 +654,7 @@ def test_D3_stream_closed_early_errors_innermost_first() -> None:
         ("on_chain_error", 1, None, [], None),
     ]
     assert all(isinstance(r.args[0], GeneratorExit) for r in rec.records[-3:])
-    checker.verify()
+    checker.check()
 
 
 def test_D3_run_manager_ends_exactly_once() -> None:
@@ -1724,7 +1726,7 @@ def test_R3_return_exceptions_puts_exceptions_in_place() -> None:
     with pytest.raises(ValueError, match="two"):
         Lambda(pick).batch([1, 2, 3], {"callbacks": [rec2], "max_concurrency": 1})
     assert len(rec2.records) == 6  # every input finished before the failure was raised
-    checker.verify()
+    checker.check()
 
 
 def test_R4_default_names() -> None:
@@ -2458,7 +2460,7 @@ def test_S1_to_S10_D1_to_D4_R0_to_R4_random_run_trees_match_the_model(
         observed, expected = _by_handler(observed), _by_handler(expected)
     assert _resolve_unseen(observed, expected) == expected
     for probe in probes:
-        probe.verify()  # D3 and X1 on each handler's own view
+        probe.check()  # D3 and X1 on each handler's own view
 
 
 @given(tree=_trees, root=_roots, setup=_setups, n=st.integers(1, 3))
@@ -2475,7 +2477,7 @@ def test_R3_batch_runs_one_independent_root_per_input(
         observed, expected = _by_handler(observed), _by_handler(expected)
     assert _resolve_unseen(observed, expected, runs_per_node=n) == expected
     for probe in probes:
-        probe.verify()
+        probe.check()
 
 
 @given(tree=_trees, root=_roots, setup=_setups)
@@ -2502,7 +2504,7 @@ def test_D5_D6_parity_ainvoke_gives_each_handler_the_events_invoke_gives(
         assert raised == failure, mode
         views.append(_resolve_unseen(_by_handler(_observed(log)), per_handler))
         for probe in probes:
-            probe.verify()
+            probe.check()
     assert views[0] == views[1] == per_handler
 
 
@@ -2751,7 +2753,7 @@ def test_D5_every_handler_finishes_before_the_run_goes_on() -> None:
         (("returned",),),
     ]
     for h in handlers:
-        h.checker.verify()
+        h.checker.check()
 
 
 def test_D5_no_handler_is_dropped_from_llm_start() -> None:
@@ -2790,7 +2792,7 @@ def test_D5_no_handler_is_dropped_from_llm_start() -> None:
             ("on_llm_end", 3, None, [], None),
             ("on_llm_end", 4, None, [], None),
         ], probe.label
-        probe.checker.verify()
+        probe.checker.check()
     assert fallback.prompts == [["p"], ["Human: m"], ["p1"], ["p2"]]
 
 
@@ -2886,7 +2888,7 @@ def test_D6_async_handler_under_sync_invoke_without_a_loop_runs_in_handler_order
     assert outputs == ["q"]
     assert thread_log == _d6_expected()
     for h in (*handlers, *thread_handlers):
-        h.checker.verify()
+        h.checker.check()
 
 
 def test_D6_async_handler_under_sync_invoke_inside_a_running_loop() -> None:
@@ -2904,7 +2906,7 @@ def test_D6_async_handler_under_sync_invoke_inside_a_running_loop() -> None:
     assert s1.threads == s2.threads == set(loop_threads)  # sync dispatch: the caller's thread
     assert a.threads and loop_threads[0] not in a.threads  # a worker thread with its own loop
     for h in (s1, a, s2):
-        h.checker.verify()
+        h.checker.check()
 
 
 @pytest.mark.parametrize("in_loop", [False, True], ids=["no_loop", "in_loop"])
@@ -2921,8 +2923,8 @@ def test_D6_async_handler_raise_error_propagates_from_sync_invoke(in_loop: bool)
         *_entries(("strict", "after"), "on_chain_error", 1),  # D3: the run is closed
     ]
     assert _errors(strict.recorder) == [error]
-    strict.checker.verify()
-    after.checker.verify()
+    strict.checker.check()
+    after.checker.check()
 
 
 @pytest.mark.parametrize("in_loop", [False, True], ids=["no_loop", "in_loop"])
@@ -2996,8 +2998,8 @@ def test_D3_cancelling_a_nested_async_run_keeps_every_trace_balanced() -> None:
         errors = _errors(probe.recorder)
         assert len(errors) == 3
         assert all(isinstance(e, asyncio.CancelledError) for e in errors)
-        probe.checker.verify()
-    checker.verify()
+        probe.checker.check()
+    checker.check()
 
 
 def _cancel_while_delivering(method: str, slow_inline: bool) -> tuple[_Log, list[_LogProbeState]]:
@@ -3037,7 +3039,7 @@ def test_D3_end_event_is_not_lost_when_the_awaiting_task_is_cancelled(slow_inlin
             ("on_chain_error", 1, None, [], None),  # then the parent fails: cancelled
         ], h.label
         assert [type(e) for e in _errors(h.recorder)] == [asyncio.CancelledError]
-        h.checker.verify()
+        h.checker.check()
 
 
 @pytest.mark.parametrize(
@@ -3058,7 +3060,7 @@ def test_D3_start_event_is_not_lost_when_the_awaiting_task_is_cancelled(
             ("on_chain_error", 1, None, [], None),
         ], h.label
         assert [type(e) for e in _errors(h.recorder)] == [asyncio.CancelledError] * 2
-        h.checker.verify()
+        h.checker.check()
 
 
 def _interrupt_sync(x: Any) -> Any:
@@ -3096,7 +3098,7 @@ def test_D3_keyboard_interrupt_inside_an_async_run_closes_every_run(
             ("on_chain_error", 1, None, [], None),
         ], probe.label
         assert _errors(probe.recorder) == [info.value] * 3  # the same object, re-raised
-        probe.checker.verify()
+        probe.checker.check()
 
 
 # ===============================================================================================
@@ -3136,7 +3138,7 @@ def test_S10_1000_concurrent_ainvokes_stay_parented_to_their_own_roots() -> None
 
     outputs = asyncio.run(main())
     assert outputs == [{"a": f"{i}:ans", "b": []} for i in range(n)]
-    checker.verify()  # every run balanced, children closed before parents
+    checker.check()  # every run balanced, children closed before parents
     starts = {r.run_id: r for r in rec.records if r.event.phase == "start"}
     assert len(starts) == 7 * n
     closes = [r.run_id for r in rec.records if r.event.phase in ("end", "error")]
@@ -3195,7 +3197,7 @@ def test_S10_async_implicit_children_across_create_task_and_gather() -> None:
     config: RunnableConfig = {"callbacks": [rec, checker], "tags": ["t0"], "metadata": {"k": 1}}
     with sequential_run_ids():
         assert asyncio.run(chain.ainvoke("q", config)) == ["by-task", "g1", "g2"]
-    checker.verify()
+    checker.check()
     starts = {
         r.kwargs["name"] + ":" + str(r.args[1]): r for r in rec.records if r.event.phase == "start"
     }
@@ -3220,7 +3222,7 @@ def test_S10_sync_invoke_inside_an_async_run_is_a_child() -> None:
     chain = Chain(Lambda(async_body), Lambda(sync_body), name="outer")
     with sequential_run_ids():
         assert asyncio.run(chain.ainvoke("q", {"callbacks": [rec, checker]})) == "out"
-    checker.verify()
+    checker.check()
     assert [(m, i, p) for m, i, p, _, _ in _trace(rec)] == [
         ("on_chain_start", 1, None),
         ("on_chain_start", 2, 1),
@@ -3254,7 +3256,7 @@ def test_S10_async_run_inside_a_sync_run_is_a_child(outer_async: bool) -> None:
             assert asyncio.run(outer.ainvoke("q", config)) == "out"
         else:
             assert outer.invoke("q", config) == "out"
-    checker.verify()
+    checker.check()
     assert [(m, i, p, t) for m, i, p, t, _ in _trace(rec)] == [
         ("on_chain_start", 1, None, []),
         ("on_chain_start", 2, 1, []),
@@ -3339,7 +3341,7 @@ def test_D3_keyboard_interrupt_in_an_async_parallel_branch_closes_every_run() ->
         parallel = Parallel(a=Lambda(_interrupt_sync, name="stop"), b=Lambda(late, name="late"))
         with sequential_run_ids(), pytest.raises(KeyboardInterrupt):
             asyncio.run(parallel.ainvoke("q", {"callbacks": [rec, checker]}))
-        checker.verify()
+        checker.check()
         assert [type(e).__name__ for e in _errors(rec)] == ["KeyboardInterrupt"] * 2
         assert rec.events()[0] == "on_chain_start" and rec.events()[-1] == "on_chain_error"
 
@@ -3377,7 +3379,7 @@ def test_R3_abatch_makes_one_root_per_input_run_id_for_the_first_only() -> None:
     with sequential_run_ids():
         out = asyncio.run(Lambda(leaf).abatch(["x", "y", "z"], config))
     assert out == ["X", "Y", "Z"]
-    checker.verify()
+    checker.check()
     assert [(m, i, p) for m, i, p, _, _ in _trace(rec)] == [
         ("on_chain_start", 99, None),
         ("on_chain_end", 99, None),
@@ -3453,7 +3455,7 @@ def test_R3_abatch_return_exceptions_puts_exceptions_in_place() -> None:
         ("on_chain_end", 3),
     ]
     assert _errors(rec) == [out[1]]  # the very exception returned in place
-    checker.verify()
+    checker.check()
     rec2 = Recorder()
     with pytest.raises(ValueError, match="two"):
         asyncio.run(Lambda(pick).abatch([1, 2, 3], {"callbacks": [rec2], "max_concurrency": 1}))
@@ -3503,7 +3505,7 @@ def test_D5_astream_fires_each_token_before_its_chunk() -> None:
     ]
     assert rec.records[-2].args[0].generations[0][0].text == "one two three"
     assert rec.records[-1].args[0] == "one two three"
-    checker.verify()
+    checker.check()
 
 
 def test_D3_astream_closed_early_errors_innermost_first() -> None:
@@ -3539,7 +3541,7 @@ def test_D3_astream_closed_early_errors_innermost_first() -> None:
         ], probe.label
         errors = _errors(probe.recorder)
         assert len(errors) == 3 and all(isinstance(e, GeneratorExit) for e in errors)
-        probe.checker.verify()
+        probe.checker.check()
 
 
 # ===============================================================================================
@@ -3670,7 +3672,7 @@ def test_D3_astream_closed_early_stays_balanced_when_closing_an_inner_run_fails(
             assert isinstance(stream, Generator)
             with pytest.raises(ValueError, match="handler broke"):
                 stream.close()
-        checker.verify()
+        checker.check()
         assert rec.events()[-2:] == ["on_llm_error", "on_chain_error"], closer
         assert [type(e).__name__ for e in _errors(rec)] == ["GeneratorExit", "ValueError"]
 
@@ -3699,7 +3701,7 @@ def test_D3_cancelled_ainvoke_waits_for_a_sync_body_so_its_children_close_first(
     rec, checker = Recorder(), TraceChecker()
     with sequential_run_ids():
         asyncio.run(main(rec, checker))
-    checker.verify()
+    checker.check()
     assert _trace(rec) == [
         ("on_chain_start", 1, None, [], {}),
         ("on_llm_start", 2, 1, [], {}),
@@ -3850,7 +3852,7 @@ def _faulty_run(
     with _Warnings() as warnings:
         raised = _drive(runnable, _root_config(root, probes), mode)
     for probe in probes:
-        probe.verify()  # D3: one end or error per start, children closed before their parent
+        probe.check()  # D3: one end or error per start, children closed before their parent
     expected_warnings = [
         f"error in {type(probes[i]).__name__}.{event.method} callback for run {kw['run_id']}: "
         f"ValueError('handler-{i}')"
@@ -3958,7 +3960,7 @@ def _load_tree() -> Runnable:
 def _check_load(tally: _Tally, checker: TraceChecker, keys: set[str]) -> None:
     """No event lost or duplicated; each run's chain of parents ends at the root run of the
     same invocation; every trace balanced."""
-    checker.verify()
+    checker.check()
     assert len(tally.rows) == len(keys) * _LOAD_EVENTS
     starts = {
         run: (parent, key) for event, run, parent, key in tally.rows if event.phase == "start"
@@ -4191,7 +4193,7 @@ def test_D3_a_chain_nested_200_deep_runs_and_reports_under_the_default_recursion
         tree = Chain(tree, name=f"c{i}")
     rec, checker = Recorder(), TraceChecker()
     assert _drive(tree, {"callbacks": [rec, checker]}, mode) is None
-    checker.verify()
+    checker.check()
     names = {r.run_id: r.kwargs["name"] for r in rec.records if r.event.phase == "start"}
     parents = [
         (r.kwargs["name"], names.get(r.parent_run_id))
@@ -4221,7 +4223,7 @@ def test_S10_lambdas_invoking_lambdas_nest_deep_under_the_default_recursion_limi
             tree = Lambda(call, name=f"l{i}")
     checker = TraceChecker()
     assert _drive(tree, {"callbacks": [checker]}, mode) is None
-    checker.verify()
+    checker.check()
     assert len(checker._runs) == depth + 1
 
 
@@ -4251,84 +4253,122 @@ def test_X1_trace_checker_accepts_real_runs_and_partial_views() -> None:
     chain.invoke("q", {"callbacks": checkers})
     list(chain.stream("q", {"callbacks": checkers}))
     for checker in (full, local, no_chain, no_llm, no_chat):
-        assert checker.problems == []
-        checker.verify()
+        assert checker.violations == []
+        checker.check()
 
 
-def test_X1_trace_checker_catches_a_broken_stream() -> None:
-    a, b = _U(1), _U(2)
-
-    def start(c: TraceChecker, run: uuid.UUID, parent: uuid.UUID | None = None) -> None:
-        c.on_chain_start({}, {}, run_id=run, parent_run_id=parent, tags=[], metadata={})
-
-    orphan_end = TraceChecker()
-    orphan_end.on_chain_end({}, run_id=a, parent_run_id=None, tags=[])
-    assert orphan_end.problems == [f"on_chain_end(run_id={a}): no open run with this id"]
-
-    twice = TraceChecker()
-    start(twice, a)
-    start(twice, a)
-    assert twice.problems == [f"on_chain_start(run_id={a}): run id used twice"]
-
-    late_child = TraceChecker()
-    start(late_child, a)
-    late_child.on_chain_end({}, run_id=a, tags=[])
-    start(late_child, b, a)
-    assert late_child.problems == [
-        f"on_chain_start(run_id={b}): started after its parent {a} closed"
-    ]
-
-    orphaned = TraceChecker()
-    start(orphaned, a)
-    start(orphaned, b, a)
-    orphaned.on_chain_end({}, run_id=a, tags=[])
-    assert orphaned.problems == [f"on_chain_end(run_id={a}): closed before its children ['{b}']"]
-
-    wrong_kind = TraceChecker()
-    start(wrong_kind, a)
-    wrong_kind.on_llm_new_token("tok", run_id=a, tags=[])
-    wrong_kind.on_tool_end("out", run_id=a, tags=[])
-    assert wrong_kind.problems == [
-        f"on_llm_new_token(run_id={a}): event of a llm run on a chain run",
-        f"on_tool_end(run_id={a}): event of a tool run on a chain run",
-    ]
-
-    after_end = TraceChecker()
-    after_end.on_llm_start({}, ["p"], run_id=a, tags=[], metadata={})
-    after_end.on_llm_end(LLMResult([]), run_id=a, tags=[])
-    after_end.on_llm_new_token("tok", run_id=a, tags=[])
-    assert after_end.problems == [f"on_llm_new_token(run_id={a}): after the run closed"]
-
-    badly_typed = TraceChecker()
-    badly_typed.on_chain_start({}, {}, run_id=a, tags="t", metadata=[1])
-    badly_typed.on_chain_end({}, run_id="nope", tags=[])
-    assert badly_typed.problems == [
-        f"on_chain_start(run_id={a}): tags 't' is not a list of strings",
-        f"on_chain_start(run_id={a}): metadata [1] is not a dict of str keys",
-        "on_chain_end(run_id=nope): run_id is not a UUID",
-    ]
-
-    still_open = TraceChecker()
-    start(still_open, a)
-    assert still_open.problems == []
-    with pytest.raises(AssertionError, match=f"run {a} never closed"):
-        still_open.verify()
+_A, _B = _U(1), _U(2)
 
 
-def test_X1_trace_checker_catches_a_parent_that_starts_after_its_child() -> None:
-    parent, child = uuid.uuid4(), uuid.uuid4()
+def _start(c: TraceChecker, run: Any, parent: uuid.UUID | None = None) -> None:
+    c.on_chain_start({}, {}, run_id=run, parent_run_id=parent, tags=[], metadata={})
+
+
+def _end(c: TraceChecker, run: Any) -> None:
+    c.on_chain_end({}, run_id=run, parent_run_id=None, tags=[])
+
+
+# Each kind of violation, fed as a hand-written broken stream: (events, the violations found).
+_BROKEN_STREAMS: dict[str, tuple[Callable[[TraceChecker], None], list[Violation]]] = {
+    "end_without_start": (
+        lambda c: _end(c, _A),
+        [Violation("D3", _A, "on_chain_end", "no run with this id has started")],
+    ),
+    "two_ends": (
+        lambda c: (_start(c, _A), _end(c, _A), _end(c, _A)),
+        [Violation("D3", _A, "on_chain_end", "after the run's end or error")],
+    ),
+    "token_after_end": (
+        lambda c: (
+            c.on_llm_start({}, ["p"], run_id=_A, tags=[], metadata={}),
+            c.on_llm_end(LLMResult([]), run_id=_A, tags=[]),
+            c.on_llm_new_token("tok", run_id=_A, tags=[]),
+        ),
+        [Violation("D3", _A, "on_llm_new_token", "after the run's end or error")],
+    ),
+    "parent_closed_before_child": (
+        lambda c: (_start(c, _A), _start(c, _B, _A), _end(c, _A), _end(c, _B)),
+        [Violation("D3", _A, "on_chain_end", f"closed before its children ['{_B}']")],
+    ),
+    "child_started_after_parent_closed": (
+        lambda c: (_start(c, _A), _end(c, _A), _start(c, _B, _A), _end(c, _B)),
+        [Violation("D3", _B, "on_chain_start", f"started after its parent {_A} closed")],
+    ),
+    "parent_started_after_child": (
+        lambda c: (_start(c, _B, _A), _start(c, _A), _end(c, _B), _end(c, _A)),
+        [Violation("D3", _A, "on_chain_start", "started after a child that names it as parent")],
+    ),
+    "run_id_reused": (
+        lambda c: (_start(c, _A), _end(c, _A), _start(c, _A)),
+        [Violation("R6", _A, "on_chain_start", "run id used twice")],
+    ),
+    "run_id_not_a_uuid": (
+        lambda c: _start(c, "nope"),
+        [Violation("R6", "nope", "on_chain_start", "run_id is not a UUID")],
+    ),
+    "token_outside_an_llm_run": (
+        lambda c: (_start(c, _A), c.on_llm_new_token("tok", run_id=_A, tags=[]), _end(c, _A)),
+        [Violation("X1", _A, "on_llm_new_token", "an event of llm runs on a chain run")],
+    ),
+    "end_of_another_kind": (
+        lambda c: (_start(c, _A), c.on_tool_end("out", run_id=_A, tags=[])),
+        [Violation("X1", _A, "on_tool_end", "an event of tool runs on a chain run")],
+    ),
+    "tags_not_strings": (
+        lambda c: (c.on_chain_start({}, {}, run_id=_A, tags="t", metadata={}), _end(c, _A)),
+        [Violation("X1", _A, "on_chain_start", "tags 't' is not a list of strings")],
+    ),
+    "metadata_not_a_dict": (
+        lambda c: (c.on_chain_start({}, {}, run_id=_A, tags=[], metadata=[1]), _end(c, _A)),
+        [Violation("X1", _A, "on_chain_start", "metadata [1] is not a dict of str keys")],
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_BROKEN_STREAMS))
+def test_X1_trace_checker_finds_each_kind_of_violation(kind: str) -> None:
+    feed, expected = _BROKEN_STREAMS[kind]
     checker = TraceChecker()
-    checker.on_chain_start({}, "x", run_id=child, parent_run_id=parent)
-    checker.on_chain_start({}, "x", run_id=parent)
-    checker.on_chain_end("x", run_id=parent)
-    checker.on_chain_end("x", run_id=child)
-    assert checker.problems == [
-        f"on_chain_start(run_id={parent}): started after a child that names it as parent"
-    ]
+    feed(checker)
+    assert checker.violations == expected
+    with pytest.raises(AssertionError) as info:
+        checker.check()
+    assert str(info.value) == "trace breaks the rules:\n" + "\n".join(map(str, expected))
+    strict = TraceChecker(strict=True)  # the same stream raises at the event that breaks it
+    with pytest.raises(
+        AssertionError, match="trace breaks the rules: " + re.escape(str(expected[0]))
+    ):
+        feed(strict)
+
+
+def test_X1_trace_checker_check_reports_runs_never_closed() -> None:
+    checker = TraceChecker()
+    _start(checker, _A)
+    assert checker.violations == []  # not yet: the run may still close
+    with pytest.raises(AssertionError, match=f"D3 on_chain_start\\(run_id={_A}\\): never closed"):
+        checker.check()
+    _end(checker, _A)
+    checker.check()
     partial = TraceChecker()  # a parent never seen at all is a legitimate partial view
-    partial.on_chain_start({}, "x", run_id=child, parent_run_id=parent)
-    partial.on_chain_end("x", run_id=child)
-    partial.verify()
+    _start(partial, _B, _A)
+    _end(partial, _B)
+    partial.check()
+
+
+def test_X1_strict_trace_checker_raises_out_of_the_run_after_every_handler_heard() -> None:
+    """A caller that reuses a run id breaks R6: a strict checker fails that very start event,
+    which (as ``raise_error`` does, D2, D3) closes the run and leaves ``invoke``."""
+    strict, rec = TraceChecker(strict=True), Recorder()
+    runnable = Lambda(_ident, name="f")
+    runnable.invoke(1, {"callbacks": [strict, rec], "run_id": _A})
+    with pytest.raises(AssertionError) as info:
+        runnable.invoke(1, {"callbacks": [strict, rec], "run_id": _A})
+    assert rec.events() == ["on_chain_start", "on_chain_end", "on_chain_start", "on_chain_error"]
+    assert strict.violations == [
+        Violation("R6", _A, "on_chain_start", "run id used twice"),
+        Violation("D3", _A, "on_chain_error", "after the run's end or error"),
+    ]
+    assert str(info.value) == f"trace breaks the rules: {strict.violations[-1]}"
 
 
 def test_X2_recorder_tree_renders_names_types_tags_and_outcomes() -> None:
@@ -4424,6 +4464,26 @@ def test_X4_every_rule_names_a_test() -> None:
         )
         found = re.search(rf"test_(\w*_)?{rule_id}_", tested)
         assert found or in_range, f"no test named for {rule_id}"
+
+
+def test_X4_every_rule_test_has_a_readme_entry() -> None:
+    """The other half of `test_X4_every_rule_names_a_test`: no test checks a rule the README
+    does not state."""
+    text = _README.read_text(encoding="utf-8")
+    listed = set(re.findall(r"^- \*\*([SDRX]\d+)\*\*", text, re.M))
+    named = {
+        rule
+        for name in globals()
+        if name.startswith("test_")
+        for rule in re.findall(r"(?<=_)([SDRX]\d+)(?=_)", name)
+    }
+    assert named and sorted(named - listed) == []
+
+
+def test_X4_readme_doctests_pass() -> None:
+    """The README's ``>>>`` examples run as written (doctest)."""
+    result = doctest.testfile(str(_README), module_relative=False, verbose=False)
+    assert result.attempted >= 5 and result.failed == 0
 
 
 def test_X4_every_test_the_readme_names_exists() -> None:
