@@ -4260,66 +4260,79 @@ def test_X1_trace_checker_accepts_real_runs_and_partial_views() -> None:
 _A, _B = _U(1), _U(2)
 
 
-def _start(c: TraceChecker, run: Any, parent: uuid.UUID | None = None) -> None:
-    c.on_chain_start({}, {}, run_id=run, parent_run_id=parent, tags=[], metadata={})
+_Step = tuple[str, Any, tuple[Any, ...], dict[str, Any]]  # method, run id, payload, keywords
 
 
-def _end(c: TraceChecker, run: Any) -> None:
-    c.on_chain_end({}, run_id=run, parent_run_id=None, tags=[])
+def _start(run: Any, parent: uuid.UUID | None = None, **kw: Any) -> _Step:
+    return (
+        "on_chain_start",
+        run,
+        ({}, {}),
+        {"parent_run_id": parent, "tags": [], "metadata": {}, **kw},
+    )
 
 
-# Each kind of violation, fed as a hand-written broken stream: (events, the violations found).
-_BROKEN_STREAMS: dict[str, tuple[Callable[[TraceChecker], None], list[Violation]]] = {
+def _end(run: Any) -> _Step:
+    return ("on_chain_end", run, ({},), {"parent_run_id": None, "tags": []})
+
+
+def _feed(checker: TraceChecker, steps: list[_Step]) -> None:
+    for method, run, args, kw in steps:
+        getattr(checker, method)(*args, run_id=run, **kw)
+
+
+_LLM_START: _Step = ("on_llm_start", _A, ({}, ["p"]), {"tags": [], "metadata": {}})
+_LLM_END: _Step = ("on_llm_end", _A, (LLMResult([]),), {"tags": []})
+_TOKEN: _Step = ("on_llm_new_token", _A, ("tok",), {"tags": []})
+
+# Each kind of violation, as a hand-written broken stream: (the events, the violations found).
+_BROKEN_STREAMS: dict[str, tuple[list[_Step], list[Violation]]] = {
     "end_without_start": (
-        lambda c: _end(c, _A),
+        [_end(_A)],
         [Violation("D3", _A, "on_chain_end", "no run with this id has started")],
     ),
     "two_ends": (
-        lambda c: (_start(c, _A), _end(c, _A), _end(c, _A)),
+        [_start(_A), _end(_A), _end(_A)],
         [Violation("D3", _A, "on_chain_end", "after the run's end or error")],
     ),
     "token_after_end": (
-        lambda c: (
-            c.on_llm_start({}, ["p"], run_id=_A, tags=[], metadata={}),
-            c.on_llm_end(LLMResult([]), run_id=_A, tags=[]),
-            c.on_llm_new_token("tok", run_id=_A, tags=[]),
-        ),
+        [_LLM_START, _LLM_END, _TOKEN],
         [Violation("D3", _A, "on_llm_new_token", "after the run's end or error")],
     ),
     "parent_closed_before_child": (
-        lambda c: (_start(c, _A), _start(c, _B, _A), _end(c, _A), _end(c, _B)),
+        [_start(_A), _start(_B, _A), _end(_A), _end(_B)],
         [Violation("D3", _A, "on_chain_end", f"closed before its children ['{_B}']")],
     ),
     "child_started_after_parent_closed": (
-        lambda c: (_start(c, _A), _end(c, _A), _start(c, _B, _A), _end(c, _B)),
+        [_start(_A), _end(_A), _start(_B, _A), _end(_B)],
         [Violation("D3", _B, "on_chain_start", f"started after its parent {_A} closed")],
     ),
     "parent_started_after_child": (
-        lambda c: (_start(c, _B, _A), _start(c, _A), _end(c, _B), _end(c, _A)),
+        [_start(_B, _A), _start(_A), _end(_B), _end(_A)],
         [Violation("D3", _A, "on_chain_start", "started after a child that names it as parent")],
     ),
     "run_id_reused": (
-        lambda c: (_start(c, _A), _end(c, _A), _start(c, _A)),
+        [_start(_A), _end(_A), _start(_A)],
         [Violation("R6", _A, "on_chain_start", "run id used twice")],
     ),
     "run_id_not_a_uuid": (
-        lambda c: _start(c, "nope"),
+        [_start("nope")],
         [Violation("R6", "nope", "on_chain_start", "run_id is not a UUID")],
     ),
     "token_outside_an_llm_run": (
-        lambda c: (_start(c, _A), c.on_llm_new_token("tok", run_id=_A, tags=[]), _end(c, _A)),
+        [_start(_A), _TOKEN, _end(_A)],
         [Violation("X1", _A, "on_llm_new_token", "an event of llm runs on a chain run")],
     ),
     "end_of_another_kind": (
-        lambda c: (_start(c, _A), c.on_tool_end("out", run_id=_A, tags=[])),
+        [_start(_A), ("on_tool_end", _A, ("out",), {"tags": []})],
         [Violation("X1", _A, "on_tool_end", "an event of tool runs on a chain run")],
     ),
     "tags_not_strings": (
-        lambda c: (c.on_chain_start({}, {}, run_id=_A, tags="t", metadata={}), _end(c, _A)),
+        [_start(_A, tags="t"), _end(_A)],
         [Violation("X1", _A, "on_chain_start", "tags 't' is not a list of strings")],
     ),
     "metadata_not_a_dict": (
-        lambda c: (c.on_chain_start({}, {}, run_id=_A, tags=[], metadata=[1]), _end(c, _A)),
+        [_start(_A, metadata=[1]), _end(_A)],
         [Violation("X1", _A, "on_chain_start", "metadata [1] is not a dict of str keys")],
     ),
 }
@@ -4327,9 +4340,9 @@ _BROKEN_STREAMS: dict[str, tuple[Callable[[TraceChecker], None], list[Violation]
 
 @pytest.mark.parametrize("kind", sorted(_BROKEN_STREAMS))
 def test_X1_trace_checker_finds_each_kind_of_violation(kind: str) -> None:
-    feed, expected = _BROKEN_STREAMS[kind]
+    steps, expected = _BROKEN_STREAMS[kind]
     checker = TraceChecker()
-    feed(checker)
+    _feed(checker, steps)
     assert checker.violations == expected
     with pytest.raises(AssertionError) as info:
         checker.check()
@@ -4338,20 +4351,19 @@ def test_X1_trace_checker_finds_each_kind_of_violation(kind: str) -> None:
     with pytest.raises(
         AssertionError, match="trace breaks the rules: " + re.escape(str(expected[0]))
     ):
-        feed(strict)
+        _feed(strict, steps)
 
 
 def test_X1_trace_checker_check_reports_runs_never_closed() -> None:
     checker = TraceChecker()
-    _start(checker, _A)
+    _feed(checker, [_start(_A)])
     assert checker.violations == []  # not yet: the run may still close
     with pytest.raises(AssertionError, match=f"D3 on_chain_start\\(run_id={_A}\\): never closed"):
         checker.check()
-    _end(checker, _A)
+    _feed(checker, [_end(_A)])
     checker.check()
     partial = TraceChecker()  # a parent never seen at all is a legitimate partial view
-    _start(partial, _B, _A)
-    _end(partial, _B)
+    _feed(partial, [_start(_B, _A), _end(_B)])
     partial.check()
 
 
