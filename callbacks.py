@@ -2298,7 +2298,8 @@ async def adispatch_custom_event(
 
 
 class Record(NamedTuple):
-    """One event as a `Recorder` saw it: the payload in ``args``, the other keywords in ``kwargs``."""
+    """One event as a `Recorder` saw it: the payload in ``args`` (positional, even where the
+    emitter passed it by keyword), the other keywords in ``kwargs``."""
 
     event: Event
     args: tuple[Any, ...]
@@ -2322,6 +2323,9 @@ class Recorder(BaseCallbackHandler):
         self._lock = threading.Lock()
 
     def _record(self, event: Event, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if len(args) < len(event.payload):  # a payload argument passed by keyword (LangChain's
+            rest = event.payload[len(args) :]  # sync on_llm_new_token passes token=...)
+            args = (*args, *(kwargs.pop(name) for name in rest if name in kwargs))
         record = Record(
             event,
             args,

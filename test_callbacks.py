@@ -13,6 +13,7 @@ import contextlib
 import contextvars
 import doctest
 import gc
+import importlib
 import inspect
 import itertools
 import logging
@@ -4435,6 +4436,276 @@ def test_X3_sequential_run_ids_count_up_in_order_of_need_and_reset() -> None:
         rec2 = Recorder()
         chain.invoke("q", {"callbacks": [rec2]})
     assert [_int(r.run_id) for r in rec2.records] == [1, 2, 2, 3, 3, 1]
+
+
+# ===============================================================================================
+# Portability (X1, X2): the checker and the recorder watch real langchain_core runnables
+# ===============================================================================================
+#
+# These run only where langchain_core is installed (``pytest.importorskip`` in ``_lc_app``). The
+# app is a ``RunnableLambda`` named "agent" whose function takes ``config`` and passes it on: it
+# asks langchain_core's ``FakeListChatModel`` (which streams one chunk per character), then hands
+# the reply to a ``StructuredTool`` "shout" that upper-cases it and rejects the text "boom".
+
+
+def _lc_import(name: str) -> Any:
+    """langchain_core's module ``name``. Without langchain_core the test is skipped, unless
+    ``CALLBACKS_REQUIRE_LANGCHAIN`` is set (CI's portability run), where that is a failure."""
+    if os.environ.get("CALLBACKS_REQUIRE_LANGCHAIN"):
+        return importlib.import_module(name)
+    return pytest.importorskip(name)
+
+
+def _lc_app(reply: str, *, stream_model: bool = False, **model_options: Any) -> tuple[Any, Any]:
+    """The agent and its chat model, which always answers ``reply``; skips without langchain_core.
+
+    With ``stream_model`` the agent reads the model through ``stream`` (``astream``), so the model
+    emits ``on_llm_new_token``; otherwise through ``invoke`` (``ainvoke``), which does not.
+    """
+    _lc_import("langchain_core")
+    fake = _lc_import("langchain_core.language_models.fake_chat_models")
+    runnables = _lc_import("langchain_core.runnables")
+    tools = _lc_import("langchain_core.tools")
+    model = fake.FakeListChatModel(responses=[reply], **model_options)
+
+    def shout(text: str) -> str:
+        """Upper-case the text."""
+        if text == "boom":
+            raise ValueError("no shouting")
+        return text.upper()
+
+    tool = tools.StructuredTool.from_function(shout)
+
+    def agent(question: str, config: Any) -> Any:
+        if stream_model:
+            text = "".join(str(chunk.content) for chunk in model.stream(question, config))
+        else:
+            text = model.invoke(question, config).content
+        return tool.invoke({"text": text}, config)
+
+    async def aagent(question: str, config: Any) -> Any:
+        if stream_model:
+            text = "".join([str(chunk.content) async for chunk in model.astream(question, config)])
+        else:
+            text = (await model.ainvoke(question, config)).content
+        return await tool.ainvoke({"text": text}, config)
+
+    return runnables.RunnableLambda(agent, afunc=aagent, name="agent"), model
+
+
+def _lc_handlers() -> tuple[Recorder, TraceChecker]:
+    """A recorder and a strict checker that both raise out of the run if they fail or object:
+    langchain_core only logs a handler's error unless its ``raise_error`` is set."""
+    recorder = Recorder()
+    recorder.raise_error = True
+    return recorder, TraceChecker(strict=True)
+
+
+def _lc_drive(app: Any, config: dict[str, Any], mode: str, value: Any = "q") -> Any:
+    """Run a langchain_core runnable to the end in ``mode``; return its output (stream: chunks)."""
+
+    async def arun() -> Any:
+        if mode == "ainvoke":
+            return await app.ainvoke(value, config)
+        return [chunk async for chunk in app.astream(value, config)]
+
+    if mode == "invoke":
+        return app.invoke(value, config)
+    if mode == "stream":
+        return list(app.stream(value, config))
+    return asyncio.run(arun())
+
+
+def _lc_tokens(recorder: Recorder) -> list[Any]:
+    """The ``token`` of each ``on_llm_new_token`` the recorder saw. langchain_core passes it by
+    keyword from sync runs and by position from async ones; a `Record` has it in ``args``."""
+    return [r.args[0] for r in recorder.records if r.event is Event.LLM_NEW_TOKEN]
+
+
+_LC_MODES = ["invoke", "stream", "ainvoke", "astream"]
+
+
+@pytest.mark.parametrize("mode", _LC_MODES)
+def test_X1_X2_langchain_core_app_nests_model_and_tool_under_the_lambda(mode: str) -> None:
+    """Request handlers on a real langchain_core app: no violation, and the recorded tree has the
+    lambda at the root with the chat model and the tool under it, request tags on every run, and
+    the events in order, whichever way the app is driven."""
+    app, _ = _lc_app("hi")
+    recorder, checker = _lc_handlers()
+    out = _lc_drive(app, {"callbacks": [recorder, checker], "tags": ["demo"]}, mode)
+    assert out == ("HI" if mode in ("invoke", "ainvoke") else ["HI"])
+    assert checker.violations == []
+    checker.check()
+    assert recorder.tree() == "\n".join(
+        [
+            "agent (chain) tags=['demo'] -> ok",
+            "    FakeListChatModel (chat_model) tags=['demo'] -> ok",
+            "    shout (tool) tags=['demo'] -> ok",
+        ]
+    )
+    assert recorder.events() == [
+        "on_chain_start",
+        "on_chat_model_start",
+        "on_llm_end",
+        "on_tool_start",
+        "on_tool_end",
+        "on_chain_end",
+    ]
+    root = recorder.records[0].run_id
+    assert [r.parent_run_id for r in recorder.records] == [None, root, root, root, root, None]
+
+
+@pytest.mark.parametrize("mode", _LC_MODES)
+def test_X1_X2_langchain_core_tokens_arrive_inside_the_open_chat_model_run(mode: str) -> None:
+    """The agent streams the model: each character is an ``on_llm_new_token`` between the chat
+    model's start and end, which the checker accepts and the tree counts."""
+    app, _ = _lc_app("hi", stream_model=True)
+    recorder, checker = _lc_handlers()
+    _lc_drive(app, {"callbacks": [recorder, checker]}, mode)
+    assert checker.violations == []
+    checker.check()
+    assert recorder.tree() == "\n".join(
+        [
+            "agent (chain) -> ok",
+            "    FakeListChatModel (chat_model) [on_llm_new_token x2] -> ok",
+            "    shout (tool) -> ok",
+        ]
+    )
+    assert recorder.events() == [
+        "on_chain_start",
+        "on_chat_model_start",
+        "on_llm_new_token",
+        "on_llm_new_token",
+        "on_llm_end",
+        "on_tool_start",
+        "on_tool_end",
+        "on_chain_end",
+    ]
+    assert _lc_tokens(recorder) == ["h", "i"]
+
+
+def test_X1_X2_langchain_core_constructor_handlers_see_a_partial_view() -> None:
+    """Handlers given to the chat model's constructor see only its run, whose parent (the agent's
+    run, seen by the request handlers) they never see: a root for the tree, no violation.
+
+    The constructor's pydantic field accepts a list only of langchain_core's own handler class,
+    so plain handlers go in through a ``CallbackManager``, whose handlers are local, as a list's.
+    """
+    lc_callbacks = _lc_import("langchain_core.callbacks")
+    recorder, checker = _lc_handlers()
+    local, local_checker = _lc_handlers()
+    manager = lc_callbacks.CallbackManager(handlers=[local, local_checker])
+    app, _ = _lc_app("hi", stream_model=True, callbacks=manager)
+    assert app.invoke("q", {"callbacks": [recorder, checker], "tags": ["demo"]}) == "HI"
+    for c in (checker, local_checker):
+        assert c.violations == []
+        c.check()
+    assert (
+        local.tree() == "FakeListChatModel (chat_model) tags=['demo'] [on_llm_new_token x2] -> ok"
+    )
+    assert local.events() == ["on_chat_model_start"] + ["on_llm_new_token"] * 2 + ["on_llm_end"]
+    assert local.records[0].parent_run_id == recorder.records[0].run_id
+    assert local.records[0].run_id == recorder.records[1].run_id
+    assert len(recorder.tree().splitlines()) == 3  # the request handlers see all three runs
+
+
+@pytest.mark.parametrize(
+    ("flag", "tree"),
+    [
+        (
+            "ignore_chain",
+            [
+                "FakeListChatModel (chat_model) [on_llm_new_token x2] -> ok",
+                "shout (tool) -> ok",
+            ],
+        ),
+        (
+            "ignore_llm",  # langchain_core gates chat starts on ignore_chat_model only (D1)
+            [
+                "agent (chain) -> ok",
+                "    FakeListChatModel (chat_model) -> open",
+                "    shout (tool) -> ok",
+            ],
+        ),
+        ("ignore_chat_model", ["agent (chain) -> ok", "    shout (tool) -> ok"]),
+        (
+            "ignore_agent",
+            [
+                "agent (chain) -> ok",
+                "    FakeListChatModel (chat_model) [on_llm_new_token x2] -> ok",
+            ],
+        ),
+    ],
+)
+def test_X1_X2_langchain_core_ignore_flags_give_views_the_checker_accepts(
+    flag: str, tree: list[str]
+) -> None:
+    """A handler's ``ignore_*`` flag, honoured by langchain_core's dispatcher, hides some events:
+    the checker with the same flag finds no violation, and the tree shows what got through."""
+    app, _ = _lc_app("hi", stream_model=True)
+    recorder, checker = _lc_handlers()
+    setattr(recorder, flag, True)
+    setattr(checker, flag, True)
+    assert app.invoke("q", {"callbacks": [recorder, checker]}) == "HI"
+    assert checker.violations == []
+    checker.check()
+    assert recorder.tree() == "\n".join(tree)
+
+
+@pytest.mark.parametrize("mode", _LC_MODES)
+def test_X1_X2_langchain_core_errors_close_each_run_once(mode: str) -> None:
+    """The tool raises, then the chat model fails after one token: each failing run and the
+    agent end with an error event, each run closes once, and the checker finds no violation."""
+    recorder, checker = _lc_handlers()
+    config: dict[str, Any] = {"callbacks": [recorder, checker]}
+    failing_tool, _ = _lc_app("boom", stream_model=True)
+    failing_model, _ = _lc_app("hi", stream_model=True, error_on_chunk_number=1)
+    with pytest.raises(ValueError, match="no shouting"):
+        _lc_drive(failing_tool, config, mode)
+    errors = _lc_import("langchain_core.language_models.fake_chat_models")
+    with pytest.raises(errors.FakeListChatModelError):
+        _lc_drive(failing_model, config, mode)
+    assert checker.violations == []
+    checker.check()
+    assert recorder.tree() == "\n".join(
+        [
+            "agent (chain) -> error ValueError('no shouting')",
+            "    FakeListChatModel (chat_model) [on_llm_new_token x4] -> ok",
+            "    shout (tool) -> error ValueError('no shouting')",
+            "agent (chain) -> error FakeListChatModelError()",
+            "    FakeListChatModel (chat_model) [on_llm_new_token x1] -> error "
+            "FakeListChatModelError()",
+        ]
+    )
+    assert recorder.events() == [
+        "on_chain_start",
+        "on_chat_model_start",
+        *["on_llm_new_token"] * 4,
+        "on_llm_end",
+        "on_tool_start",
+        "on_tool_error",
+        "on_chain_error",
+        "on_chain_start",
+        "on_chat_model_start",
+        "on_llm_new_token",
+        "on_llm_error",
+        "on_chain_error",
+    ]
+
+
+def test_X1_langchain_core_a_reused_run_id_is_caught() -> None:
+    """The checker is not blind to real streams: a caller that gives langchain_core the same
+    ``run_id`` twice gets a second start of a run id already used (R6) and an end after the run
+    closed (D3)."""
+    _, model = _lc_app("hi")
+    checker = TraceChecker()
+    run_id = uuid.uuid4()
+    for _ in range(2):
+        model.invoke("q", {"callbacks": [checker], "run_id": run_id})
+    assert [str(v) for v in checker.violations] == [
+        f"R6 on_chat_model_start(run_id={run_id}): run id used twice",
+        f"D3 on_llm_end(run_id={run_id}): after the run's end or error",
+    ]
 
 
 # ===============================================================================================
