@@ -4384,6 +4384,16 @@ def test_X1_strict_trace_checker_raises_out_of_the_run_after_every_handler_heard
     assert str(info.value) == f"trace breaks the rules: {strict.violations[-1]}"
 
 
+def test_X2_recorder_keeps_payload_positional_even_when_passed_by_keyword() -> None:
+    """langchain_core's sync runs pass ``token=`` by keyword, its async ones by position."""
+    rec = Recorder()
+    rec.on_llm_new_token(token="a", run_id=_A, parent_run_id=None, tags=[], chunk=None)
+    rec.on_llm_new_token("b", run_id=_A, parent_run_id=None, tags=[], chunk=None)
+    rec.on_chain_start({}, inputs={"q": 1}, run_id=_B, tags=[], name="n")
+    assert [r.args for r in rec.records] == [("a",), ("b",), ({}, {"q": 1})]
+    assert [r.kwargs for r in rec.records] == [{"chunk": None}, {"chunk": None}, {"name": "n"}]
+
+
 def test_X2_recorder_tree_renders_names_types_tags_and_outcomes() -> None:
     rec = Recorder()
     docs = Retriever(["a b", "c"], name="docs", tags=["r"])
