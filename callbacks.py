@@ -470,22 +470,25 @@ def _method_for(handler: object, event: Event) -> Callable[..., Any] | None:
     return method
 
 
+def _fallback(
+    event: Event, args: tuple[Any, ...], error: BaseException
+) -> tuple[Event, tuple[Any, ...]] | None:
+    """The event to deliver instead, when a handler does not implement ``event`` (D4)."""
+    if isinstance(error, NotImplementedError) and event in _FALLBACK:
+        other, convert = _FALLBACK[event]
+        return other, convert(args)
+    return None
+
+
 def _after_failure(
-    handler: object,
-    event: Event,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    error: BaseException,
-) -> tuple[Event, tuple[Any, ...]] | BaseException | None:
-    """What a handler's failure means: an event to fall back to (D4), an error to raise, or none.
+    handler: object, event: Event, kwargs: dict[str, Any], error: BaseException
+) -> BaseException | None:
+    """What a handler's failure means: the error the run must raise, or None.
 
     An `Exception` is logged as one warning on the ``"callbacks"`` logger, naming the handler
     class, the event, the run id and the error, and raised only with ``raise_error`` (D2);
     anything else (`KeyboardInterrupt`...) is always raised, and not logged.
     """
-    if isinstance(error, NotImplementedError) and event in _FALLBACK:
-        other, convert = _FALLBACK[event]
-        return other, convert(args)
     if not isinstance(error, Exception):
         return error
     _LOGGER.warning(
@@ -546,6 +549,7 @@ def _call_handler(
     """Deliver one event to one handler; return the exception the run must raise, if any.
 
     A coroutine method (an async handler under sync dispatch) runs to completion first (D6).
+    `_dispatch` inlines this and uses it for the fallback event (D4), which has none itself.
     """
     method = _method_for(handler, event)
     if method is None:
@@ -555,10 +559,7 @@ def _call_handler(
         if result is not None and inspect.isawaitable(result):
             _run_coroutine(result)
     except BaseException as error:
-        outcome = _after_failure(handler, event, args, kwargs, error)
-        if isinstance(outcome, tuple):
-            return _call_handler(handler, *outcome, kwargs)  # D4, obeys ignore_llm
-        return outcome
+        return _after_failure(handler, event, kwargs, error)
     return None
 
 
@@ -595,9 +596,11 @@ def _dispatch(
             if result is not None and inspect.isawaitable(result):
                 _run_coroutine(result)
         except BaseException as error:
-            failure = _after_failure(handler, event, args, kwargs, error)
-            if isinstance(failure, tuple):
-                failure = _call_handler(handler, *failure, kwargs)  # D4, obeys ignore_llm
+            fallback = _fallback(event, args, error)
+            if fallback is not None:  # D4, and the fallback obeys its own ignore flag
+                failure = _call_handler(handler, *fallback, kwargs)
+            else:
+                failure = _after_failure(handler, event, kwargs, error)
             if failure is not None and (first is None or _outranks(failure, first)):
                 first = failure
     if first is not None:
@@ -620,10 +623,10 @@ async def _acall_handler(
         if inspect.isawaitable(result):
             await result
     except BaseException as error:
-        outcome = _after_failure(handler, event, args, kwargs, error)
-        if isinstance(outcome, tuple):
-            return await _acall_handler(handler, *outcome, kwargs)
-        return outcome
+        fallback = _fallback(event, args, error)
+        if fallback is not None:
+            return await _acall_handler(handler, *fallback, kwargs)
+        return _after_failure(handler, event, kwargs, error)
     return None
 
 
@@ -1031,7 +1034,7 @@ class AsyncCallbackManager(_Manager):
 # of reach of `random.seed`), stamped with the version and variant bits, put straight into the
 # UUID's slots. Where `uuid.UUID` lacks those slots, `uuid.uuid4` itself is used.
 _RANDOM: Final = random.Random()
-if hasattr(os, "register_at_fork"):
+if hasattr(os, "register_at_fork"):  # pragma: no branch (no fork to guard on Windows)
     os.register_at_fork(after_in_child=_RANDOM.seed)
 _V4_CLEAR: Final = ~((0xF000 << 64) | (0xC000 << 48))
 _V4_SET: Final = (0x4000 << 64) | (0x8000 << 48)
