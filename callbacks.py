@@ -376,7 +376,7 @@ class BaseCallbackHandler:
     ignore_retry: bool = False
     ignore_custom_event: bool = False
 
-    if TYPE_CHECKING:  # the event methods are installed from the Event table below
+    if TYPE_CHECKING:  # the event methods come from the Event table (_generate_event_methods)
 
         def __getattr__(self, name: str) -> Callable[..., Any]: ...
 
@@ -398,9 +398,6 @@ def _no_op(event: Event) -> Callable[..., Any]:
     return no_op
 
 
-_install_event_methods(BaseCallbackHandler, _no_op)
-
-
 class AsyncCallbackHandler(BaseCallbackHandler):
     """`BaseCallbackHandler` with every event method a coroutine (same no-op defaults and flags).
 
@@ -417,9 +414,6 @@ def _async_no_op(event: Event) -> Callable[..., Any]:
 
     coroutine.__doc__ = sync.__doc__
     return coroutine
-
-
-_install_event_methods(AsyncCallbackHandler, _async_no_op)
 
 
 _DUCK_HANDLERS: Final[weakref.WeakSet[type]] = weakref.WeakSet()  # classes seen to qualify
@@ -1301,13 +1295,6 @@ def _run_manager_method(event: Event, is_async: bool) -> Callable[..., Any]:
     method.__name__ = method.__qualname__ = event.method
     method.__doc__ = f"Fire {event.method} for this run (phase {event.phase})."
     return method
-
-
-for _event in Event:
-    if _event.phase != "start":
-        setattr(RunManager, _event.method, _run_manager_method(_event, False))
-        setattr(AsyncRunManager, _event.method, _run_manager_method(_event, True))
-del _event
 
 
 # =================================================================================================
@@ -2400,9 +2387,6 @@ def _recorder_method(event: Event) -> Callable[..., None]:
     return record
 
 
-_install_event_methods(Recorder, _recorder_method)
-
-
 @dataclass(slots=True)
 class _RunState:
     family: str
@@ -2535,7 +2519,24 @@ def _checker_method(event: Event) -> Callable[..., None]:
     return check
 
 
-_install_event_methods(TraceChecker, _checker_method)
+def _generate_event_methods() -> None:
+    """Give each class its event methods, generated from the `Event` table: the handler bases'
+    defaults, the run managers' event methods, the recorder's and the checker's.
+
+    Run once, at import. Running it again rebuilds the same methods: a test does, so that
+    mutation testing (which switches code at call time) reaches these generators too.
+    """
+    _install_event_methods(BaseCallbackHandler, _no_op)
+    _install_event_methods(AsyncCallbackHandler, _async_no_op)
+    for event in Event:
+        if event.phase != "start":
+            setattr(RunManager, event.method, _run_manager_method(event, False))
+            setattr(AsyncRunManager, event.method, _run_manager_method(event, True))
+    _install_event_methods(Recorder, _recorder_method)
+    _install_event_methods(TraceChecker, _checker_method)
+
+
+_generate_event_methods()
 
 
 @contextlib.contextmanager

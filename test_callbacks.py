@@ -12,6 +12,7 @@ import collections
 import contextlib
 import contextvars
 import doctest
+import functools
 import gc
 import importlib
 import inspect
@@ -274,6 +275,93 @@ def test_events_handler_defaults_are_no_ops_except_chat_start() -> None:
             assert getattr(handler, event.method)(*args, run_id=run_id) is None
     flags = ["raise_error", "run_inline", *sorted({e.ignore_flag for e in Event if e.ignore_flag})]
     assert [getattr(handler, f) for f in flags] == [False] * 9
+
+
+_STARTS: dict[str, Callable[[Any], Any]] = {  # how a manager starts a run of each family
+    "chain": lambda m: m.on_chain_start({}, {}),
+    "llm": lambda m: m.on_llm_start({}, ["p"]),
+    "tool": lambda m: m.on_tool_start({}, "in"),
+    "retriever": lambda m: m.on_retriever_start({}, "q"),
+}
+
+
+async def _started(result: Any) -> Any:
+    run = await result if inspect.isawaitable(result) else result
+    return run[0] if isinstance(run, list) else run
+
+
+def _check_generated_run_manager_methods(manager_class: type[Any]) -> None:
+    """Each non-start event method of the run managers, for every event of the table: what it
+    delivers, with which keywords, and what it refuses (a payload count, a run of another
+    kind, a run already over: D3)."""
+
+    async def call(run: Any, method: str, *args: Any, **kwargs: Any) -> None:
+        result = getattr(run, method)(*args, **kwargs)
+        if inspect.isawaitable(result):
+            await result
+
+    async def main() -> None:
+        for event in (e for e in Event if e.phase != "start"):
+            family = "chain" if event.run_type == "any" else event.run_type
+            rec, checker = Recorder(), TraceChecker(strict=True)
+            handlers = [rec, checker]
+            parent = await _started(manager_class(handlers, handlers).on_chain_start({}, {}))
+            child = parent.get_child("step")
+            child.add_tags(["t"])
+            child.add_metadata({"k": 1})
+            run = await _started(_STARTS[family](child))
+            assert getattr(type(run), event.method).__name__ == event.method
+            assert getattr(type(run), event.method).__doc__ == (
+                f"Fire {event.method} for this run (phase {event.phase})."
+            )
+            payload = tuple(f"p{i}" for i in range(len(event.payload)))
+            await call(run, event.method, *payload, x=1)
+            last = rec.records[-1]
+            assert (last.event, last.args, last.run_id) == (event, payload, run.run_id)
+            assert last.tags == ["step", "t"]
+            custom = event is Event.CUSTOM_EVENT
+            assert last.parent_run_id == (None if custom else parent.run_id)
+            assert last.metadata == ({"k": 1} if custom else None)
+            assert last.kwargs == {"x": 1}
+            count = len(event.payload)
+            with pytest.raises(TypeError, match=rf"^{event.method}\(\) takes {count} positional"):
+                await call(run, event.method, *payload, "one too many")
+            other = "tool" if family != "tool" else "chain"
+            if event.run_type != "any":
+                wrong = await _started(_STARTS[other](child))
+                with pytest.raises(TypeError, match=f"{event.method} does not apply to a"):
+                    await call(wrong, event.method, *payload)
+                await call(wrong, callbacks._END[other].method, None)
+            if not event.closes:
+                await call(run, callbacks._END[family].method, None)
+            with pytest.raises(RuntimeError, match=f"{event.method} after the end of"):
+                await call(run, event.method, *payload)
+            await call(parent, "on_chain_end", None)
+            checker.check()
+
+    asyncio.run(main())
+
+
+def test_events_generated_methods_rebuilt_from_the_table_behave_as_documented() -> None:
+    """Every event method is generated from `Event`, once at import: the handler bases'
+    defaults, the run managers' event methods, the recorder's and the checker's. Rebuilding
+    them now gives methods that behave as the table says (and lets mutation testing, which
+    switches code at call time, reach the generators)."""
+    callbacks._generate_event_methods()
+    test_events_handler_base_signatures_follow_langchain()
+    test_events_handler_defaults_are_no_ops_except_chat_start()
+    for base in (BaseCallbackHandler, AsyncCallbackHandler, Recorder, TraceChecker):
+        for event in Event:
+            method = getattr(base, event.method)
+            assert (method.__name__, method.__qualname__) == (event.method, event.method)
+            assert inspect.signature(method) == event.signature
+            assert method.__doc__
+    for manager_class in (CallbackManager, AsyncCallbackManager):
+        _check_generated_run_manager_methods(manager_class)
+    for kind in sorted(_BROKEN_STREAMS):
+        test_X1_trace_checker_finds_each_kind_of_violation(kind)
+    test_X2_recorder_keeps_payload_positional_even_when_passed_by_keyword()
+    test_D4_chat_start_falls_back_to_llm_start_with_rendered_messages()
 
 
 @pytest.mark.parametrize(
@@ -4455,7 +4543,7 @@ def test_R4_constructor_arguments_are_checked() -> None:
         (lambda: Parallel(), ValueError, "a Parallel needs at least one step"),
     ]
     for make, kind, message in cases:
-        with pytest.raises(kind, match=re.escape(message)):
+        with pytest.raises(kind, match=f"^{re.escape(message)}$"):
             make()
 
 
@@ -4463,8 +4551,8 @@ def test_R4_steps_are_coerced_and_builtins_without_signatures_work() -> None:
     rec = Recorder()
     chain = Chain(lambda x: [x, 2], {"biggest": Lambda(max), "n": len})
     assert chain.invoke(1, {"callbacks": [rec], "max_concurrency": 1}) == {"biggest": 2, "n": 2}
-    piped = (lambda x: x + 1) | Lambda(_ident, name="g")  # Runnable.__ror__
-    assert isinstance(piped, Chain) and piped.invoke(1) == 2
+    piped = (lambda x: x + 1) | Lambda(lambda x: x * 10, name="g")  # Runnable.__ror__
+    assert isinstance(piped, Chain) and piped.invoke(1) == 20
     names = [r.kwargs["name"] for r in rec.records if r.event.phase == "start"]
     assert names == ["Chain", "Lambda", "Parallel", "max", "len"]
     with pytest.raises(NotImplementedError):
@@ -4525,6 +4613,276 @@ def test_X2_tree_ignores_events_of_runs_it_never_saw_start() -> None:
     rec.on_chain_end({}, run_id=_A, tags=[])
     rec.on_chain_start({}, {}, run_id=_B, tags=[], name="b")
     assert rec.tree() == "b (chain) -> open"
+
+
+# ===============================================================================================
+# Mutation testing's findings: behaviour no other test pinned down (issue 7)
+# ===============================================================================================
+
+
+class _Bare:
+    """A duck-typed handler: no base class, no flags at all, only the methods it has."""
+
+    def __init__(self, log: list[tuple[str, Any]]) -> None:
+        self.log = log
+
+    def on_chain_start(self, serialized: Any, inputs: Any, **kw: Any) -> None:
+        self.log.append(("start", threading.current_thread() is threading.main_thread()))
+
+    def on_chain_end(self, outputs: Any, **kw: Any) -> None:
+        raise ValueError("bare handler broke")
+
+
+def test_D1_D2_D5_a_handler_without_flags_is_not_inline_and_does_not_raise() -> None:
+    """Flags default to False: a flagless handler's failure is only logged (D2), a handler
+    missing a method does not stop delivery to the next one (D1), and under ``ainvoke`` a
+    flagless sync handler runs in a worker thread, not inline (D5)."""
+    log: list[tuple[str, Any]] = []
+    rec = Recorder()
+    assert Lambda(_ident).invoke(1, {"callbacks": [_Bare(log), rec]}) == 1
+    assert rec.events() == ["on_chain_start", "on_chain_end"]
+    assert ChatModel("ok").invoke("q", {"callbacks": [_Bare(log), rec]}) == AIMessage("ok")
+    assert rec.events()[2:] == ["on_chat_model_start", "on_llm_end"]  # _Bare lacks both
+    assert asyncio.run(Lambda(_ident).ainvoke(1, {"callbacks": [_Bare(log)]})) == 1
+    assert log == [("start", True), ("start", False)]
+
+
+def test_D2_D5_under_async_dispatch_the_first_raise_error_failure_wins_and_interrupts_outrank() -> (
+    None
+):
+    first, second = ValueError("first"), ValueError("second")
+    interrupt = KeyboardInterrupt("stop")
+
+    def run(*handlers: _Shared) -> BaseException | None:
+        return _drive(Lambda(_ident, name="f"), {"callbacks": list(handlers)}, "ainvoke")
+
+    log: list[_LogEntry] = []
+    a = _Shared("a", log, fail=("on_chain_start", None, first), raise_error=True)
+    b = _Shared("b", log, fail=("on_chain_start", None, second), raise_error=True)
+    assert run(a, b) is first
+    c = _Shared("c", log, fail=("on_chain_start", None, interrupt))
+    assert run(a, c) is interrupt
+
+
+def test_S4_S6_S7_manager_defaults_and_values_pass_through() -> None:
+    parent = uuid.uuid4()
+    rec, other = Recorder("r"), Recorder("o")
+    manager = CallbackManager(parent_run_id=parent)
+    manager.add_handler(rec)  # inheritable by default
+    manager.add_tags(["ab"])
+    manager.add_tags(["".join(["a", "b"])])  # an equal tag, another object: kept once (S7)
+    assert manager.parent_run_id == parent
+    assert manager.inheritable_handlers == (rec,) and manager.tags == ("ab",)
+    with pytest.raises(TypeError, match=r"^metadata must be a dict with string keys, got \[1\]$"):
+        manager.add_metadata([1])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^callbacks must be a list of handlers, got 'abc'$"):
+        CallbackManager("abc")
+    run_id = uuid.uuid4()
+    starts: list[tuple[str, Callable[..., Any]]] = [
+        ("on_chain_start", lambda m: m.on_chain_start({"s": 1}, {}, run_id=run_id)),
+        ("on_tool_start", lambda m: m.on_tool_start({"s": 1}, "in", run_id=run_id)),
+        ("on_retriever_start", lambda m: m.on_retriever_start({"s": 1}, "q", run_id=run_id)),
+        ("on_llm_start", lambda m: m.on_llm_start({"s": 1}, ["p"], run_id=run_id)),
+        ("on_chat_model_start", lambda m: m.on_chat_model_start({"s": 1}, [[]], run_id=run_id)),
+    ]
+    for manager_class in (CallbackManager, AsyncCallbackManager):
+        for method, start in starts:
+            log = Recorder()
+            run = asyncio.run(_started(start(manager_class([log], parent_run_id=parent))))
+            assert (run.run_id, run.parent_run_id) == (run_id, parent)
+            record = log.records[0]
+            assert (record.event.method, record.args[0], record.run_id) == (
+                method, {"s": 1}, run_id,
+            )  # fmt: skip
+    assert other.records == []
+
+
+def test_R2_only_llm_runs_are_leaves_and_say_so() -> None:
+    [run] = CallbackManager([Recorder()]).on_llm_start({}, ["p"])
+    with pytest.raises(TypeError, match=r"^a llm run is a leaf and has no child runs$"):
+        run.get_child()
+
+
+def test_S9_bound_values_merge_with_order_and_bound_max_concurrency_holds() -> None:
+    log: list[_LogEntry] = []
+    one, two = _Shared("1", log), _Shared("2", log)
+    bound = Lambda(_ident, name="f").with_config(callbacks=[one]).with_config(callbacks=[two, one])
+    bound.invoke(1)
+    assert [label for label, method, _ in log if method == "on_chain_start"] == ["1", "2"]
+    with pytest.raises(TypeError, match=r"^run_id cannot be bound: it names one run; pass it"):
+        Lambda(_ident).with_config(run_id=uuid.uuid4())
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def slow(x: int) -> int:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.01)
+        with lock:
+            running[0] -= 1
+        return x
+
+    assert Lambda(slow).with_config(max_concurrency=1).batch([1, 2, 3]) == [1, 2, 3]
+    assert most == [1]
+
+
+def test_R3_batch_of_one_failing_input_returns_the_exception_in_place() -> None:
+    error = ValueError("only one")
+    assert Lambda(_fail("only one")).batch([1], return_exceptions=True)[0].args == error.args
+    with pytest.raises(ValueError, match=r"^batch\(\) got 2 configs for 1 inputs; pass one"):
+        Lambda(_ident).batch([1], [{}, {}])
+
+
+def test_S10_a_call_with_only_tags_or_only_metadata_adds_them_to_the_inherited_manager() -> None:
+    rec = Recorder()
+    inner = Lambda(_ident, name="inner")
+
+    def body(x: Any) -> Any:
+        inner.invoke(x, {"tags": ["only-tags"]})
+        inner.invoke(x, {"metadata": {"only": "metadata"}})
+        return x
+
+    Lambda(body, name="outer").invoke(1, {"callbacks": [rec]})
+    starts = [r for r in rec.records if r.event.phase == "start"]
+    assert [(r.tags, r.metadata) for r in starts] == [
+        ([], {}), (["only-tags"], {}), ([], {"only": "metadata"}),
+    ]  # fmt: skip
+    assert starts[1].parent_run_id == starts[0].run_id == starts[2].parent_run_id
+
+
+def test_S10_R1_streams_carry_the_input_the_output_and_the_enclosing_run() -> None:
+    """``stream`` and ``astream`` report the input on start and the whole output on end, run
+    every step of a chain before streaming the last, and keep implicit children in the tree."""
+    rec = Recorder()
+    child = Lambda(_ident, name="child")
+
+    def body(x: int) -> int:
+        return int(child.invoke(x)) * 10
+
+    chain = Chain(Lambda(lambda x: x + 1, name="a"), Lambda(body, name="b"), Lambda(str, name="c"))
+    assert list(chain.stream(1, {"callbacks": [rec]})) == ["20"]
+
+    async def achunks() -> list[Any]:
+        return [c async for c in chain.astream(1, {"callbacks": [rec]})]
+
+    assert asyncio.run(achunks()) == ["20"]
+    for records in (rec.records[: len(rec.records) // 2], rec.records[len(rec.records) // 2 :]):
+        starts = {r.kwargs["name"]: r for r in records if r.event.phase == "start"}
+        ends = [r for r in records if r.event.phase == "end"]
+        assert starts["Chain"].args[1] == 1 and ends[-1].args[0] == "20"
+        assert starts["child"].parent_run_id == starts["b"].run_id
+
+
+def test_R4_R5_names_serialized_ids_and_tool_payloads() -> None:
+    def shout(text: str) -> str:
+        """Shout the text."""
+        return text.upper()
+
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    rec = Recorder()
+    Tool(shout).invoke("hi", {"callbacks": [rec]})
+    Tool(add, description="adds").invoke({"a": 1, "b": 2}, {"callbacks": [rec]})
+    Lambda(functools.partial(_ident)).invoke(1, {"callbacks": [rec]})
+    starts = [r for r in rec.records if r.event.phase == "start"]
+    assert [r.args[0] for r in starts] == [
+        {"name": "shout", "id": ["callbacks", "Tool"], "description": "Shout the text."},
+        {"name": "add", "id": ["callbacks", "Tool"], "description": "adds"},
+        {"name": "Lambda", "id": ["callbacks", "Lambda"]},
+    ]
+    assert [r.kwargs.get("inputs") for r in starts[:2]] == [None, {"a": 1, "b": 2}]
+    assert [r.args[0] for r in rec.records if r.event.phase == "end"] == ["HI", 3, 1]
+    assert Tool(lambda x: x).description == ""
+    assert asyncio.run(Tool(shout).ainvoke("yo")) == "YO"
+
+
+def test_R0_R2_R5_models_take_any_input_cycle_responses_and_stream_chunks() -> None:
+    rec = Recorder()
+    llm = LLM(["a b", "c"], streaming=True)
+    assert [llm.invoke(5, {"callbacks": [rec]}) for _ in range(3)] == ["a b", "c", "a b"]
+    assert rec.records[0].args[1] == ["Human: 5"]
+    critic = types.SimpleNamespace(type="critic", content="fine")
+    only_content = types.SimpleNamespace(content="no type")
+    chat, chat_rec = ChatModel("ok", streaming=True), Recorder()
+    chat.invoke(critic, {"callbacks": [chat_rec]})
+    chat.invoke(only_content, {"callbacks": [chat_rec]})
+    starts = [r.args[1] for r in chat_rec.records if r.event.phase == "start"]
+    assert starts == [[[critic]], [[HumanMessage(str(only_content))]]]
+    [token] = [r for r in chat_rec.records if r.event is Event.LLM_NEW_TOKEN][:1]
+    assert token.kwargs["chunk"] == Generation("ok", AIMessage("ok"))
+    fallback = _LLMStartOnly()
+    chat.invoke([critic], {"callbacks": [fallback]})
+    assert fallback.seen[0][1] == ["critic: fine"]  # an unknown role is shown as it is (D4)
+    failing, frec = LLM("x y z", streaming=True, error=ValueError("down")), Recorder()
+    assert isinstance(_drive(failing, {"callbacks": [frec]}, "ainvoke"), ValueError)
+    assert frec.events() == ["on_llm_start", "on_llm_new_token", "on_llm_error"]
+
+
+def test_R1_async_retriever_and_sync_tool_get_their_input() -> None:
+    retriever = Retriever(["apple pie", "banana"])
+    assert asyncio.run(retriever.ainvoke("apple")) == [Document("apple pie")]
+    assert asyncio.run(Tool(str.upper).ainvoke("x")) == "X"
+
+
+def test_S10_custom_event_with_another_runs_config_belongs_to_that_run() -> None:
+    rec = Recorder()
+    saved: list[RunnableConfig] = []
+
+    def outer(x: Any, config: RunnableConfig) -> Any:
+        saved.append(config)
+        return inner.invoke(x)
+
+    def inner_body(x: Any) -> Any:
+        dispatch_custom_event("evt", x, config=saved[0])  # the outer run's config
+        return x
+
+    inner = Lambda(inner_body, name="inner")
+    Lambda(outer, name="outer").invoke(1, {"callbacks": [rec]})
+    [custom] = [r for r in rec.records if r.event is Event.CUSTOM_EVENT]
+    assert custom.run_id == rec.records[0].run_id  # the outer run, not the inner one
+    with pytest.raises(RuntimeError) as info:
+        dispatch_custom_event("evt", {})
+    assert str(info.value) == (
+        "dispatching a custom event needs an enclosing run: call it from inside a "
+        "runnable, or pass the config that runnable received"
+    )
+
+
+def test_X1_X2_recorder_defaults_and_checker_messages() -> None:
+    rec = Recorder()
+    assert repr(rec) == "Recorder('recorder')"
+    rec.on_text("note")  # no keywords at all
+    assert rec.records[0][:6] == (Event.TEXT, ("note",), None, None, None, None)
+    rec.on_chain_start({}, {}, run_id=_A)
+    rec.on_text("t", run_id=_A)
+    rec.on_retry("r", run_id=_A)
+    assert rec.tree() == "? (chain) [on_text x1, on_retry x1] -> open"
+    checker = TraceChecker()
+    _feed(checker, [_end(_A), _end(_B)])
+    with pytest.raises(AssertionError) as info:
+        checker.check()
+    assert str(info.value) == "trace breaks the rules:\n" + "\n".join(map(str, checker.violations))
+    assert len(checker.violations) == 2
+    hidden = TraceChecker()
+    hidden.ignore_llm = True  # so an orphan LLM end is fine, an orphan chain end is not
+    _feed(hidden, [_LLM_END, _end(_B)])
+    assert hidden.violations == [
+        Violation("D3", _B, "on_chain_end", "no run with this id has started")
+    ]
+    typed = TraceChecker()
+    _feed(typed, [_start(_A, metadata={1: "x"}), _end(_A)])
+    assert typed.violations == [
+        Violation("X1", _A, "on_chain_start", "metadata {1: 'x'} is not a dict of str keys")
+    ]
+
+
+def test_S4_chain_with_only_tags_metadata_or_callbacks_is_not_spliced() -> None:
+    a, b = Lambda(_ident, name="a"), Lambda(_ident, name="b")
+    for options in ({"tags": ["t"]}, {"metadata": {"k": 1}}, {"callbacks": [Recorder()]}):
+        assert len(Chain(Chain(a, b, **options), a).steps) == 2
+    assert len(Chain(Chain(a, b), a).steps) == 3
 
 
 # ===============================================================================================
