@@ -5461,7 +5461,9 @@ def test_X2_X4_readme_demo_output_is_what_python_callbacks_py_prints(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     demo = next(b for b in _readme_blocks("console") if b.startswith("$ python callbacks.py"))
-    runpy.run_path(str(_README.with_name("callbacks.py")), run_name="__main__")
+    callbacks._demo()
+    assert capsys.readouterr().out == demo.split("\n", 1)[1]
+    runpy.run_path(str(_README.with_name("callbacks.py")), run_name="__main__")  # the script
     assert capsys.readouterr().out == demo.split("\n", 1)[1]
 
 
