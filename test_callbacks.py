@@ -4530,7 +4530,10 @@ def test_S9_with_config_twice_merges_the_bindings() -> None:
     bound.invoke(1)
     assert rec1.records[0].tags == ["a", "b"] == rec2.records[0].tags
     assert rec1.records[0].metadata == {"k": 2, "j": 1}
-    with pytest.raises(TypeError, match="takes a list of handlers, not a manager"):
+    with pytest.raises(
+        TypeError,
+        match=r"^with_config\(callbacks=\.\.\.\) takes a list of handlers, not a manager$",
+    ):
         Lambda(_ident).with_config(callbacks=CallbackManager())
 
 
@@ -4598,6 +4601,27 @@ def test_D3_astream_whose_start_fails_closes_that_run_only() -> None:
     with pytest.raises(ValueError, match="no"):
         asyncio.run(main())
     assert rec.events() == ["on_chain_start", "on_chain_error"]
+
+
+def test_D3_stream_whose_start_fails_closes_that_run_and_raises_the_failure() -> None:
+    strict = _Shared("strict", [], fail=("on_chain_start", "f", ValueError("no")), raise_error=True)
+    rec = Recorder()
+    with pytest.raises(ValueError, match=r"^no$"):
+        list(Lambda(_ident, name="f").stream(1, {"callbacks": [strict, rec]}))
+    assert rec.events() == ["on_chain_start", "on_chain_error"]
+
+
+def test_S10_a_streamed_lambdas_implicit_children_stay_in_the_tree() -> None:
+    child = Lambda(_ident, name="child")
+    for mode in ("stream", "astream"):
+        rec = Recorder()
+        assert (
+            _drive(Lambda(lambda x: child.invoke(x), name="body"), {"callbacks": [rec]}, mode)
+            is None
+        )
+        starts = [r for r in rec.records if r.event.phase == "start"]
+        assert [r.kwargs["name"] for r in starts] == ["body", "child"]
+        assert starts[1].parent_run_id == starts[0].run_id, mode
 
 
 def test_S10_adispatch_custom_event_needs_a_string_name() -> None:
