@@ -4624,6 +4624,28 @@ def test_S10_a_streamed_lambdas_implicit_children_stay_in_the_tree() -> None:
         assert starts[1].parent_run_id == starts[0].run_id, mode
 
 
+def test_S11_an_async_body_run_by_invoke_inside_a_loop_keeps_the_context() -> None:
+    """``invoke`` inside a running loop runs an async body on a worker thread's own loop (D6);
+    the context goes with it, so the body's implicit children stay in the tree (S10, S11) and
+    it sees the caller's context variables."""
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+    child, seen = Lambda(_ident, name="child"), []
+
+    async def body(x: Any) -> Any:
+        seen.append(var.get())
+        return await child.ainvoke(x)
+
+    async def main() -> Any:
+        var.set("caller")
+        return Lambda(body, name="body").invoke(1, {"callbacks": [rec]})
+
+    rec = Recorder()
+    assert asyncio.run(main()) == 1
+    starts = [r for r in rec.records if r.event.phase == "start"]
+    assert [r.kwargs["name"] for r in starts] == ["body", "child"]
+    assert starts[1].parent_run_id == starts[0].run_id and seen == ["caller"]
+
+
 def test_S10_adispatch_custom_event_needs_a_string_name() -> None:
     async def body(x: Any) -> Any:
         await adispatch_custom_event(3, x)  # type: ignore[arg-type]
