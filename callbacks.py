@@ -512,15 +512,13 @@ def _first_failure(errors: Iterable[BaseException | None]) -> BaseException | No
 async def _outcome(awaitable: Awaitable[Any]) -> tuple[Any, BaseException | None]:
     """``await awaitable`` as an outcome: ``(result, None)`` or ``(None, the very exception)``.
 
-    A `asyncio.CancelledError` raised by the code itself is an outcome like any other; one that
-    cancels this very task is the loop's business and is raised.
+    Every exception is an outcome, a `asyncio.CancelledError` included. Cancelling the gather
+    that awaits these tasks still raises out of it whatever they return, and a cancellation that
+    a body brings on its own task leaves the call as the same object (R1).
     """
     try:
         return await awaitable, None
     except BaseException as error:
-        task = asyncio.current_task()
-        if isinstance(error, asyncio.CancelledError) and task is not None and task.cancelling():
-            raise
         return None, error
 
 
@@ -1442,7 +1440,12 @@ async def _agather(
     calls: Sequence[Callable[[], Awaitable[Any]]], limit: int | None, return_exceptions: bool
 ) -> list[Any]:
     """`_map_in_threads` for coroutines: each call a task (a copy of the context), at most
-    ``limit`` running at once, in order when ``limit`` is 1."""
+    ``limit`` running at once, in order when ``limit`` is 1.
+
+    Every task finishes before the results are collected. A task cancelled from elsewhere
+    before its call began (while waiting for its turn, say) counts as that call raising the
+    cancellation.
+    """
     semaphore = asyncio.Semaphore(limit) if limit else None
 
     async def call(make: Callable[[], Awaitable[Any]]) -> tuple[Any, BaseException | None]:

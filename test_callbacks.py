@@ -4931,6 +4931,272 @@ def test_S4_chain_with_only_tags_metadata_or_callbacks_is_not_spliced() -> None:
     assert len(Chain(Chain(a, b), a).steps) == 3
 
 
+# -- D3: a cancellation thrown into the task, a body cancelling its own task, a queued item ------
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["lambda", "in_chain"])
+def test_D3_a_cancellation_thrown_in_at_a_bare_yield_reaches_the_body(nested: bool) -> None:
+    """A task cancelled while its body yields bare (``await asyncio.sleep(0)``) waits on no
+    future: the loop throws the cancellation in at the top, and each run's frame must pass it
+    down to the body, not drop it. The body then stops at that await and every run closes."""
+    rec, checker = Recorder(), TraceChecker()
+    spins = [0]
+    seen: list[BaseException] = []
+
+    async def spin(x: str) -> str:
+        try:
+            while spins[0] < 10_000:  # bounded: a lost cancellation fails the test, not hangs it
+                spins[0] += 1
+                await asyncio.sleep(0)
+        except asyncio.CancelledError as error:
+            seen.append(error)
+            raise
+        return "never cancelled"
+
+    body = Lambda(spin, name="spin")
+    runnable = Chain(Lambda(_ident, name="a"), body, name="outer") if nested else body
+
+    async def main() -> None:
+        task = asyncio.create_task(runnable.ainvoke("q", {"callbacks": [rec, checker]}))
+        while spins[0] < 3:
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert task.cancelled()
+
+    asyncio.run(main())
+    assert len(seen) == 1 and spins[0] < 10
+    checker.check()
+    ends = [r for r in rec.records if r.event.phase != "start"]
+    assert [r.event.method for r in ends][-(2 if nested else 1) :] == ["on_chain_error"] * (
+        2 if nested else 1
+    )
+    assert all(r.args[0] is seen[0] for r in ends if r.event.phase == "error")
+
+
+def test_R1_D3_a_body_that_cancels_its_own_task_gives_that_very_error() -> None:
+    """In `abatch` and in an async `Parallel`, each item or branch is a task of its own. A body
+    that cancels that task raises a `asyncio.CancelledError`: the call raises that same object
+    (R1; `return_exceptions` keeps only `Exception`), after the other runs closed (D3)."""
+    rec, checker = Recorder(), TraceChecker()
+    raised: list[BaseException] = []
+
+    async def pick(x: int) -> int:
+        if x == 1:
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()
+            try:
+                await asyncio.sleep(5)
+            except asyncio.CancelledError as error:
+                raised.append(error)
+                raise
+        for _ in range(3):
+            await asyncio.sleep(0.001)
+        return x
+
+    async def main() -> None:
+        config: RunnableConfig = {"callbacks": [rec, checker]}
+        with pytest.raises(asyncio.CancelledError) as info:
+            await Lambda(pick, name="pick").abatch([1, 2], config, return_exceptions=True)
+        assert info.value is raised[0]
+        assert len(rec.records) == 4  # the other item's run closed before abatch raised
+        fan = Parallel(a=Lambda(pick, name="pick"), b=Lambda(_ident, name="b"))
+        with pytest.raises(asyncio.CancelledError) as info:
+            await fan.ainvoke(1, config)
+        assert info.value is raised[1]
+        assert len(rec.records) == 10
+
+    asyncio.run(main())
+    checker.check()
+    errors = [r.args[0] for r in rec.records if r.event.phase == "error"]
+    assert errors == [raised[0], raised[1], raised[1]]  # the item; the branch, then the Parallel
+
+
+def test_D3_R3_an_item_cancelled_while_waiting_for_its_turn_lets_the_running_ones_finish() -> None:
+    """Shutdown code often cancels every task (``for t in asyncio.all_tasks(): t.cancel()``),
+    our own included. An `abatch` item cancelled while it waits for its turn never starts a
+    run; the item already running still finishes and closes its run before `abatch` raises
+    the cancellation (D3)."""
+    rec, checker = Recorder(), TraceChecker()
+
+    async def first(x: int) -> int:
+        if x == 1:
+            me, main_task = asyncio.current_task(), tasks[0]
+            for task in asyncio.all_tasks():
+                if task is not me and task is not main_task:
+                    task.cancel()  # the items waiting for the semaphore
+            for _ in range(3):
+                await asyncio.sleep(0.001)
+        return x
+
+    tasks: list[asyncio.Task[Any] | None] = []
+
+    async def main() -> None:
+        tasks.append(asyncio.current_task())
+        config: RunnableConfig = {"callbacks": [rec, checker], "max_concurrency": 1}
+        with pytest.raises(asyncio.CancelledError):
+            await Lambda(first, name="first").abatch([1, 2, 3], config, return_exceptions=True)
+        assert rec.events() == ["on_chain_start", "on_chain_end"]  # at once: item 1 is done
+
+    asyncio.run(main())
+    checker.check()
+    assert rec.records[1].args[0] == 1
+
+
+# -- S3/R3: max_concurrency holds for what stream() and astream() run --------------------------
+
+
+class _Peak:
+    """Counts the branches running at once; ``peak`` is the most there ever were. With
+    ``meet=n`` each sync branch waits until n are running (fails if they cannot all be)."""
+
+    def __init__(self, meet: int | None = None) -> None:
+        self.lock = threading.Lock()
+        self.active = self.peak = 0
+        self.barrier = threading.Barrier(meet, timeout=5) if meet else None
+
+    def _enter(self) -> None:
+        with self.lock:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+
+    def _leave(self) -> None:
+        with self.lock:
+            self.active -= 1
+
+    def branch(self, x: int) -> int:
+        self._enter()
+        if self.barrier is not None:
+            self.barrier.wait()
+        else:
+            time.sleep(0.01)
+        self._leave()
+        return x
+
+    async def abranch(self, x: int) -> int:
+        self._enter()
+        for _ in range(3):  # let every other ready task run meanwhile
+            await asyncio.sleep(0.001)
+        self._leave()
+        return x
+
+
+def _streamed_fan(shape: str, fan: Parallel) -> Runnable:
+    if shape == "parallel":
+        return fan
+    if shape == "fan_first":
+        return Chain(fan, Lambda(_ident, name="after"), name="c")
+    return Chain(Lambda(_ident, name="before"), fan, name="c")  # fan_last, and inherited
+
+
+@pytest.mark.parametrize("limit", [1, None])
+@pytest.mark.parametrize("shape", ["parallel", "fan_first", "fan_last", "inherited"])
+@pytest.mark.parametrize("mode", ["stream", "astream"])
+def test_S3_R3_max_concurrency_bounds_the_branches_a_stream_runs(
+    mode: str, shape: str, limit: int | None
+) -> None:
+    """``max_concurrency`` given to ``stream()``/``astream()``, or inherited from the call that
+    streams, bounds a `Parallel` anywhere in what is streamed: the first step of a streamed
+    `Chain` (run whole), its last step (streamed), or the streamed runnable itself."""
+    peak = _Peak(meet=None if limit or mode == "astream" else 3)
+    step = peak.abranch if mode == "astream" else peak.branch
+    fan = Parallel(a=Lambda(step, name="a"), b=Lambda(step, name="b"), c=Lambda(step, name="c"))
+    target = _streamed_fan(shape, fan)
+    config: RunnableConfig = {"callbacks": [TraceChecker(strict=True)]}
+    if limit is not None:
+        config["max_concurrency"] = limit
+    want = {"a": 7, "b": 7, "c": 7}
+    if mode == "stream":
+        if shape == "inherited":
+            outer = Lambda(lambda x: list(target.stream(x))[-1], name="outer")
+            assert outer.invoke(7, config) == want
+        else:
+            assert list(target.stream(7, config))[-1] == want
+    else:
+
+        async def drain(x: int) -> Any:
+            return [chunk async for chunk in target.astream(x)][-1]
+
+        async def main() -> Any:
+            if shape == "inherited":
+                return await Lambda(drain, name="outer").ainvoke(7, config)
+            return [chunk async for chunk in target.astream(7, config)][-1]
+
+        assert asyncio.run(main()) == want
+    assert peak.peak == (limit or 3)  # all three at once without a limit: the count is real
+
+
+# -- S10, S6/S7, D5 ---------------------------------------------------------------------------
+
+
+def test_S10_adispatch_custom_event_with_another_runs_config_belongs_to_that_run() -> None:
+    rec = Recorder()
+    saved: list[RunnableConfig] = []
+
+    async def outer(x: Any, config: RunnableConfig) -> Any:
+        saved.append(config)
+        return await inner.ainvoke(x)
+
+    async def inner_body(x: Any) -> Any:
+        await adispatch_custom_event("evt", x, config=saved[0])  # the outer run's config
+        await adispatch_custom_event("own", x)
+        return x
+
+    inner = Lambda(inner_body, name="inner")
+    assert asyncio.run(Lambda(outer, name="outer").ainvoke(1, {"callbacks": [rec]})) == 1
+    outer_id, inner_id = rec.records[0].run_id, rec.records[1].run_id
+    custom = [(r.args[0], r.run_id) for r in rec.records if r.event is Event.CUSTOM_EVENT]
+    assert custom == [("evt", outer_id), ("own", inner_id)]
+
+
+def test_S6_S7_S9_binding_twice_keeps_equal_handlers_and_merges_equal_tags() -> None:
+    """Bound handlers merge as an ordered set by identity (S6): two distinct handlers that
+    compare equal both stay. Bound tags merge by equality (S7): an equal tag built at run time
+    is not added again."""
+
+    @dataclass(eq=True)
+    class Same(Recorder):  # every two compare equal; unhashable, as dataclasses with eq are
+        def __init__(self) -> None:
+            super().__init__("same")
+
+    first, second = Same(), Same()
+    assert first == second and first is not second
+    tag = "".join(["t", "ag"])  # equal to "tag", another object
+    runnable = (
+        Lambda(_ident, name="x")
+        .with_config(callbacks=[first], tags=["tag"])
+        .with_config(callbacks=[second, first], tags=[tag, "other"])
+    )
+    assert runnable.invoke(1) == 1
+    for handler in (first, second):
+        assert [(r.event.method, r.tags) for r in handler.records] == [
+            ("on_chain_start", ["tag", "other"]),
+            ("on_chain_end", ["tag", "other"]),
+        ]
+
+
+def test_D5_a_handler_without_run_inline_is_called_after_the_inline_ones() -> None:
+    """Under async dispatch the ``run_inline`` handlers go first, in order; a duck-typed
+    handler with no ``run_inline`` at all counts as not inline, so it comes after them even
+    when listed first."""
+    log: list[str] = []
+
+    class Duck:
+        def on_chain_start(self, serialized: Any, inputs: Any, **kw: Any) -> None:
+            log.append("duck")
+
+    class Inline(BaseCallbackHandler):
+        run_inline = True
+
+        def on_chain_start(self, serialized: Any, inputs: Any, **kw: Any) -> None:
+            log.append("inline")
+
+    asyncio.run(Lambda(_ident).ainvoke(1, {"callbacks": [Duck(), Inline()]}))
+    assert log == ["inline", "duck"]
+
+
 # ===============================================================================================
 # Extras: trace checker, recorder, deterministic ids (X1-X3)
 # ===============================================================================================
