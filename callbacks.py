@@ -2570,13 +2570,13 @@ def sequential_run_ids(start: int = 1) -> Iterator[None]:
 
 def _demo() -> None:
     """Run a small question-answering chain and print what two handlers saw."""
-    request, constructor = Recorder("request"), Recorder("constructor")
-    retriever = Retriever(["Paris is the capital of France.", "Rome is in Italy."], name="docs")
+    request, constructor = Recorder(), Recorder()
+    retriever = Retriever(["Paris is the capital of France.", "Lyon is in France."], name="docs")
     model = ChatModel("The capital of France is Paris.", streaming=True, callbacks=[constructor])
 
     def prompt(inputs: dict[str, Any]) -> str:
         context = " ".join(d.page_content for d in inputs["context"])
-        return f"Answer from the context.\nContext: {context}\nQuestion: {inputs['question']}"
+        return f"Context: {context}\nQuestion: {inputs['question']}"
 
     def count_words(message: AIMessage) -> int:
         """Count the words of a message."""
@@ -2590,10 +2590,15 @@ def _demo() -> None:
     ).with_config(run_name="qa")
     with sequential_run_ids():
         answer = chain.invoke(
-            "capital France",
+            "France",
             {"callbacks": [request], "tags": ["demo"], "max_concurrency": 1},
         )
+    (start,) = [r for r in request.records if r.event is Event.CHAT_MODEL_START]
+    tokens = [r.args[0] for r in constructor.records if r.event is Event.LLM_NEW_TOKEN]
     print(f"answer: {answer!r}\n")
+    print("The chat model's messages, as on_chat_model_start got them:")
+    print("".join(f"    {m.type}: {m.content!r}\n" for m in start.args[1][0]))
+    print(f"Its tokens, as on_llm_new_token got them: {tokens!r}\n")
     print(f"Request-time handler, {len(request.records)} events: inherited by every run (S1).")
     print(request.tree())
     print(f"\nConstructor handler, {len(constructor.records)} events: local to the chat model, so")
