@@ -2597,8 +2597,9 @@ def _demo() -> None:
     tokens = [r.args[0] for r in constructor.records if r.event is Event.LLM_NEW_TOKEN]
     print(f"answer: {answer!r}\n")
     print("The chat model's messages, as on_chat_model_start got them:")
-    print("".join(f"    {m.type}: {m.content!r}\n" for m in start.args[1][0]))
-    print(f"Its tokens, as on_llm_new_token got them: {tokens!r}\n")
+    for message in start.args[1][0]:
+        print(f"    {message.type}: {message.content!r}")
+    print(f"\nIts tokens, as on_llm_new_token got them: {tokens!r}\n")
     print(f"Request-time handler, {len(request.records)} events: inherited by every run (S1).")
     print(request.tree())
     print(f"\nConstructor handler, {len(constructor.records)} events: local to the chat model, so")
