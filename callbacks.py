@@ -1695,7 +1695,7 @@ class Runnable:
         else:
             shared = _check_config(config)
             rest = {k: v for k, v in shared.items() if k != "run_id"}
-            configs = [shared, *[rest] * (len(items) - 1)][: len(items)]
+            configs = [shared, *[rest] * (len(items) - 1)] if items else []
         limit = self._limit(configs[0] if configs else {}) or _MAX_CONCURRENCY.get()
         return items, configs, limit
 
@@ -2155,8 +2155,7 @@ class ChatModel(LLM):
     _run_type: ClassVar[str] = "chat_model"
 
     def _start_args(self, input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        messages = [HumanMessage(input)] if isinstance(input, str) else _as_messages(input)
-        return (self._serialized(), [messages]), {}
+        return (self._serialized(), [_as_messages(input)]), {}
 
     def _message(self, text: str) -> BaseMessage | None:
         return AIMessage(text)
