@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import contextvars
 import doctest
@@ -2906,6 +2907,43 @@ def test_D5_no_handler_is_dropped_from_llm_start() -> None:
 
 
 _REQUEST: contextvars.ContextVar[str] = contextvars.ContextVar("request", default="unset")
+
+
+def test_D5_async_handlers_are_awaited_on_the_loop_and_only_sync_ones_use_worker_threads() -> None:
+    """An async handler's method is called and awaited on the loop: nothing of it goes through
+    the loop's executor. A sync handler that is not ``run_inline`` does, once per event."""
+
+    class CountingExecutor(concurrent.futures.ThreadPoolExecutor):
+        submitted = 0
+
+        def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+            type(self).submitted += 1
+            return super().submit(fn, *args, **kwargs)
+
+    class AsyncOnly(AsyncCallbackHandler):
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+
+        async def on_chain_start(self, *args: Any, **kwargs: Any) -> None:
+            self.seen.append("on_chain_start")
+
+        async def on_chain_end(self, *args: Any, **kwargs: Any) -> None:
+            self.seen.append("on_chain_end")
+
+    async def body(x: int) -> int:
+        return x
+
+    async def main(handler: object) -> int:
+        executor = CountingExecutor(max_workers=2)
+        asyncio.get_running_loop().set_default_executor(executor)
+        CountingExecutor.submitted = 0
+        assert await Lambda(body).ainvoke(1, {"callbacks": [handler]}) == 1
+        return CountingExecutor.submitted
+
+    handler = AsyncOnly()
+    assert asyncio.run(main(handler)) == 0
+    assert handler.seen == ["on_chain_start", "on_chain_end"]
+    assert asyncio.run(main(Recorder())) == 2  # the count is real: a sync handler's two events
 
 
 def test_D5_sync_handlers_run_in_a_worker_thread_with_the_context_copied() -> None:
