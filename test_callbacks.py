@@ -132,6 +132,18 @@ def _ident(x: Any) -> Any:
     return x
 
 
+async def _until(
+    condition: Callable[[], bool], task: asyncio.Future[Any], pause: float = 0.001
+) -> None:
+    """Wait until ``condition()`` holds. If ``task`` ends first, raise what it raised, or fail:
+    code that broke the run then fails the test at once instead of leaving it waiting."""
+    while not condition():
+        if task.done():
+            task.result()
+            pytest.fail("the task ended before the awaited condition held")
+        await asyncio.sleep(pause)
+
+
 _LogEntry = tuple[str, str, int | None]
 
 
@@ -3839,8 +3851,7 @@ def test_D3_cancelled_ainvoke_waits_for_a_sync_body_so_its_children_close_first(
         task = asyncio.create_task(
             Lambda(body, name="outer").ainvoke("q", {"callbacks": [rec, checker, SlowStart()]})
         )
-        while not started.is_set():
-            await asyncio.sleep(0.005)
+        await _until(started.is_set, task)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -4425,8 +4436,7 @@ def test_D3_cancelling_an_abatch_closes_the_run_of_every_item() -> None:
         batch = asyncio.ensure_future(
             Lambda(slow, name="slow").abatch([1, 2], {"callbacks": [rec, checker]})
         )
-        while len(rec.records) < 2:  # both items started
-            await asyncio.sleep(0.001)
+        await _until(lambda: len(rec.records) >= 2, batch)  # both items started
         batch.cancel()
         with pytest.raises(asyncio.CancelledError):
             await batch
@@ -4996,8 +5006,7 @@ def test_D3_a_cancellation_thrown_in_at_a_bare_yield_reaches_the_body(nested: bo
 
     async def main() -> None:
         task = asyncio.create_task(runnable.ainvoke("q", {"callbacks": [rec, checker]}))
-        while spins[0] < 3:
-            await asyncio.sleep(0)
+        await _until(lambda: spins[0] >= 3, task, pause=0)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
