@@ -205,6 +205,16 @@ class _LLMStartOnly(BaseCallbackHandler):
         self.seen.append(("on_chain_start", inputs, _int(kwargs["run_id"])))
 
 
+class _PromptsDuck:
+    """A duck-typed handler with ``on_llm_start`` only: it keeps the prompts it gets (D4)."""
+
+    def __init__(self) -> None:
+        self.prompts: list[list[str]] = []
+
+    def on_llm_start(self, serialized: Any, prompts: list[str], **kwargs: Any) -> None:
+        self.prompts.append(prompts)
+
+
 def _fail(message: str) -> Callable[[Any], Any]:
     def fail(x: Any) -> Any:
         raise ValueError(message)
@@ -774,14 +784,7 @@ def test_D3_run_manager_ends_exactly_once() -> None:
 def test_D4_chat_start_falls_back_to_llm_start_with_rendered_messages() -> None:
     subclass = _LLMStartOnly(raise_error=True)
 
-    class DuckTyped:
-        def __init__(self) -> None:
-            self.prompts: list[list[str]] = []
-
-        def on_llm_start(self, serialized: Any, prompts: list[str], **kwargs: Any) -> None:
-            self.prompts.append(prompts)
-
-    duck = DuckTyped()
+    duck = _PromptsDuck()
     messages = [
         SystemMessage("be brief"),
         HumanMessage("hi"),
@@ -4413,14 +4416,7 @@ def test_events_a_handler_with_methods_on_the_instance_only_is_checked_each_time
 
 
 def test_D4_a_handler_without_chat_start_gets_llm_start_under_async_dispatch() -> None:
-    class Duck:
-        def __init__(self) -> None:
-            self.prompts: list[list[str]] = []
-
-        def on_llm_start(self, serialized: Any, prompts: list[str], **kw: Any) -> None:
-            self.prompts.append(prompts)
-
-    duck = Duck()
+    duck = _PromptsDuck()
     asyncio.run(ChatModel("ok").ainvoke("hi", {"callbacks": [duck]}))
     assert duck.prompts == [["Human: hi"]]
 
@@ -5016,9 +5012,8 @@ def test_D3_a_cancellation_thrown_in_at_a_bare_yield_reaches_the_body(nested: bo
     assert len(seen) == 1 and spins[0] < 10
     checker.check()
     ends = [r for r in rec.records if r.event.phase != "start"]
-    assert [r.event.method for r in ends][-(2 if nested else 1) :] == ["on_chain_error"] * (
-        2 if nested else 1
-    )
+    cancelled = 2 if nested else 1  # spin, and the chain around it
+    assert [r.event.method for r in ends][-cancelled:] == ["on_chain_error"] * cancelled
     assert all(r.args[0] is seen[0] for r in ends if r.event.phase == "error")
 
 
@@ -5067,6 +5062,7 @@ def test_D3_R3_an_item_cancelled_while_waiting_for_its_turn_lets_the_running_one
     run; the item already running still finishes and closes its run before `abatch` raises
     the cancellation (D3)."""
     rec, checker = Recorder(), TraceChecker()
+    tasks: list[asyncio.Task[Any] | None] = []  # the test's own task, spared
 
     async def first(x: int) -> int:
         if x == 1:
@@ -5077,8 +5073,6 @@ def test_D3_R3_an_item_cancelled_while_waiting_for_its_turn_lets_the_running_one
             for _ in range(3):
                 await asyncio.sleep(0.001)
         return x
-
-    tasks: list[asyncio.Task[Any] | None] = []
 
     async def main() -> None:
         tasks.append(asyncio.current_task())
