@@ -5766,7 +5766,7 @@ def test_X4_every_rule_names_a_test() -> None:
     text = _README.read_text(encoding="utf-8")
     tested = " ".join(name for name in globals() if name.startswith("test_"))
     for rule_id in re.findall(r"^- \*\*([SDRX]\d+)\*\*", text, re.M):
-        if f"**{rule_id}** (async: planned)" in text:
+        if f"**{rule_id}** (planned)" in text:  # stated, not built yet: no test to name
             continue
         ranges = re.findall(r"test_\w*?([SDRX])(\d+)_to_[SDRX](\d+)", tested)
         in_range = any(
