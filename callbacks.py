@@ -75,6 +75,7 @@ import logging
 import os
 import random
 import re
+import reprlib
 import threading
 import uuid
 import weakref
@@ -419,14 +420,15 @@ def _async_no_op(event: Event) -> Callable[..., Any]:
 _DUCK_HANDLERS: Final[weakref.WeakSet[type]] = weakref.WeakSet()  # classes seen to qualify
 
 
-def _check_handler(obj: object) -> None:
+def _check_handler(obj: object, what: str = "handler") -> None:
     """Raise `TypeError` unless ``obj`` plausibly is a handler (has an event method)."""
     cls = type(obj)
     if isinstance(obj, BaseCallbackHandler) or cls in _DUCK_HANDLERS:
         return
     if isinstance(obj, type) or not any(hasattr(obj, m) for m in _METHODS):
         raise TypeError(
-            f"expected a callback handler (an object with on_* event methods), got {obj!r}"
+            f"{what}: expected a callback handler (an object with on_* event methods), "
+            f"got {_brief(obj)}"
         )
     if any(hasattr(cls, m) for m in _METHODS):  # then every instance of the class qualifies
         _DUCK_HANDLERS.add(cls)
@@ -680,29 +682,48 @@ async def _adispatch(
 # =================================================================================================
 
 
+# Checks of user values. A message names the offending element and its type with a bounded repr
+# (`_brief`), never a whole container: a config or its metadata may hold secrets.
+_REPR: Final = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 40
+_REPR.maxlevel = 1  # a container inside an element shows as its type only
+
+
+def _brief(value: object) -> str:
+    """``value`` for an error message: a short repr and its type, or for a container its type
+    alone (`reprlib` shows an object whose repr raises as ``<Class instance at 0x...>``)."""
+    kind = type(value).__name__
+    if isinstance(value, Iterable) and not isinstance(value, (str, bytes)):
+        return f"a {kind}"
+    return f"{_REPR.repr(value)} ({kind})"
+
+
 def _check_tags(tags: object, what: str = "tags") -> tuple[str, ...]:
-    if isinstance(tags, str) or not isinstance(tags, Iterable):
-        raise TypeError(f"{what} must be a list of strings, got {tags!r}")
-    out = tuple(tags)
-    for tag in out:
+    """Tags as a tuple: a list or tuple of strings, anything else a `TypeError` (a string, a
+    set, a generator: one-shot, unordered or a likely mistake)."""
+    if not isinstance(tags, (list, tuple)):
+        raise TypeError(f"{what} must be a list of strings, got {_brief(tags)}")
+    for i, tag in enumerate(tags):
         if not isinstance(tag, str):
-            raise TypeError(f"{what} must be a list of strings, got {tag!r} in {tags!r}")
-    return out
+            raise TypeError(f"{what}[{i}] must be a string, got {_brief(tag)}")
+    return tuple(tags)
 
 
 def _check_metadata(metadata: object, what: str = "metadata") -> dict[str, Any]:
-    if not isinstance(metadata, Mapping) or not all(isinstance(k, str) for k in metadata):
-        raise TypeError(f"{what} must be a dict with string keys, got {metadata!r}")
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"{what} must be a dict with string keys, got {_brief(metadata)}")
+    for key in metadata:
+        if not isinstance(key, str):
+            raise TypeError(f"{what} keys must be strings, got {_brief(key)}")
     return dict(metadata)
 
 
 def _check_handlers(handlers: object, what: str = "callbacks") -> tuple[object, ...]:
-    if isinstance(handlers, (str, bytes)) or not isinstance(handlers, Iterable):
-        raise TypeError(f"{what} must be a list of handlers, got {handlers!r}")
-    out = tuple(handlers)
-    for handler in out:
-        _check_handler(handler)
-    return out
+    if not isinstance(handlers, (list, tuple)):
+        raise TypeError(f"{what} must be a list of handlers, got {_brief(handlers)}")
+    for i, handler in enumerate(handlers):
+        _check_handler(handler, f"{what}[{i}]")
+    return tuple(handlers)
 
 
 def _add_unique(
@@ -752,7 +773,9 @@ class _Manager:
         inheritable_metadata: Mapping[str, Any] | None = None,
     ) -> None:
         if parent_run_id is not None and not isinstance(parent_run_id, uuid.UUID):
-            raise TypeError(f"parent_run_id must be a uuid.UUID or None, got {parent_run_id!r}")
+            raise TypeError(
+                f"parent_run_id must be a uuid.UUID or None, got {_brief(parent_run_id)}"
+            )
         self._parent = parent_run_id
         self.handlers = self.inheritable_handlers = self.tags = self.inheritable_tags = ()
         self.metadata, self.inheritable_metadata = {}, {}
@@ -858,7 +881,7 @@ class _Manager:
     def remove_handler(self, handler: Any) -> None:
         """Remove ``handler`` from both lists; `ValueError` if it is not there."""
         if not any(h is handler for h in self.handlers):
-            raise ValueError(f"handler {handler!r} is not registered with this manager")
+            raise ValueError(f"handler {_brief(handler)} is not registered with this manager")
         self.handlers = tuple(h for h in self.handlers if h is not handler)
         self.inheritable_handlers = tuple(h for h in self.inheritable_handlers if h is not handler)
 
@@ -1090,7 +1113,7 @@ class _Run:
         """A run started by ``manager``; from a run, a child of it with its inheritable values
         (the manager ``get_child()`` would give, without making it)."""
         if run_id is not None and not isinstance(run_id, uuid.UUID):  # before any event
-            raise TypeError(f"run_id must be a uuid.UUID or None, got {run_id!r}")
+            raise TypeError(f"run_id must be a uuid.UUID or None, got {_brief(run_id)}")
         self = cls.__new__(cls)
         if isinstance(manager, _Run):
             self.handlers = self.inheritable_handlers = manager.inheritable_handlers
@@ -1140,7 +1163,7 @@ class _Run:
         child = cls._make(self, self)
         if tag is not None and tag not in child.tags:
             if not isinstance(tag, str):
-                raise TypeError(f"tag must be a string or None, got {tag!r}")
+                raise TypeError(f"tag must be a string or None, got {_brief(tag)}")
             child.tags = (*child.tags, tag)
         return child
 
@@ -1334,7 +1357,7 @@ class _Options(TypedDict, total=False):
 def _expect(kind: type, what: str) -> Callable[[str, Any], Any]:
     def check(key: str, value: Any) -> Any:
         if not isinstance(value, kind) or isinstance(value, bool):
-            raise TypeError(f"config[{key!r}] must be {what}, got {value!r}")
+            raise TypeError(f"config[{key!r}] must be {what}, got {_brief(value)}")
         return value
 
     return check
@@ -1343,8 +1366,14 @@ def _expect(kind: type, what: str) -> Callable[[str, Any], Any]:
 def _check_max_concurrency(key: str, value: Any) -> int:
     _expect(int, "a positive int")(key, value)
     if value < 1:
-        raise ValueError(f"config[{key!r}] must be a positive int, got {value!r}")
+        raise ValueError(f"config[{key!r}] must be a positive int, got {_brief(value)}")
     return int(value)
+
+
+def _check_run_name(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"config[{key!r}] must be a non-empty string, got {_brief(value)}")
+    return value
 
 
 def _check_callbacks(key: str, value: Any) -> Any:
@@ -1357,7 +1386,7 @@ _CONFIG_KEYS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "callbacks": _check_callbacks,
     "tags": lambda key, value: _check_tags(value, f"config[{key!r}]"),
     "metadata": lambda key, value: _check_metadata(value, f"config[{key!r}]"),
-    "run_name": _expect(str, "a string"),
+    "run_name": _check_run_name,
     "run_id": _expect(uuid.UUID, "a uuid.UUID"),
     "max_concurrency": _check_max_concurrency,
 }
@@ -1372,13 +1401,14 @@ def _check_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
     if config is None:
         return _NO_CONFIG
     if not isinstance(config, Mapping):
-        raise TypeError(f"config must be a dict, got {config!r}")
+        raise TypeError(f"config must be a dict, got {_brief(config)}")
     checked: dict[str, Any] = {}
     for key, value in config.items():
         check = _CONFIG_KEYS.get(key)
         if check is None:
             raise TypeError(
-                f"unknown config key {key!r}; valid keys are: {', '.join(sorted(_CONFIG_KEYS))}"
+                f"unknown config key {_brief(key)}; valid keys are: "
+                + ", ".join(sorted(_CONFIG_KEYS))
             )
         if value is not None:
             checked[key] = check(key, value)
@@ -1548,8 +1578,8 @@ class Runnable:
         tags: Sequence[str] | None = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> None:
-        if name is not None and not isinstance(name, str):
-            raise TypeError(f"name must be a string, got {name!r}")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise TypeError(f"name must be a non-empty string or None, got {_brief(name)}")
         self.name = name
         self.callbacks = _check_handlers(callbacks or ())
         self.tags = _check_tags(tags or ())
@@ -1692,6 +1722,15 @@ class Runnable:
                     "pass one config, or one per input"
                 )
             configs = [_check_config(c) for c in config]
+            first: dict[uuid.UUID, int] = {}
+            for i, c in enumerate(configs):
+                if (run_id := c.get("run_id")) is not None:
+                    if run_id in first:
+                        raise ValueError(
+                            f"batch() got run_id {run_id} for inputs {first[run_id]} and {i}; "
+                            "a run id names one run"
+                        )
+                    first[run_id] = i
         else:
             shared = _check_config(config)
             rest = {k: v for k, v in shared.items() if k != "run_id"}
@@ -1869,7 +1908,9 @@ def _coerce(step: Any) -> Runnable:
         return Parallel(step)
     if callable(step):
         return Lambda(step)
-    raise TypeError(f"cannot use {step!r} as a step: expected a Runnable, a function or a dict")
+    raise TypeError(
+        f"cannot use {_brief(step)} as a step: expected a Runnable, a function or a dict"
+    )
 
 
 def _function_name(func: Callable[..., Any], default: str) -> str:
@@ -1891,7 +1932,7 @@ class Lambda(Runnable):
     def __init__(self, func: Callable[..., Any], **options: Unpack[_Options]) -> None:
         super().__init__(**options)
         if not callable(func):
-            raise TypeError(f"Lambda expects a function, got {func!r}")
+            raise TypeError(f"Lambda expects a function, got {_brief(func)}")
         self.func = func
         self._is_async = inspect.iscoroutinefunction(func)
         try:
@@ -2000,10 +2041,15 @@ class Parallel(Runnable):
         **kwargs: Any,
     ) -> None:
         super().__init__(name=name, callbacks=callbacks, tags=tags, metadata=metadata)
-        merged = {**(steps or {}), **kwargs}
-        if not merged:
+        steps = dict(steps or {})
+        for key in steps:
+            if not isinstance(key, str):  # a key that str() would merge with another
+                raise TypeError(f"Parallel step keys must be strings, got {_brief(key)}")
+            if key in kwargs:
+                raise ValueError(f"Parallel got the step {key!r} twice")
+        if not (steps or kwargs):
             raise ValueError("a Parallel needs at least one step")
-        self.steps = {str(key): _coerce(step) for key, step in merged.items()}
+        self.steps = {key: _coerce(step) for key, step in {**steps, **kwargs}.items()}
 
     def _branches(self, run: _Run) -> list[tuple[str, Runnable, CallbackManager]]:
         return [(k, s, run._child(f"map:key:{k}", CallbackManager)) for k, s in self.steps.items()]
@@ -2024,7 +2070,7 @@ class Parallel(Runnable):
 
 def _check_error(error: BaseException | None) -> BaseException | None:
     if error is not None and not isinstance(error, BaseException):
-        raise TypeError(f"error must be an exception instance or None, got {error!r}")
+        raise TypeError(f"error must be an exception instance or None, got {_brief(error)}")
     return error
 
 
@@ -2070,7 +2116,7 @@ class LLM(Runnable):
         listed = [responses] if isinstance(responses, str) else list(responses)
         if not listed or not all(isinstance(r, str) for r in listed):
             raise TypeError(
-                f"responses must be a string or a non-empty list of strings, got {responses!r}"
+                f"responses must be a string or a non-empty list of strings, got {_brief(responses)}"
             )
         self.responses = tuple(listed)
         self.streaming = streaming
@@ -2187,7 +2233,7 @@ class Tool(Runnable):
     ) -> None:
         super().__init__(name=name, callbacks=callbacks, tags=tags, metadata=metadata)
         if not callable(func):
-            raise TypeError(f"Tool expects a function, got {func!r}")
+            raise TypeError(f"Tool expects a function, got {_brief(func)}")
         self.func = func
         self._is_async = inspect.iscoroutinefunction(func)
         self.description = description if description is not None else (inspect.getdoc(func) or "")
@@ -2267,7 +2313,7 @@ def dispatch_custom_event(name: str, data: Any, *, config: RunnableConfig | None
     tags and metadata, and no ``parent_run_id``. Outside any run: `RuntimeError`.
     """
     if not isinstance(name, str):
-        raise TypeError(f"custom event name must be a string, got {name!r}")
+        raise TypeError(f"custom event name must be a string, got {_brief(name)}")
     _enclosing_run(config)._emit(Event.CUSTOM_EVENT, (name, data), {})
 
 
@@ -2276,7 +2322,7 @@ async def adispatch_custom_event(
 ) -> None:
     """`dispatch_custom_event` for async code: awaited under async dispatch (D5)."""
     if not isinstance(name, str):
-        raise TypeError(f"custom event name must be a string, got {name!r}")
+        raise TypeError(f"custom event name must be a string, got {_brief(name)}")
     run = _enclosing_run(config)
     if isinstance(run, AsyncRunManager):
         await run._aemit(Event.CUSTOM_EVENT, (name, data), {})
@@ -2454,14 +2500,14 @@ class TraceChecker(BaseCallbackHandler):
         tags, metadata = kwargs.get("tags"), kwargs.get("metadata")
         if not isinstance(run_id, uuid.UUID):
             return self._flag("R6", run_id, event, "run_id is not a UUID")
-        if tags is not None and not (
-            isinstance(tags, list) and all(isinstance(t, str) for t in tags)
-        ):
-            self._flag("X1", run_id, event, f"tags {tags!r} is not a list of strings")
-        if metadata is not None and not (
-            isinstance(metadata, dict) and all(isinstance(k, str) for k in metadata)
-        ):
-            self._flag("X1", run_id, event, f"metadata {metadata!r} is not a dict of str keys")
+        for what, value, kind in (("tags", tags, list), ("metadata", metadata, dict)):
+            if value is None:
+                continue
+            wrong = [x for x in value if not isinstance(x, str)] if isinstance(value, kind) else []
+            if wrong or not isinstance(value, kind):
+                shape = "a list of strings" if kind is list else "a dict with string keys"
+                got = f"{_brief(wrong[0])} in it" if wrong else _brief(value)
+                self._flag("X1", run_id, event, f"{what} must be {shape}, got {got}")
         state = self._runs.get(run_id)
         if event.phase == "start":
             return self._start(event, run_id, kwargs.get("parent_run_id"), state)

@@ -423,19 +423,27 @@ def test_events_a_handler_need_not_subclass_the_base() -> None:
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"callback": []}, "unknown config key 'callback'; valid keys are: callbacks, max_concurrency, metadata, run_id, run_name, tags"),
-        ({"configurable": {}}, "unknown config key 'configurable'"),
-        ({"tags": "one"}, "config['tags'] must be a list of strings, got 'one'"),
-        ({"tags": ["a", 1]}, "config['tags'] must be a list of strings, got 1"),
-        ({"metadata": [1]}, "config['metadata'] must be a dict with string keys, got [1]"),
-        ({"run_name": 5}, "config['run_name'] must be a string, got 5"),
-        ({"run_id": "abc"}, "config['run_id'] must be a uuid.UUID, got 'abc'"),
-        ({"max_concurrency": True}, "config['max_concurrency'] must be a positive int, got True"),
-        ({"callbacks": "h"}, "config['callbacks'] must be a list of handlers, got 'h'"),
+        ({"callback": []}, "unknown config key 'callback' (str); valid keys are: callbacks, max_concurrency, metadata, run_id, run_name, tags"),
+        ({"configurable": {}}, "unknown config key 'configurable' (str)"),
+        ({"tags": "one"}, "config['tags'] must be a list of strings, got 'one' (str)"),
+        ({"tags": ["a", 1]}, "config['tags'][1] must be a string, got 1 (int)"),
+        ({"tags": {"a": 1}}, "config['tags'] must be a list of strings, got a dict"),
+        ({"tags": (t for t in "ab")}, "config['tags'] must be a list of strings, got a generator"),
+        ({"metadata": [1]}, "config['metadata'] must be a dict with string keys, got a list"),
+        ({"run_name": 5}, "config['run_name'] must be a non-empty string, got 5 (int)"),
+        ({"run_name": ""}, "config['run_name'] must be a non-empty string, got '' (str)"),
+        ({"run_id": "abc"}, "config['run_id'] must be a uuid.UUID, got 'abc' (str)"),
+        ({"max_concurrency": True}, "config['max_concurrency'] must be a positive int, got True (bool)"),
+        ({"callbacks": "h"}, "config['callbacks'] must be a list of handlers, got 'h' (str)"),
+        ({"callbacks": {Recorder(): 1}}, "config['callbacks'] must be a list of handlers, got a dict"),
+        ({"callbacks": {Recorder()}}, "config['callbacks'] must be a list of handlers, got a set"),
+        ({"callbacks": (h for h in [Recorder()])}, "config['callbacks'] must be a list of handlers, got a generator"),
     ],
 )  # fmt: skip
 def test_config_unknown_key_or_wrong_type_is_a_type_error(config: Any, message: str) -> None:
-    """SPEC section 5: config validation, for invoke, stream, batch and with_config alike."""
+    """SPEC section 5: config validation, for invoke, stream, batch and with_config alike. Only
+    ordered, reusable containers are taken (a dict's keys, a set or a one-shot generator are
+    refused), and the message names the offending element and its type."""
     runnable = Lambda(_ident)
     calls: list[Callable[[], Any]] = [
         lambda: runnable.invoke(1, config),
@@ -459,9 +467,11 @@ def test_config_and_constructor_values_out_of_range_are_clear_errors() -> None:
         Lambda(_ident).batch([1], [{}, {}])
     with pytest.raises(TypeError, match="run_id cannot be bound"):
         Lambda(_ident).with_config(run_id=uuid.uuid4())
-    with pytest.raises(TypeError, match="cannot use 3 as a step"):
+    with pytest.raises(TypeError, match=r"cannot use 3 \(int\) as a step"):
         Chain(Lambda(_ident), 3)
-    with pytest.raises(TypeError, match="error must be an exception instance or None, got 'x'"):
+    with pytest.raises(
+        TypeError, match=r"error must be an exception instance or None, got 'x' \(str\)"
+    ):
         LLM("a", error="x")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="responses must be a string or a non-empty list"):
         LLM([])
@@ -1803,6 +1813,16 @@ def test_R3_batch_config_per_input_and_run_id_for_the_first_only() -> None:
     assert starts == [("c", ["c"]), ("d", ["d"])]
     with pytest.raises(ValueError):
         Lambda(_ident).batch([1, 2], [{}])
+
+
+def test_R3_one_run_id_in_two_per_input_configs_is_refused_before_any_run() -> None:
+    rec, run_id = Recorder(), uuid.uuid4()
+    configs: list[RunnableConfig] = [{"callbacks": [rec], "run_id": run_id}, {}, {"run_id": run_id}]
+    with pytest.raises(ValueError, match=f"^batch\\(\\) got run_id {run_id} for inputs 0 and 2; "):
+        Lambda(_ident).batch([1, 2, 3], configs)
+    with pytest.raises(ValueError, match="for inputs 0 and 2"):
+        asyncio.run(Lambda(_ident).abatch([1, 2, 3], configs))
+    assert rec.records == []
 
 
 def test_R3_max_concurrency_bounds_the_worker_threads() -> None:
@@ -4179,21 +4199,54 @@ class _NotAHandler:
 
 _BAD_CONFIGS: list[tuple[Any, type[Exception], str]] = [
     ({"callback": []}, TypeError, "unknown config key 'callback'"),
-    ({"callbacks": "h"}, TypeError, "got 'h'"),
-    ({"callbacks": 42}, TypeError, "got 42"),
-    ({"callbacks": _NotAHandler()}, TypeError, "got <not a handler>"),
-    ({"callbacks": [_NotAHandler()]}, TypeError, "<not a handler>"),
-    ({"tags": "t1"}, TypeError, "got 't1'"),
-    ({"tags": ["ok", 3]}, TypeError, "got 3"),
-    ({"metadata": ["a"]}, TypeError, "got ['a']"),
-    ({"metadata": {1: "x"}}, TypeError, "got {1: 'x'}"),
-    ({"run_id": "abc"}, TypeError, "got 'abc'"),
-    ({"run_name": 7}, TypeError, "got 7"),
-    ({"max_concurrency": 0}, ValueError, "got 0"),
-    ({"max_concurrency": -3}, ValueError, "got -3"),
-    ({"max_concurrency": "8"}, TypeError, "got '8'"),
-    (["callbacks"], TypeError, "config must be a dict, got ['callbacks']"),
+    ({"callbacks": "h"}, TypeError, "got 'h' (str)"),
+    ({"callbacks": 42}, TypeError, "got 42 (int)"),
+    ({"callbacks": _NotAHandler()}, TypeError, "got <not a handler> (_NotAHandler)"),
+    ({"callbacks": [_NotAHandler()]}, TypeError, "[0]: expected a callback handler"),
+    ({"tags": "t1"}, TypeError, "got 't1' (str)"),
+    ({"tags": ["ok", 3]}, TypeError, "['tags'][1] must be a string, got 3 (int)"),
+    ({"metadata": ["a"]}, TypeError, "got a list"),
+    ({"metadata": {1: "x"}}, TypeError, "keys must be strings, got 1 (int)"),
+    ({"run_id": "abc"}, TypeError, "got 'abc' (str)"),
+    ({"run_name": 7}, TypeError, "got 7 (int)"),
+    ({"max_concurrency": 0}, ValueError, "got 0 (int)"),
+    ({"max_concurrency": -3}, ValueError, "got -3 (int)"),
+    ({"max_concurrency": "8"}, TypeError, "got '8' (str)"),
+    (["callbacks"], TypeError, "config must be a dict, got a list"),
 ]
+
+
+class _BadRepr:
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+def test_config_errors_name_the_element_never_the_whole_value() -> None:
+    """An error message shows the offending element, bounded, and never a container whole (it
+    may hold secrets); a repr that raises does not replace the error."""
+    secret = "sk-" + "0123456789" * 3
+    cases: list[tuple[Any, str]] = [
+        ({"metadata": {"api_key": secret, 1: "x"}}, "config['metadata'] keys must be strings, got 1 (int)"),
+        ({"callbacks": [{"api_key": secret}]}, "config['callbacks'][0]: expected a callback handler (an object with on_* event methods), got a dict"),
+        ({"tags": [secret * 3]}, "config['tags'] must be a list of strings, got"),  # a string: allowed
+        ({"run_name": secret * 3}, ""),  # a long name is fine
+        ({"tags": ["ok", _BadRepr()]}, "config['tags'][1] must be a string, got <_BadRepr instance at 0x"),
+        ({"run_id": secret * 3}, "config['run_id'] must be a uuid.UUID, got 'sk-01234567890123...234567890123456789' (str)"),
+    ]  # fmt: skip
+    for config, message in cases:
+        if not message or message.endswith("got"):
+            assert Lambda(_ident).invoke(1, config) == 1
+            continue
+        with pytest.raises(TypeError) as info:
+            Lambda(_ident).invoke(1, config)
+        assert str(info.value).startswith(message)
+        assert secret not in str(info.value)
+    shared = (t for t in ["a", "b"])  # one generator for every input would tag the first only
+    with pytest.raises(
+        TypeError, match=r"^config\['tags'\] must be a list of strings, got a generator$"
+    ):
+        Lambda(_ident).batch([1, 2], [{"tags": shared}, {"tags": shared}])  # type: ignore[typeddict-item]
+    assert list(shared) == ["a", "b"]  # refused before anything read it
 
 
 @pytest.mark.parametrize(("config", "kind", "names"), _BAD_CONFIGS, ids=repr)
@@ -4583,11 +4636,27 @@ def test_S9_with_config_twice_merges_the_bindings() -> None:
 
 def test_R4_constructor_arguments_are_checked() -> None:
     cases: list[tuple[Callable[[], Any], type[Exception], str]] = [
-        (lambda: Lambda(_ident, name=3), TypeError, "name must be a string, got 3"),  # type: ignore[arg-type]
-        (lambda: Lambda(3), TypeError, "Lambda expects a function, got 3"),  # type: ignore[arg-type]
-        (lambda: Tool(3), TypeError, "Tool expects a function, got 3"),  # type: ignore[arg-type]
+        (
+            lambda: Lambda(_ident, name=3),
+            TypeError,
+            "name must be a non-empty string or None, got 3 (int)",
+        ),  # type: ignore[arg-type]
+        (
+            lambda: Lambda(_ident, name=""),
+            TypeError,
+            "name must be a non-empty string or None, got '' (str)",
+        ),
+        (lambda: Lambda(3), TypeError, "Lambda expects a function, got 3 (int)"),  # type: ignore[arg-type]
+        (lambda: Tool(3), TypeError, "Tool expects a function, got 3 (int)"),  # type: ignore[arg-type]
         (lambda: Chain(), ValueError, "a Chain needs at least one step"),
         (lambda: Parallel(), ValueError, "a Parallel needs at least one step"),
+        # keys that would silently drop a branch: 1 and "1", or one key given twice
+        (
+            lambda: Parallel({1: _ident, "1": _ident}),
+            TypeError,
+            "Parallel step keys must be strings, got 1 (int)",
+        ),  # type: ignore[dict-item]
+        (lambda: Parallel({"a": _ident}, a=_ident), ValueError, "Parallel got the step 'a' twice"),
     ]
     for make, kind, message in cases:
         with pytest.raises(kind, match=f"^{re.escape(message)}$"):
@@ -4763,9 +4832,11 @@ def test_S4_S6_S7_manager_defaults_and_values_pass_through() -> None:
     manager.add_tags(["".join(["a", "b"])])  # an equal tag, another object: kept once (S7)
     assert manager.parent_run_id == parent
     assert manager.inheritable_handlers == (rec,) and manager.tags == ("ab",)
-    with pytest.raises(TypeError, match=r"^metadata must be a dict with string keys, got \[1\]$"):
+    with pytest.raises(TypeError, match=r"^metadata must be a dict with string keys, got a list$"):
         manager.add_metadata([1])  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"^callbacks must be a list of handlers, got 'abc'$"):
+    with pytest.raises(
+        TypeError, match=r"^callbacks must be a list of handlers, got 'abc' \(str\)$"
+    ):
         CallbackManager("abc")
     run_id = uuid.uuid4()
     starts: list[tuple[str, Callable[..., Any]]] = [
@@ -4964,7 +5035,12 @@ def test_X1_X2_recorder_defaults_and_checker_messages() -> None:
     typed = TraceChecker()
     _feed(typed, [_start(_A, metadata={1: "x"}), _end(_A)])
     assert typed.violations == [
-        Violation("X1", _A, "on_chain_start", "metadata {1: 'x'} is not a dict of str keys")
+        Violation(
+            "X1",
+            _A,
+            "on_chain_start",
+            "metadata must be a dict with string keys, got 1 (int) in it",
+        )
     ]
 
 
@@ -5347,11 +5423,15 @@ _BROKEN_STREAMS: dict[str, tuple[list[_Step], list[Violation]]] = {
     ),
     "tags_not_strings": (
         [_start(_A, tags="t"), _end(_A)],
-        [Violation("X1", _A, "on_chain_start", "tags 't' is not a list of strings")],
+        [Violation("X1", _A, "on_chain_start", "tags must be a list of strings, got 't' (str)")],
     ),
     "metadata_not_a_dict": (
         [_start(_A, metadata=[1]), _end(_A)],
-        [Violation("X1", _A, "on_chain_start", "metadata [1] is not a dict of str keys")],
+        [
+            Violation(
+                "X1", _A, "on_chain_start", "metadata must be a dict with string keys, got a list"
+            )
+        ],
     ),
 }
 
