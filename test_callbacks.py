@@ -4635,12 +4635,13 @@ def test_S9_with_config_twice_merges_the_bindings() -> None:
 
 
 def test_R4_constructor_arguments_are_checked() -> None:
+    three: Any = 3
     cases: list[tuple[Callable[[], Any], type[Exception], str]] = [
         (
-            lambda: Lambda(_ident, name=3),
+            lambda: Lambda(_ident, name=three),
             TypeError,
             "name must be a non-empty string or None, got 3 (int)",
-        ),  # type: ignore[arg-type]
+        ),
         (
             lambda: Lambda(_ident, name=""),
             TypeError,
@@ -4652,10 +4653,10 @@ def test_R4_constructor_arguments_are_checked() -> None:
         (lambda: Parallel(), ValueError, "a Parallel needs at least one step"),
         # keys that would silently drop a branch: 1 and "1", or one key given twice
         (
-            lambda: Parallel({1: _ident, "1": _ident}),
+            lambda: Parallel({three: _ident, "3": _ident}),
             TypeError,
-            "Parallel step keys must be strings, got 1 (int)",
-        ),  # type: ignore[dict-item]
+            "Parallel step keys must be strings, got 3 (int)",
+        ),
         (lambda: Parallel({"a": _ident}, a=_ident), ValueError, "Parallel got the step 'a' twice"),
     ]
     for make, kind, message in cases:
