@@ -64,6 +64,8 @@ comments (``S2``, ``D3``, ``R1``...) refer to the project's SPEC; the README lis
 from __future__ import annotations
 
 import asyncio
+import atexit
+import concurrent.futures
 import contextlib
 import contextvars
 import copy
@@ -76,7 +78,9 @@ import os
 import random
 import re
 import reprlib
+import sys
 import threading
+import types
 import uuid
 import weakref
 from collections.abc import (
@@ -438,8 +442,25 @@ def _check_handler(obj: object, what: str = "handler") -> None:
 # Dispatch
 # =================================================================================================
 #
-# Who gets called, and what a failure means, is decided once (`_method_for`, `_after_failure`);
-# the sync and async dispatchers differ only in how they call (blinker's ``receivers_for``).
+# Who gets called, and what a failure means, is decided once (`_method_for`, `_failure`); the
+# sync and async dispatchers differ only in how they call (blinker's ``receivers_for``).
+#
+# What a dispatcher promises (D2, D3, D8): every handler hears the event, whatever the handlers
+# before it did. A handler's flags are part of the handler: they are read under the guard that
+# catches its method's exceptions, so a flag that raises is that handler's failure. An interrupt
+# (`KeyboardInterrupt`, a cancellation) that arrives while the event is being delivered is held
+# until the event has reached every handler, then raised. Delivery stops short only when Python
+# cannot call the next handler at all (the stack is too deep); the caller is then told how many
+# handlers heard the event (`_Undelivered`), so that the rest can hear it later (`_Run._close`).
+
+
+class _Undelivered(Exception):
+    """Internal: delivery stopped before ``remaining`` (handlers, in order) heard the event, on
+    ``error`` raised by the library's own code (a `RecursionError` at the call of a handler),
+    not by a handler."""
+
+    def __init__(self, remaining: Sequence[object], error: BaseException) -> None:
+        self.remaining, self.error = tuple(remaining), error
 
 
 def _as_prompts(args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -456,7 +477,8 @@ def _not_implemented(*args: Any, **kwargs: Any) -> None:
 
 
 def _method_for(handler: object, event: Event) -> Callable[..., Any] | None:
-    """The handler's method for ``event``, or None when it ignores the event (D1)."""
+    """The handler's method for ``event``, or None when it ignores the event (D1). Reading its
+    flag may raise: callers hold the handler's guard (D8)."""
     flag = event.ignore_flag
     if flag is not None and getattr(handler, flag, False):
         return None
@@ -476,14 +498,27 @@ def _fallback(
     return None
 
 
+def _raisable(error: BaseException, source: str) -> BaseException:
+    """``error`` as it can leave a call in every mode. A `StopIteration` (or
+    `StopAsyncIteration`) cannot cross a generator or a coroutine (Python turns it into a
+    `RuntimeError` there, PEP 479), nor be set on an asyncio future: it becomes a `RuntimeError`
+    from it here, at its source, so that every call mode raises the same object (D8)."""
+    if isinstance(error, (StopIteration, StopAsyncIteration)):
+        wrapped = RuntimeError(f"{source} raised {type(error).__name__}")
+        wrapped.__cause__ = error
+        return wrapped
+    return error
+
+
 def _after_failure(
     handler: object, event: Event, kwargs: dict[str, Any], error: BaseException
 ) -> BaseException | None:
     """What a handler's failure means: the error the run must raise, or None.
 
     An `Exception` is logged as one warning on the ``"callbacks"`` logger, naming the handler
-    class, the event, the run id and the error, and raised only with ``raise_error`` (D2);
-    anything else (`KeyboardInterrupt`...) is always raised, and not logged.
+    class, the event, the run id and the error, and raised only with ``raise_error`` (D2) (a
+    ``raise_error`` flag that itself raises is logged too, and counts as False); anything else
+    (`KeyboardInterrupt`...) is always raised, and not logged.
     """
     if not isinstance(error, Exception):
         return error
@@ -494,21 +529,39 @@ def _after_failure(
         kwargs.get("run_id"),
         error,
     )
-    return error if getattr(handler, "raise_error", False) else None
+    try:
+        if not getattr(handler, "raise_error", False):
+            return None
+    except Exception as flag_error:
+        _LOGGER.warning("error in %s.raise_error: %r", type(handler).__name__, flag_error)
+        return None
+    return _raisable(error, f"{type(handler).__name__}.{event.method}")
 
 
-def _outranks(error: BaseException, other: BaseException) -> bool:
-    """An interrupt (not an `Exception`) beats a handler's ordinary failure."""
-    return isinstance(other, Exception) and not isinstance(error, Exception)
+def _keep(kept: BaseException | None, error: BaseException | None) -> BaseException | None:
+    """Of the failure kept to raise once the event reached everyone and a new one, the one to
+    raise: the first, unless an interrupt (not an `Exception`) comes after an ordinary one."""
+    if kept is None:
+        return error
+    if error is not None and isinstance(kept, Exception) and not isinstance(error, Exception):
+        return error
+    return kept
 
 
-def _first_failure(errors: Iterable[BaseException | None]) -> BaseException | None:
-    """The failure to raise after an event reached every handler, in handler order."""
-    first: BaseException | None = None
-    for error in errors:
-        if error is not None and (first is None or _outranks(error, first)):
-            first = error
-    return first
+def _never_entered(error: BaseException, method: Any) -> bool:
+    """Whether ``error`` is a `RecursionError` raised before Python entered ``method`` (no
+    stack left for its frame), rather than one of the handler's own: its frame is not in the
+    traceback. (A method written in C has none: its `RecursionError` counts as not entered.)"""
+    if not isinstance(error, RecursionError):
+        return False
+    func = method.__func__ if isinstance(method, types.MethodType) else method
+    code = func.__code__ if isinstance(func, types.FunctionType) else None
+    traceback = error.__traceback__
+    while traceback is not None:
+        if traceback.tb_frame.f_code is code:
+            return False
+        traceback = traceback.tb_next
+    return True
 
 
 async def _outcome(awaitable: Awaitable[Any]) -> tuple[Any, BaseException | None]:
@@ -524,8 +577,19 @@ async def _outcome(awaitable: Awaitable[Any]) -> tuple[Any, BaseException | None
         return None, error
 
 
+def _attempt(func: Callable[..., Any], *args: Any) -> tuple[Any, BaseException | None]:
+    """``func(*args)`` as an outcome: ``(output, None)`` or ``(None, failure)``. Work handed to
+    another thread returns this, so that no exception has to cross a future (an asyncio future
+    refuses a `StopIteration`, and would never complete)."""
+    try:
+        return func(*args), None
+    except BaseException as error:
+        return None, error
+
+
 def _run_coroutine(awaitable: Any) -> Any:
-    """Run a coroutine to completion from sync code: here, or on a worker thread's own loop.
+    """Run a body's coroutine to completion from sync code: here, or on a worker thread's own
+    loop when a loop already runs here (it cannot be re-entered).
 
     What it raises is re-raised, the same object (R1), even an interrupt or a cancellation.
     """
@@ -533,8 +597,106 @@ def _run_coroutine(awaitable: Any) -> Any:
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(awaitable)
-    with ThreadPoolExecutor(max_workers=1) as pool:  # a loop runs here: it cannot be re-entered
-        return pool.submit(contextvars.copy_context().run, asyncio.run, awaitable).result()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(contextvars.copy_context().run, _attempt, asyncio.run, awaitable)
+        output, error = _wait_for(future)
+    if error is not None:
+        raise error
+    return output
+
+
+def _wait_for(future: concurrent.futures.Future[Any], start: Callable[[], Any] = int) -> Any:
+    """``start()``, then ``future.result()``, from sync code that must not leave before the work
+    is done: an interrupt that arrives meanwhile is held until then, and raised instead of the
+    result (D3). ``start`` may be called again if an interrupt lands just after it."""
+    held: BaseException | None = None
+    while True:
+        try:
+            start()
+            result = future.result()
+            break
+        except BaseException as error:  # only an interrupt: the work returns an outcome
+            held = held or error
+    if held is not None:
+        raise held
+    return result
+
+
+# The handler loop (D6): an async handler's awaitable met under sync dispatch runs here, on one
+# event loop of the library's in a daemon thread, started on first need. So the tasks that a
+# handler starts (a queue consumer, a flush) go on after the event, as they would under
+# ``ainvoke``, instead of being cancelled with a throwaway loop. At exit, like ``asyncio.run``,
+# the tasks still running are cancelled and given a moment to finish.
+_HANDLER_LOOP: Final[list[Any]] = []  # [loop, thread] once started
+_HANDLER_LOOP_LOCK: Final = threading.Lock()
+if hasattr(os, "register_at_fork"):  # pragma: no branch (no fork to guard on Windows)
+    os.register_at_fork(after_in_child=_HANDLER_LOOP.clear)  # the thread is not in the child
+
+
+def _handler_loop() -> tuple[asyncio.AbstractEventLoop, threading.Thread]:
+    with _HANDLER_LOOP_LOCK:
+        if not _HANDLER_LOOP or not _HANDLER_LOOP[1].is_alive():
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(
+                target=_serve, args=(loop,), name="callbacks-handler-loop", daemon=True
+            )
+            thread.start()
+            _HANDLER_LOOP[:] = [loop, thread]
+        return _HANDLER_LOOP[0], _HANDLER_LOOP[1]
+
+
+def _serve(loop: asyncio.AbstractEventLoop) -> None:
+    try:
+        loop.run_forever()
+    finally:
+        loop.close()
+
+
+@atexit.register
+def _stop_handler_loop() -> None:
+    """Stop the handler loop, as `asyncio.run` ends: cancel the tasks left, give them a moment
+    to finish, stop and close the loop. Run at exit; the next need starts a new loop."""
+    with _HANDLER_LOOP_LOCK:
+        if not _HANDLER_LOOP:
+            return
+        loop, thread = _HANDLER_LOOP
+        _HANDLER_LOOP.clear()
+
+    async def stop() -> None:
+        tasks = asyncio.all_tasks() - {asyncio.current_task()}
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=1)
+        loop.stop()
+
+    asyncio.run_coroutine_threadsafe(stop(), loop)
+    thread.join(timeout=2)  # then the thread closes the loop
+
+
+async def _awaited(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
+
+
+def _await_handler(awaitable: Awaitable[Any]) -> Any:
+    """Run an async handler's awaitable (a coroutine, a future, any object with ``__await__``)
+    to completion under sync dispatch, on the handler loop, in a copy of the caller's context;
+    return its result or raise what it raised (D6)."""
+    loop, thread = _handler_loop()
+    if threading.current_thread() is thread:  # a handler on that loop dispatching: it cannot
+        return _run_coroutine(_awaited(awaitable))  # wait for its own loop: a loop of its own
+    done: concurrent.futures.Future[tuple[Any, BaseException | None]] = concurrent.futures.Future()
+    context, started = contextvars.copy_context(), list[asyncio.Task[Any]]()
+
+    def run() -> None:  # on the loop, once: `_wait_for` may ask twice
+        if not started:
+            started.append(loop.create_task(_outcome(awaitable), context=context))
+            started[0].add_done_callback(lambda task: done.set_result(task.result()))
+
+    output, error = _wait_for(done, functools.partial(loop.call_soon_threadsafe, run))
+    if error is not None:
+        raise error
+    return output
 
 
 def _call_handler(
@@ -545,60 +707,123 @@ def _call_handler(
     A coroutine method (an async handler under sync dispatch) runs to completion first (D6).
     `_dispatch` inlines this and uses it for the fallback event (D4), which has none itself.
     """
-    method = _method_for(handler, event)
-    if method is None:
-        return None
     try:
+        method = _method_for(handler, event)
+        if method is None:
+            return None
         result = method(*args, **kwargs)
         if result is not None and inspect.isawaitable(result):
-            _run_coroutine(result)
+            _await_handler(result)
     except BaseException as error:
         return _after_failure(handler, event, kwargs, error)
     return None
 
 
-def _dispatch(
-    handlers: Sequence[object], event: Event, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> None:
-    """Deliver ``event`` to each handler in order (D1), then raise the first failure to raise.
+_UNCALLED: Final = object()  # `_dispatch`'s ``result`` until the handler's method is called
 
-    Every handler receives the event even when an earlier one failed, so that each handler's
-    trace stays balanced (D3). Then the first non-`Exception` (such as `KeyboardInterrupt`) is
-    raised, else the first failure of a ``raise_error`` handler; other failures are only logged.
+
+def _dispatch(
+    run: _Run,
+    handlers: Sequence[object],
+    event: Event,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> None:
+    """Deliver ``run``'s ``event`` to each handler in order (D1), then raise the first failure
+    to raise.
+
+    Every handler receives the event even when an earlier one failed or an interrupt arrived
+    meanwhile, so that each handler's trace stays balanced (D3). Then the first non-`Exception`
+    (such as `KeyboardInterrupt`) is raised, else the first failure of a ``raise_error``
+    handler; other failures are only logged. `_Undelivered` if Python cannot call a handler.
+
+    The run's state moves with the delivery, so that an interrupt at any point leaves it
+    truthful: a start event makes ``handlers`` the run's listeners as the first is called, and
+    a closing event marks the run done once the last has heard it (`_Run._finish`).
     """
-    first: BaseException | None = None
-    flag, name = event.ignore_flag, event.method
-    # The usual event (one payload argument, the three usual keywords) is passed with explicit
-    # keywords: that call costs half of a ``**kwargs`` one.
-    usual = len(args) == 1 and len(kwargs) == 3 and event.keywords is _OTHER_KEYWORDS
-    if usual:
-        payload, run_id, tags = args[0], kwargs["run_id"], kwargs["tags"]
-        parent_run_id = kwargs["parent_run_id"]
-    for handler in handlers:  # `_call_handler` and `_method_for`, inlined: the hot path
-        if flag is not None and getattr(handler, flag, False):
-            continue
-        method = getattr(handler, name, None)
-        if method is None:
-            if event not in _FALLBACK:
-                continue
-            method = _not_implemented
+    raised: BaseException | None = None
+    awaitable: Any
+    i, count, retried = 0, len(handlers), -1
+    while True:
+        # Each statement below may meet an interrupt (a signal lands between any two lines).
+        # ``i`` moves past a handler on the very line that calls it, so an interrupt before
+        # that line leaves the handler to be called (again: ``continue``), and one after it
+        # leaves it called once. The interrupt is held and raised at the end.
         try:
+            if event.phase == "start":
+                run._listeners = handlers  # from here on, each of them hears it
+            flag, name = event.ignore_flag, event.method
+            # The usual event (one payload argument, the three usual keywords) is passed with
+            # explicit keywords: that call costs half of a ``**kwargs`` one.
+            usual = len(args) == 1 and len(kwargs) == 3 and event.keywords is _OTHER_KEYWORDS
             if usual:
-                result = method(payload, run_id=run_id, parent_run_id=parent_run_id, tags=tags)
-            else:
-                result = method(*args, **kwargs)
-            if result is not None and inspect.isawaitable(result):
-                _run_coroutine(result)
-        except BaseException as error:
-            fallback = _fallback(event, args, error)
-            if fallback is not None:  # D4, and the fallback obeys its own ignore flag
-                failure = _call_handler(handler, *fallback, kwargs)
-            else:
-                failure = _after_failure(handler, event, kwargs, error)
-            if failure is not None and (first is None or _outranks(failure, first)):
-                first = failure
-    if first is not None:
-        raise first
+                data, tags = args[0], kwargs["tags"]
+                rid, pid = kwargs["run_id"], kwargs["parent_run_id"]
+            while i < count:  # `_call_handler`, inlined: the hot path
+                handler, result, called = handlers[i], _UNCALLED, None
+                try:
+                    if flag is not None and getattr(handler, flag, False):  # its guard (D8)
+                        i += 1
+                        continue
+                    method = getattr(handler, name, None)
+                    if method is None:
+                        if event not in _FALLBACK:
+                            i += 1
+                            continue
+                        method = _not_implemented
+                    # ``called`` is set on the very line that calls the handler: no line between
+                    if usual:
+                        result = (called := method)(data, run_id=rid, parent_run_id=pid, tags=tags)
+                    else:
+                        result = (called := method)(*args, **kwargs)
+                    if result is not None and inspect.isawaitable(result):
+                        result, awaitable = None, result
+                        _await_handler(awaitable)
+                    i += 1
+                except BaseException as error:
+                    interrupt = not isinstance(error, Exception)
+                    if interrupt and called is None and retried != i:
+                        # Before the handler was called: hold it, and call the handler. (Once:
+                        # a flag that raises an interrupt each time is the handler's failure.)
+                        raised, retried = _keep(raised, error), i
+                        continue
+                    i += 1
+                    if interrupt and result is not _UNCALLED:  # after it returned: hold it
+                        if result is not None:  # what it returned was not awaited yet (D6)
+                            raised = _keep(raised, _call_awaitable(handler, event, kwargs, result))
+                        raised = _keep(raised, error)
+                        continue
+                    if result is _UNCALLED and _never_entered(error, called):  # did not hear it
+                        raise _Undelivered(handlers[i - 1 :], error) from None
+                    fallback = _fallback(event, args, error)
+                    if fallback is not None:  # D4, and the fallback obeys its own ignore flag
+                        failure = _call_handler(handler, *fallback, kwargs)
+                    else:
+                        failure = _after_failure(handler, event, kwargs, error)
+                    raised = _keep(raised, failure)
+            if event.closes:
+                run._end = _DONE
+            break
+        except _Undelivered:
+            raise
+        except BaseException as error:  # in this loop's own code
+            if isinstance(error, Exception):  # it cannot go on (too deep): say how far it got
+                raise _Undelivered(handlers[i:], error) from None
+            raised = _keep(raised, error)
+    if raised is not None:
+        raise raised
+
+
+def _call_awaitable(
+    handler: object, event: Event, kwargs: dict[str, Any], awaitable: Any
+) -> BaseException | None:
+    """Run an awaitable a handler returned (D6), as `_call_handler` runs the handler."""
+    try:
+        if inspect.isawaitable(awaitable):
+            _await_handler(awaitable)
+    except BaseException as error:
+        return _after_failure(handler, event, kwargs, error)
+    return None
 
 
 async def _acall_handler(
@@ -606,15 +831,17 @@ async def _acall_handler(
 ) -> BaseException | None:
     """`_call_handler` under an event loop: coroutines are awaited; sync methods run here if
     the handler is ``run_inline``, else in a worker thread with a copy of the context (D5)."""
-    method = _method_for(handler, event)
-    if method is None:
-        return None
     try:
+        method = _method_for(handler, event)
+        if method is None:
+            return None
         if inspect.iscoroutinefunction(method) or getattr(handler, "run_inline", False):
             result = method(*args, **kwargs)
         else:
-            result = await _in_thread(functools.partial(method, *args, **kwargs))
-        if inspect.isawaitable(result):
+            result, error = await _in_thread(method, *args, **kwargs)
+            if error is not None:
+                raise error  # not out of this frame: handled just below, as raised here
+        if result is not None and inspect.isawaitable(result):
             await result
     except BaseException as error:
         fallback = _fallback(event, args, error)
@@ -636,43 +863,94 @@ async def _complete(tasks: Sequence[asyncio.Future[Any]]) -> BaseException | Non
             cancelled = error
 
 
-async def _in_thread(func: Callable[[], Any]) -> Any:
-    """Run ``func`` in a worker thread with a copy of the context, under an event loop.
+async def _in_thread(
+    func: Callable[..., Any], *args: Any, **kwargs: Any
+) -> tuple[Any, BaseException | None]:
+    """``func(*args, **kwargs)`` in a worker thread with a copy of the context, under an event
+    loop, as an outcome (`_attempt`): ``(output, None)`` or ``(None, failure)``.
 
     If the awaiting task is cancelled meanwhile, the thread cannot be stopped: it is waited
     for all the same, so that runs it started close before the runs around it (D3), and then
     the cancellation is raised.
     """
     loop = asyncio.get_running_loop()
-    future = loop.run_in_executor(None, contextvars.copy_context().run, func)
+    call = functools.partial(func, *args, **kwargs)
+    future = loop.run_in_executor(None, contextvars.copy_context().run, _attempt, call)
     cancelled = await _complete([future])
     if cancelled is not None:
         raise cancelled
-    return future.result()
+    outcome: tuple[Any, BaseException | None] = future.result()
+    return outcome
+
+
+async def _body_in_thread(func: Callable[..., Any], *args: Any) -> Any:
+    """A body's sync function under ``ainvoke``: in a worker thread (`_in_thread`), its output
+    returned or its exception raised."""
+    output, error = await _in_thread(func, *args)
+    if error is not None:
+        raise error
+    return output
+
+
+def _task(
+    loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, Any]
+) -> asyncio.Future[Any]:
+    """``loop.create_task(coroutine)``; if that fails (too deep a stack), the coroutine is
+    closed, never to be reported as not awaited."""
+    try:
+        return loop.create_task(coroutine)
+    except BaseException:
+        coroutine.close()
+        raise
 
 
 async def _adispatch(
-    handlers: Sequence[object], event: Event, args: tuple[Any, ...], kwargs: dict[str, Any]
+    run: _Run,
+    handlers: Sequence[object],
+    event: Event,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
 ) -> None:
-    """Deliver ``event`` under an event loop (D5), then raise as `_dispatch` does.
+    """Deliver ``run``'s ``event`` under an event loop (D5), then raise as `_dispatch` does.
 
     ``run_inline`` handlers go first, one after another, in order, on the loop; the others are
     then awaited concurrently (sync ones in worker threads). The event reaches every handler
-    before this returns, even if the caller is cancelled meanwhile.
+    before this returns, even if the caller is cancelled meanwhile. The failure to raise is
+    chosen in handler order. `_Undelivered` if the library's own code fails (too deep a stack)
+    before every handler was started.
     """
     loop = asyncio.get_running_loop()
-    outcomes: dict[int, asyncio.Future[BaseException | None]] = {}
-    cancelled: list[BaseException | None] = []
-    for i, handler in enumerate(handlers):
-        if getattr(handler, "run_inline", False):
-            outcomes[i] = loop.create_task(_acall_handler(handler, event, args, kwargs))
-            cancelled.append(await _complete([outcomes[i]]))
-    others = [i for i in range(len(handlers)) if i not in outcomes]
-    for i in others:
-        outcomes[i] = loop.create_task(_acall_handler(handlers[i], event, args, kwargs))
-    if others:
-        cancelled.append(await _complete([outcomes[i] for i in others]))
-    first = _first_failure([*(outcomes[i].result() for i in range(len(handlers))), *cancelled])
+    outcomes: dict[int, asyncio.Future[BaseException | None] | BaseException | None] = {}
+    held: list[BaseException | None] = []  # a cancellation of this task meanwhile (D3)
+    try:
+        if event.phase == "start":
+            run._listeners = handlers
+        others = []
+        for i, handler in enumerate(handlers):
+            try:  # the flag is the handler's: under its guard (D8)
+                inline = getattr(handler, "run_inline", False)
+            except BaseException as error:
+                outcomes[i] = _after_failure(handler, event, kwargs, error)
+                continue
+            if inline:  # one after another, each done before the next (D5)
+                outcomes[i] = task = _task(loop, _acall_handler(handler, event, args, kwargs))
+                held.append(await _complete([task]))
+            else:
+                others.append(i)
+        tasks = []
+        for i in others:  # then the others, at once
+            outcomes[i] = task = _task(loop, _acall_handler(handlers[i], event, args, kwargs))
+            tasks.append(task)
+        if tasks:
+            held.append(await _complete(tasks))
+        if event.closes:
+            run._end = _DONE
+    except Exception as error:  # the handlers whose task started hear it; the others did not
+        remaining = [h for i, h in enumerate(handlers) if i not in outcomes]
+        raise _Undelivered(remaining, error) from None
+    in_order = (outcomes[i] for i in sorted(outcomes))
+    failures = [o.result() if isinstance(o, asyncio.Future) else o for o in in_order]
+    first = functools.reduce(_keep, [*failures, *held], None)
     if first is not None:
         raise first
 
@@ -1073,13 +1351,27 @@ _ID_FACTORY: contextvars.ContextVar[Callable[[], uuid.UUID]] = contextvars.Conte
 )
 
 
+_DONE: Final = ()  # `_Run._end` once every listener has heard the run's closing event
+
+
 class _Run:
-    """The state and checks shared by `RunManager` and `AsyncRunManager`."""
+    """The state and checks shared by `RunManager` and `AsyncRunManager`.
+
+    How far a run has got (D3) is in two fields, each set where the delivery it describes
+    happens, so that an interrupt at any point leaves them truthful: ``_listeners`` are the
+    handlers its start event reached (its later events go to them alone), and ``_end`` is None
+    while it is open, then its one closing event (``(event, args, keywords, handlers yet to
+    hear it)``), then `_DONE`. A run whose closing event could not reach every listener (the
+    stack too deep for another call) is handed to its parent run (``_orphans``), which
+    delivers it, innermost first, before its own.
+    """
 
     __slots__ = (
-        "_closed",
+        "_end",
         "_family",
         "_kw",
+        "_listeners",
+        "_orphans",
         "_parent",
         "_run_id",
         "handlers",
@@ -1100,7 +1392,9 @@ class _Run:
     run_type: str
     _parent: _Run | uuid.UUID | None
     _run_id: uuid.UUID | None
-    _closed: bool
+    _listeners: Sequence[Any]
+    _end: tuple[Any, ...] | None
+    _orphans: list[_Run] | None
     _family: str  # the run type its events are checked against: "llm" for a chat run too
     _kw: dict[str, Any] | None  # the keywords of its non-start events, made once (D7: lazily)
     _child_class: ClassVar[type[_Manager]]
@@ -1131,7 +1425,8 @@ class _Run:
         self.run_type = run_type
         self._family = _FAMILY.get(run_type, run_type)
         self._run_id = run_id
-        self._closed = False
+        self._listeners = ()
+        self._end = self._orphans = None
         self._kw = None
         return self
 
@@ -1153,9 +1448,12 @@ class _Run:
         """The manager for a child run: this run's inheritable values, this run as parent (S4).
 
         ``tag`` (such as ``"seq:step:2"``) is added for that child alone and is not inherited
-        further. LLM and chat runs are leaves (R2): `TypeError`.
+        further. LLM and chat runs are leaves (R2): `TypeError`. The manager is the caller's
+        own: changing it changes no other run's state (D8).
         """
-        return self._child(tag, self._child_class)
+        child = self._child(tag, self._child_class)
+        child.metadata, child.inheritable_metadata = dict(child.metadata), dict(child.metadata)
+        return child
 
     def _child(self, tag: str | None, cls: type[_M]) -> _M:
         if self._family == "llm":
@@ -1194,37 +1492,108 @@ class _Run:
 
     def _check(self, event: Event) -> bool:
         """Refuse an event of another run type or after the end (D3); say whether anyone listens."""
-        if self._closed or (event.run_type != self._family and event.run_type != "any"):
+        if self._end is not None or (event.run_type != self._family and event.run_type != "any"):
             self._refuse(event)
-        if event.closes:
-            self._closed = True
-        return bool(self.handlers)
+        return bool(self._listeners)
 
     def _refuse(self, event: Event) -> NoReturn:
         if event.run_type != self._family and event.run_type != "any":
             raise TypeError(f"{event.method} does not apply to a {self.run_type} run")
         raise RuntimeError(f"{event.method} after the end of {self.run_type} run {self.run_id}")
 
-    def _closing(self, table: Mapping[str, Event]) -> Event | None:
-        """The end (``table=_END``) or error (``_ERROR``) event to fire, unless already closed."""
-        return None if self._closed else table[self._family]
-
     def _emit(self, event: Event, args: tuple[Any, ...], extra: dict[str, Any]) -> None:
         if self._check(event):
-            _dispatch(self.handlers, event, args, self._kwargs(event, extra))
+            _dispatch(self, self._listeners, event, args, self._kwargs(event, extra))
 
     def _open(self, event: Event, args: tuple[Any, ...], extra: dict[str, Any]) -> None:
         """Fire the start event; if that raises, close the run with an error and re-raise (D3)."""
         try:
-            _dispatch(self.handlers, event, args, self._kwargs(event, extra))
+            _dispatch(self, self.handlers, event, args, self._kwargs(event, extra))
         except BaseException as error:
-            self._close(_ERROR, error)
+            self._fail(self._heard(error))
+            if isinstance(error, _Undelivered):
+                raise error.error from None
             raise
 
     def _close(self, table: Mapping[str, Event], payload: Any) -> None:
-        event = self._closing(table)
-        if event is not None:
-            self._emit(event, (payload,), {})
+        """Fire the end (``table=_END``) or error (``_ERROR``) event (or the one chosen before)."""
+        self._finish(table[self._family], (payload,), {})
+
+    def _fail(self, error: BaseException) -> None:
+        """Close the run with ``error`` (R1), unless it was closed: what a runnable does when
+        anything went wrong. An interrupt that lands meanwhile, before everyone heard it, is
+        held: the closing goes on, then the interrupt is raised (D3). A handler's failure then
+        leaves as from `_close`, unless an interrupt outranks it (D2)."""
+        held: BaseException | None = None
+        while self._end is not _DONE and (self._listeners or self._orphans):
+            try:
+                self._close(_ERROR, error)
+            except BaseException as again:
+                if self._end is not _DONE and not isinstance(again, Exception):
+                    held = held or again  # an interrupt: go on closing
+                    continue
+                if held is None:  # a handler's failure, delivered (or too deep to deliver)
+                    raise
+                raise held from held.__cause__  # an interrupt outranks it (D2)
+        if held is not None:
+            raise held
+
+    def _fail_again(self) -> None:
+        """`_fail` with the exception on its way out of a call: for the one point of a call's
+        error path where an interrupt cannot be held, the entry of `_fail` (D3)."""
+        self._fail(sys.exc_info()[1] or RuntimeError("the run was left open"))
+
+    def _finish(self, event: Event, args: tuple[Any, ...], extra: dict[str, Any]) -> None:
+        """Deliver the run's closing event: ``event``, or the one chosen before if its delivery
+        was cut short; first the closing events of children left open (D3)."""
+        target: _Run = self
+        try:
+            end = self._closing(event, args, extra)
+            while self._orphans:
+                if (target := self._orphans[0])._end:
+                    _dispatch(target, *target._end)
+                del self._orphans[0]
+            target = self
+            _dispatch(self, *end)
+        except BaseException as error:
+            self._cut_short(target, error)
+            if isinstance(error, _Undelivered):
+                raise error.error from None
+            raise
+
+    def _closing(
+        self, event: Event, args: tuple[Any, ...], extra: dict[str, Any]
+    ) -> tuple[Any, ...]:
+        end = self._end
+        if end is None:  # from here on, this is the run's one closing event (D3)
+            if not self._listeners:  # nobody to tell (D7): no keywords, no id
+                end = self._end = ((), event, args, {})
+            else:
+                end = self._end = (self._listeners, event, args, self._kwargs(event, extra))
+        return end
+
+    def _cut_short(self, target: _Run, error: BaseException) -> None:
+        """Delivering the closing event of ``target`` (an orphan of this run, or this run) was
+        cut short by ``error``. Unless everyone heard this run's own, the handlers that did not
+        (`_Undelivered` says which) hear it from the parent run: after the orphans left, before
+        the parent's own event (D3). At the root, the next attempt here is the last."""
+        if isinstance(error, _Undelivered):
+            target._end = (error.remaining, *target._end[1:])  # type: ignore[index]
+        parent = self._parent
+        if self._end is not _DONE and isinstance(parent, _Run):
+            known = parent._orphans or []
+            if not any(run is self for run in known):
+                parent._orphans = [*known, *(self._orphans or []), self]
+                self._orphans = None
+
+    def _heard(self, error: BaseException) -> BaseException:
+        """After a failed start: the listeners are those the start reached (D3)."""
+        if isinstance(error, _Undelivered):
+            self._listeners = tuple(
+                h for h in self._listeners if not any(h is r for r in error.remaining)
+            )
+            return error.error
+        return error
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.run_type} run_id={self._run_id}>"
@@ -1272,19 +1641,54 @@ class AsyncRunManager(_Run):
 
     async def _aemit(self, event: Event, args: tuple[Any, ...], extra: dict[str, Any]) -> None:
         if self._check(event):
-            await _adispatch(self.handlers, event, args, self._kwargs(event, extra))
+            await _adispatch(self, self._listeners, event, args, self._kwargs(event, extra))
 
     async def _aopen(self, event: Event, args: tuple[Any, ...], extra: dict[str, Any]) -> None:
         try:
-            await _adispatch(self.handlers, event, args, self._kwargs(event, extra))
+            await _adispatch(self, self.handlers, event, args, self._kwargs(event, extra))
         except BaseException as error:
-            await self._aclose(_ERROR, error)
+            await self._afail(self._heard(error))
+            if isinstance(error, _Undelivered):
+                raise error.error from None
             raise
 
     async def _aclose(self, table: Mapping[str, Event], payload: Any) -> None:
-        event = self._closing(table)
-        if event is not None:
-            await self._aemit(event, (payload,), {})
+        await self._afinish(table[self._family], (payload,), {})
+
+    async def _afail(self, error: BaseException) -> None:
+        """`_Run._fail` under asyncio: a cancellation meanwhile is held alike."""
+        held: BaseException | None = None
+        while self._end is not _DONE and (self._listeners or self._orphans):
+            try:
+                await self._aclose(_ERROR, error)
+            except BaseException as again:
+                if self._end is not _DONE and not isinstance(again, Exception):
+                    held = held or again
+                    continue
+                if held is None:
+                    raise
+                raise held from held.__cause__
+        if held is not None:
+            raise held
+
+    async def _afail_again(self) -> None:
+        await self._afail(sys.exc_info()[1] or RuntimeError("the run was left open"))
+
+    async def _afinish(self, event: Event, args: tuple[Any, ...], extra: dict[str, Any]) -> None:
+        target: _Run = self
+        try:
+            end = self._closing(event, args, extra)
+            while self._orphans:
+                if (target := self._orphans[0])._end:
+                    await _adispatch(target, *target._end)
+                del self._orphans[0]
+            target = self
+            await _adispatch(self, *end)
+        except BaseException as error:
+            self._cut_short(target, error)
+            if isinstance(error, _Undelivered):
+                raise error.error from None
+            raise
 
 
 def _run_manager_method(event: Event, is_async: bool) -> Callable[..., Any]:
@@ -1300,17 +1704,21 @@ def _run_manager_method(event: Event, is_async: bool) -> Callable[..., Any]:
         # `_emit`, inlined: the hot path of every event after the start
         if len(args) != count:
             check(args)
-        if self._closed or (run_type != self._family and run_type != "any"):
+        if self._end is not None or (run_type != self._family and run_type != "any"):
             self._refuse(event)
         if closes:
-            self._closed = True
-        if self.handlers:
+            self._finish(event, args, kwargs)
+        elif self._listeners:
             kw = self._kw if plain and not kwargs else None
-            _dispatch(self.handlers, event, args, kw or self._kwargs(event, kwargs))
+            _dispatch(self, self._listeners, event, args, kw or self._kwargs(event, kwargs))
 
     async def aemit(self: AsyncRunManager, *args: Any, **kwargs: Any) -> None:
         check(args)
-        await self._aemit(event, args, kwargs)
+        if closes:
+            self._check(event)
+            await self._afinish(event, args, kwargs)
+        else:
+            await self._aemit(event, args, kwargs)
 
     method = aemit if is_async else emit
     method.__name__ = method.__qualname__ = event.method
@@ -1449,21 +1857,20 @@ def _map_in_threads(
 
     Each call runs in a copy of the caller's context (S11), so runs started there are children
     of the caller's run. Every call finishes before the results are collected (`_collect`).
+    An interrupt (Ctrl-C) while they run cancels the calls not started yet, which have no run
+    to close; the ones running finish, and close their runs (D3), before it is raised.
     """
     if len(items) <= 1:  # no thread for a single item
         return _collect([_attempt(func, item) for item in items], return_exceptions)
     with ThreadPoolExecutor(max_workers=min(len(items), limit or 32)) as pool:
         futures = [pool.submit(contextvars.copy_context().run, _attempt, func, i) for i in items]
-        wait(futures)
+        try:
+            wait(futures)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise  # once the pool, on leaving this block, has waited for the running ones
     return _collect([f.result() for f in futures], return_exceptions)
-
-
-def _attempt(func: Callable[[Any], Any], item: Any) -> tuple[Any, BaseException | None]:
-    """``func(item)`` as an outcome: ``(output, None)`` or ``(None, failure)``."""
-    try:
-        return func(item), None
-    except BaseException as error:
-        return None, error
 
 
 async def _agather(
@@ -1785,20 +2192,14 @@ class Runnable:
         name = config.get("run_name") or self._bound.get("run_name") or self.get_name()
         return _START[self._run_type], args, {**extra, "name": name}
 
-    def _begin(self, input: Any, config: Mapping[str, Any], parent: _Manager | None) -> RunManager:
-        run = RunManager._new(self._manager(config, parent), self._run_type, config.get("run_id"))
-        if run.handlers:  # D7: no payload, no id, no dispatch when nobody listens
-            run._open(*self._start_event(input, config))
-        return run
+    def _begin(self, config: Mapping[str, Any], parent: _Manager | None) -> RunManager:
+        """The run of this call, not started yet: an interrupt before its start is delivered
+        leaves nothing to close."""
+        return RunManager._new(self._manager(config, parent), self._run_type, config.get("run_id"))
 
-    async def _abegin(
-        self, input: Any, config: Mapping[str, Any], parent: _Manager | None
-    ) -> AsyncRunManager:
+    def _abegin(self, config: Mapping[str, Any], parent: _Manager | None) -> AsyncRunManager:
         manager = self._manager(config, parent)
-        run = AsyncRunManager._new(manager, self._run_type, config.get("run_id"))
-        if run.handlers:
-            await run._aopen(*self._start_event(input, config))
-        return run
+        return AsyncRunManager._new(manager, self._run_type, config.get("run_id"))
 
     def _in_scope(
         self, run: _Run, limit: int | None, body: Callable[[Any, Any], Any], input: Any
@@ -1822,79 +2223,108 @@ class Runnable:
         context = _scope(run, limit)
         return await _run_in(context, context.run(body, input, run))
 
+    # The run protocol, one function per call mode. Each makes its run first (no event), then in
+    # one ``try``: fires the start (D7: only if someone listens), runs the body, fires the end;
+    # and on any exception fires the error instead (R1, D3). Every step is inside the ``try``,
+    # so that an interrupt anywhere after the start still closes the run; a closing event that
+    # was chosen but not fully delivered is finished rather than replaced (`_Run._finish`).
+
     def _invoke(self, input: Any, config: Mapping[str, Any], parent: _Manager | None) -> Any:
-        run = None
+        run = self._begin(config, parent)
         try:
-            run = self._begin(input, config, parent)
+            if run.handlers:  # D7: no payload, no id, no dispatch when nobody listens
+                run._open(*self._start_event(input, config))
             if self._leaf:  # `_in_scope`, inlined: two frames per level of nesting, not four
                 output = self._run(input, run)
             else:
                 output = _scope(run, self._limit(config)).run(self._run, input, run)
+            if run._listeners or run._orphans:
+                run._close(_END, self._end_payload(output))
         except BaseException as error:  # R1: BaseException counts
-            if run is not None and run.handlers:
-                run._close(_ERROR, error)
+            run._fail(error)
             raise
-        if run.handlers:
-            run._close(_END, self._end_payload(output))
+        finally:  # an interrupt at the entry of `_fail` (not held there): once more
+            if run._end is not _DONE and (run._listeners or run._orphans):
+                run._fail_again()
         return output
 
     async def _ainvoke(self, input: Any, config: Mapping[str, Any], parent: _Manager | None) -> Any:
-        run = None
+        run = self._abegin(config, parent)
         try:
-            run = await self._abegin(input, config, parent)
+            if run.handlers:
+                await run._aopen(*self._start_event(input, config))
             if self._leaf:  # `_ain_scope`, inlined, as in `_invoke`
                 output = await self._arun(input, run)
             else:
                 context = _scope(run, self._limit(config))
                 output = await _run_in(context, context.run(self._arun, input, run))
+            if run._listeners or run._orphans:
+                await run._aclose(_END, self._end_payload(output))
         except BaseException as error:  # R1, and asyncio.CancelledError (D3)
-            if run is not None and run.handlers:
-                await run._aclose(_ERROR, error)
+            await run._afail(error)
             raise
-        if run.handlers:
-            await run._aclose(_END, self._end_payload(output))
+        finally:
+            if run._end is not _DONE and (run._listeners or run._orphans):
+                await run._afail_again()
         return output
 
     def _stream(
         self, input: Any, config: Mapping[str, Any], parent: _Manager | None
     ) -> Generator[Any, None, Any]:
-        run = None
+        run, body = self._begin(config, parent), None
         try:
-            run = self._begin(input, config, parent)
-            output = yield from self._stream_body(input, run, self._limit(config))
+            if run.handlers:
+                run._open(*self._start_event(input, config))
+            body = self._stream_body(input, run, self._limit(config))
+            output = yield from body
+            if run._listeners or run._orphans:
+                run._close(_END, self._end_payload(output))
         except BaseException as error:  # includes GeneratorExit from an early close (D3)
-            if run is not None and run.handlers:
-                run._close(_ERROR, error)
+            failure = error
+            if body is not None:  # an interrupt raised here, not in the body, leaves it open
+                try:
+                    body.close()  # inner runs close first
+                except BaseException as closing:  # their closing failed: that is ours too,
+                    early_close = isinstance(error, GeneratorExit)  # unless we had an interrupt
+                    failure = _keep(None if early_close else error, closing) or error
+            run._fail(failure)
+            if failure is not error:
+                raise failure from None
             raise
-        if run.handlers:
-            run._close(_END, self._end_payload(output))
+        finally:
+            if run._end is not _DONE and (run._listeners or run._orphans):
+                run._fail_again()
         return output
 
     async def _astream(
         self, input: Any, config: Mapping[str, Any], parent: _Manager | None, out: list[Any]
     ) -> AsyncGenerator[Any, None]:
         """`_stream` for asyncio; the final output is appended to ``out``."""
-        run = body = None
+        run, body = self._abegin(config, parent), None
         inner: list[Any] = []
         try:
-            run = await self._abegin(input, config, parent)
+            if run.handlers:
+                await run._aopen(*self._start_event(input, config))
             body = self._astream_body(input, run, self._limit(config), inner)
             async for chunk in body:
                 yield chunk
+            if run._listeners or run._orphans:
+                await run._aclose(_END, self._end_payload(inner[-1]))
         except BaseException as error:  # GeneratorExit from aclose() too (D3)
             failure = error
             if body is not None:
                 try:
                     await body.aclose()  # inner runs close first
-                except BaseException as closing:  # their closing failed: that is ours too
-                    failure = closing
-            if run is not None and run.handlers:
-                await run._aclose(_ERROR, failure)
+                except BaseException as closing:  # their closing failed: that is ours too,
+                    early_close = isinstance(error, GeneratorExit)  # unless we had an interrupt
+                    failure = _keep(None if early_close else error, closing) or error
+            await run._afail(failure)
             if failure is not error:
                 raise failure from None
             raise
-        if run.handlers:
-            await run._aclose(_END, self._end_payload(inner[-1]))
+        finally:
+            if run._end is not _DONE and (run._listeners or run._orphans):
+                await run._afail_again()
         out.append(inner[-1])
 
 
@@ -1917,6 +2347,16 @@ def _function_name(func: Callable[..., Any], default: str) -> str:
     """A function's ``__name__``, or ``default`` for a lambda or a nameless callable (R4)."""
     name = getattr(func, "__name__", "<lambda>")
     return default if name == "<lambda>" else str(name)
+
+
+def _text(value: Any) -> str:
+    """``str(value)`` for a start payload, or, if that fails, the value's type and address:
+    building a payload, which happens only when someone listens (D7), must never change what
+    a call returns or raises (D8)."""
+    try:
+        return value if isinstance(value, str) else str(value)
+    except Exception:
+        return object.__repr__(value)
 
 
 class Lambda(Runnable):
@@ -1945,10 +2385,13 @@ class Lambda(Runnable):
 
     def _run(self, input: Any, run: _Run, drive: bool = True) -> Any:
         """Call ``func``; with ``drive``, run an async one to completion (D6's loop rules)."""
-        if self._takes_config:
-            result = self.func(input, {"callbacks": run.get_child()})
-        else:
-            result = self.func(input)
+        try:
+            if self._takes_config:
+                result = self.func(input, {"callbacks": run.get_child()})
+            else:
+                result = self.func(input)
+        except (StopIteration, StopAsyncIteration) as stop:  # the same error in every mode (D8)
+            raise _raisable(stop, f"the function of {self!r}")  # noqa: B904 (it is chained)
         return _run_coroutine(result) if drive and self._is_async else result
 
     def _arun(self, input: Any, run: AsyncRunManager) -> Coroutine[Any, Any, Any]:
@@ -1957,7 +2400,7 @@ class Lambda(Runnable):
         if self._is_async:
             result: Coroutine[Any, Any, Any] = self._run(input, run, drive=False)
             return result
-        return _in_thread(functools.partial(self._run, input, run))
+        return _body_in_thread(self._run, input, run)
 
 
 class Chain(Runnable):
@@ -1999,7 +2442,10 @@ class Chain(Runnable):
         value = self._in_scope(run, limit, lambda x, r: self._run(x, r, -1), input)
         limit = limit or _MAX_CONCURRENCY.get()  # this generator holds no context across yields
         last = self.steps[-1]._stream(value, self._limit_config(limit), self._last_child(run))
-        return (yield from last)
+        try:
+            return (yield from last)
+        finally:
+            last.close()  # if an interrupt landed here, not in it: its runs close first (D3)
 
     async def _astream_body(
         self, input: Any, run: AsyncRunManager, limit: int | None, out: list[Any]
@@ -2071,23 +2517,36 @@ class Parallel(Runnable):
 def _check_error(error: BaseException | None) -> BaseException | None:
     if error is not None and not isinstance(error, BaseException):
         raise TypeError(f"error must be an exception instance or None, got {_brief(error)}")
+    try:
+        copy.copy(error)
+    except Exception as failure:
+        raise TypeError(
+            f"error must be an exception that copy.copy() can copy (each call raises a fresh "
+            f"copy), got {_brief(error)}: {failure!r}"
+        ) from None
     return error
 
 
-def _raise(error: BaseException) -> None:
-    raise error.with_traceback(None)  # R0: a fresh traceback on every raise
+def _raise(error: BaseException) -> NoReturn:
+    """Raise a fresh copy of ``error`` (R0): the toy keeps no traceback, and so no frame, input
+    or handler, of any call it made (D8)."""
+    raise copy.copy(error)
 
 
 _TOKEN: Final = re.compile(r"\S+\s*|\s+")
 
 
 def _as_messages(input: Any) -> list[Any]:
-    """A model's input as messages: a message, a list of messages, or anything else as text."""
-    if hasattr(input, "content") and hasattr(input, "type"):
-        return [input]
-    if isinstance(input, Sequence) and input and all(hasattr(m, "content") for m in input):
-        return list(input)
-    return [HumanMessage(str(input))]
+    """A model's input as messages: a message, a list of messages, or anything else as text.
+    Used for payloads alone: an input that fails to be read so is shown as text (D8)."""
+    try:
+        if hasattr(input, "content") and hasattr(input, "type"):
+            return [input]
+        if isinstance(input, Sequence) and input and all(hasattr(m, "content") for m in input):
+            return list(input)
+    except Exception:
+        pass
+    return [HumanMessage(_text(input))]
 
 
 class LLM(Runnable):
@@ -2125,7 +2584,13 @@ class LLM(Runnable):
         self._lock = threading.Lock()
 
     def _prompt(self, input: Any) -> str:
-        return _buffer_string(_as_messages(input)) if not isinstance(input, str) else input
+        if isinstance(input, str):
+            return input
+        messages = _as_messages(input)
+        try:
+            return _buffer_string(messages)
+        except Exception:  # a message whose content cannot be shown (D8)
+            return _text(input)
 
     def _start_args(self, input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
         return (self._serialized(), [self._prompt(input)]), {}
@@ -2150,7 +2615,7 @@ class LLM(Runnable):
     def _generate(self, run: _Run, stream: bool) -> Generator[Any, None, Any]:
         text, tokens = self._tokens(stream)
         for i, (token, chunk) in enumerate(tokens):
-            if run.handlers:  # fire the token before handing it on (LangChain #16913)
+            if run._listeners:  # fire the token before handing it on (LangChain #16913)
                 run._emit(Event.LLM_NEW_TOKEN, (token,), chunk)
             yield self._output(token)
             if i == 0 and self.error is not None:
@@ -2164,7 +2629,7 @@ class LLM(Runnable):
     ) -> AsyncGenerator[Any, None]:
         text, tokens = self._tokens(stream)
         for i, (token, chunk) in enumerate(tokens):
-            if run.handlers:
+            if run._listeners:
                 await run._aemit(Event.LLM_NEW_TOKEN, (token,), chunk)
             yield self._output(token)
             if i == 0 and self.error is not None:
@@ -2244,12 +2709,15 @@ class Tool(Runnable):
 
     def _start_args(self, input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
         serialized = {**self._serialized(), "description": self.description}
-        return (serialized, str(input)), {"inputs": input if isinstance(input, dict) else None}
+        return (serialized, _text(input)), {"inputs": input if isinstance(input, dict) else None}
 
     def _call_func(self, input: Any) -> Any:
         if self.error is not None:
             _raise(self.error)
-        return self.func(**input) if isinstance(input, dict) else self.func(input)
+        try:
+            return self.func(**input) if isinstance(input, dict) else self.func(input)
+        except (StopIteration, StopAsyncIteration) as stop:  # the same error in every mode (D8)
+            raise _raisable(stop, f"the function of {self!r}")  # noqa: B904 (it is chained)
 
     def _run(self, input: Any, run: _Run) -> Any:
         result = self._call_func(input)
@@ -2258,7 +2726,7 @@ class Tool(Runnable):
     async def _arun(self, input: Any, run: AsyncRunManager) -> Any:
         if self._is_async:
             return await self._call_func(input)
-        return await _in_thread(functools.partial(self._run, input, run))
+        return await _body_in_thread(self._run, input, run)
 
 
 class Retriever(Runnable):
@@ -2285,7 +2753,7 @@ class Retriever(Runnable):
         self.error = _check_error(error)
 
     def _start_args(self, input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        return (self._serialized(), str(input)), {}
+        return (self._serialized(), _text(input)), {}
 
     def _run(self, input: Any, run: _Run) -> Any:
         if self.error is not None:
