@@ -4843,7 +4843,7 @@ class _Big:
     """An input or output that can be watched with a weak reference."""
 
 
-def test_D7_R1_a_finished_run_leaves_no_reference_to_its_values_managers_or_handlers() -> None:
+def test_D7_D8_R1_a_finished_run_leaves_no_reference_to_its_values_managers_or_handlers() -> None:
     """After a call returns, or raises and its exception is dropped, nothing the library keeps
     refers to the input, the outputs, the run managers or the handlers, in all four modes."""
     refs: list[weakref.ref[Any]] = []
