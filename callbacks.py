@@ -207,6 +207,7 @@ class Event(enum.Enum):
     keyword_payload: tuple[str, ...]
     keywords: tuple[str, ...]
     closes: bool  # an end or error event: the run's last
+    dispatch: tuple[str | None, str, bool, bool, bool]  # what `_dispatch` reads, in one go
 
     def __init__(
         self,
@@ -228,6 +229,8 @@ class Event(enum.Enum):
         kind = "start" if phase == "start" else "custom" if method == "on_custom_event" else "other"
         self.keywords = _KEYWORDS[kind]
         self.closes = phase in ("end", "error")
+        usual = self.keywords is _KEYWORDS["other"] and len(self.payload) == 1
+        self.dispatch = (ignore_flag, method, phase == "start", self.closes, usual)
 
     @property
     def signature(self) -> inspect.Signature:
@@ -442,16 +445,17 @@ def _check_handler(obj: object, what: str = "handler") -> None:
 # Dispatch
 # =================================================================================================
 #
-# Who gets called, and what a failure means, is decided once (`_method_for`, `_failure`); the
-# sync and async dispatchers differ only in how they call (blinker's ``receivers_for``).
+# Who gets called, and what a failure means, is decided once (`_method_for`, `_after_failure`,
+# `_keep`); the sync and async dispatchers differ only in how they call (blinker's
+# ``receivers_for``).
 #
 # What a dispatcher promises (D2, D3, D8): every handler hears the event, whatever the handlers
 # before it did. A handler's flags are part of the handler: they are read under the guard that
 # catches its method's exceptions, so a flag that raises is that handler's failure. An interrupt
 # (`KeyboardInterrupt`, a cancellation) that arrives while the event is being delivered is held
 # until the event has reached every handler, then raised. Delivery stops short only when Python
-# cannot call the next handler at all (the stack is too deep); the caller is then told how many
-# handlers heard the event (`_Undelivered`), so that the rest can hear it later (`_Run._close`).
+# cannot call the next handler at all (the stack is too deep); the caller is then told which
+# handlers did not hear the event (`_Undelivered`), so that they hear it later (`_Run._finish`).
 
 
 class _Undelivered(Exception):
@@ -705,7 +709,8 @@ def _call_handler(
     """Deliver one event to one handler; return the exception the run must raise, if any.
 
     A coroutine method (an async handler under sync dispatch) runs to completion first (D6).
-    `_dispatch` inlines this and uses it for the fallback event (D4), which has none itself.
+    `_dispatch` inlines this, and falls back on it (for a handler's fallback event, D4, and
+    for a handler that an interrupt kept it from calling).
     """
     try:
         method = _method_for(handler, event)
@@ -715,6 +720,9 @@ def _call_handler(
         if result is not None and inspect.isawaitable(result):
             _await_handler(result)
     except BaseException as error:
+        fallback = _fallback(event, args, error)
+        if fallback is not None:  # D4, and the fallback obeys its own ignore flag
+            return _call_handler(handler, *fallback, kwargs)
         return _after_failure(handler, event, kwargs, error)
     return None
 
@@ -738,37 +746,35 @@ def _dispatch(
     handler; other failures are only logged. `_Undelivered` if Python cannot call a handler.
 
     The run's state moves with the delivery, so that an interrupt at any point leaves it
-    truthful: a start event makes ``handlers`` the run's listeners as the first is called, and
-    a closing event marks the run done once the last has heard it (`_Run._finish`).
+    truthful: a start event makes ``handlers`` the run's listeners as delivery begins, and a
+    closing event marks the run done once the last has heard it (`_Run._finish`).
     """
     raised: BaseException | None = None
+    flag, name, opens, closes, usual = event.dispatch
+    # The usual event (one payload argument, the three usual keywords) is passed with explicit
+    # keywords: that call costs half of a ``**kwargs`` one.
+    if usual and len(args) == 1 and len(kwargs) == 3:
+        data, tags, rid, pid = args[0], kwargs["tags"], kwargs["run_id"], kwargs["parent_run_id"]
+    else:
+        usual = False
+    uncalled, start, i = _UNCALLED, 0, -1
     awaitable: Any
-    i, count, retried = 0, len(handlers), -1
     while True:
-        # Each statement below may meet an interrupt (a signal lands between any two lines).
-        # ``i`` moves past a handler on the very line that calls it, so an interrupt before
-        # that line leaves the handler to be called (again: ``continue``), and one after it
-        # leaves it called once. The interrupt is held and raised at the end.
+        # A signal may land between any two statements below. ``i`` is the handler at hand:
+        # one that lands in this loop's own code, outside a handler's guard, leaves handlers
+        # up to ``i`` served, and the loop goes on after it. The interrupt is held, raised last.
         try:
-            if event.phase == "start":
+            if opens:
                 run._listeners = handlers  # from here on, each of them hears it
-            flag, name = event.ignore_flag, event.method
-            # The usual event (one payload argument, the three usual keywords) is passed with
-            # explicit keywords: that call costs half of a ``**kwargs`` one.
-            usual = len(args) == 1 and len(kwargs) == 3 and event.keywords is _OTHER_KEYWORDS
-            if usual:
-                data, tags = args[0], kwargs["tags"]
-                rid, pid = kwargs["run_id"], kwargs["parent_run_id"]
-            while i < count:  # `_call_handler`, inlined: the hot path
-                handler, result, called = handlers[i], _UNCALLED, None
-                try:
+            for handler in handlers[start:] if start else handlers:
+                result, called = uncalled, None
+                i += 1  # the last line before the handler's guard: ``i`` is its index there
+                try:  # `_call_handler`, inlined: the hot path
                     if flag is not None and getattr(handler, flag, False):  # its guard (D8)
-                        i += 1
                         continue
                     method = getattr(handler, name, None)
                     if method is None:
                         if event not in _FALLBACK:
-                            i += 1
                             continue
                         method = _not_implemented
                     # ``called`` is set on the very line that calls the handler: no line between
@@ -779,37 +785,32 @@ def _dispatch(
                     if result is not None and inspect.isawaitable(result):
                         result, awaitable = None, result
                         _await_handler(awaitable)
-                    i += 1
                 except BaseException as error:
-                    interrupt = not isinstance(error, Exception)
-                    if interrupt and called is None and retried != i:
-                        # Before the handler was called: hold it, and call the handler. (Once:
-                        # a flag that raises an interrupt each time is the handler's failure.)
-                        raised, retried = _keep(raised, error), i
+                    if isinstance(error, Exception):
+                        if result is uncalled and _never_entered(error, called):
+                            raise _Undelivered(handlers[i:], error) from None  # not heard
+                        fallback = _fallback(event, args, error)
+                        if fallback is not None:  # D4: its fallback obeys its own ignore flag
+                            raised = _keep(raised, _call_handler(handler, *fallback, kwargs))
+                        else:
+                            raised = _keep(raised, _after_failure(handler, event, kwargs, error))
                         continue
-                    i += 1
-                    if interrupt and result is not _UNCALLED:  # after it returned: hold it
-                        if result is not None:  # what it returned was not awaited yet (D6)
-                            raised = _keep(raised, _call_awaitable(handler, event, kwargs, result))
-                        raised = _keep(raised, error)
-                        continue
-                    if result is _UNCALLED and _never_entered(error, called):  # did not hear it
-                        raise _Undelivered(handlers[i - 1 :], error) from None
-                    fallback = _fallback(event, args, error)
-                    if fallback is not None:  # D4, and the fallback obeys its own ignore flag
-                        failure = _call_handler(handler, *fallback, kwargs)
-                    else:
-                        failure = _after_failure(handler, event, kwargs, error)
-                    raised = _keep(raised, failure)
-            if event.closes:
+                    # An interrupt: hold it. It came before the handler was called (deliver
+                    # now), after it returned (run what it returned, D6), or from the handler.
+                    if called is None:
+                        raised = _keep(raised, _call_handler(handler, event, args, kwargs))
+                    elif result is not uncalled and result is not None:
+                        raised = _keep(raised, _call_awaitable(handler, event, kwargs, result))
+                    raised = _keep(raised, error)
+            if closes:
                 run._end = _DONE
             break
         except _Undelivered:
             raise
-        except BaseException as error:  # in this loop's own code
+        except BaseException as error:  # in this loop's own code, after handler ``i``
             if isinstance(error, Exception):  # it cannot go on (too deep): say how far it got
-                raise _Undelivered(handlers[i:], error) from None
-            raised = _keep(raised, error)
+                raise _Undelivered(handlers[i + 1 :], error) from None
+            raised, start = _keep(raised, error), i + 1  # and ``i`` is ``start - 1``
     if raised is not None:
         raise raised
 
@@ -1360,8 +1361,8 @@ class _Run:
     How far a run has got (D3) is in two fields, each set where the delivery it describes
     happens, so that an interrupt at any point leaves them truthful: ``_listeners`` are the
     handlers its start event reached (its later events go to them alone), and ``_end`` is None
-    while it is open, then its one closing event (``(event, args, keywords, handlers yet to
-    hear it)``), then `_DONE`. A run whose closing event could not reach every listener (the
+    while it is open, then its one closing event (``(handlers yet to hear it, event, args,
+    keywords)``), then `_DONE`. A run whose closing event could not reach every listener (the
     stack too deep for another call) is handed to its parent run (``_orphans``), which
     delivers it, innermost first, before its own.
     """
@@ -1451,14 +1452,17 @@ class _Run:
         further. LLM and chat runs are leaves (R2): `TypeError`. The manager is the caller's
         own: changing it changes no other run's state (D8).
         """
-        child = self._child(tag, self._child_class)
-        child.metadata, child.inheritable_metadata = dict(child.metadata), dict(child.metadata)
-        return child
+        return self._child(tag, self._child_class, own=True)
 
-    def _child(self, tag: str | None, cls: type[_M]) -> _M:
+    def _child(self, tag: str | None, cls: type[_M], own: bool = False) -> _M:
+        """`get_child`; the manager's dicts are this run's unless it is to be ``own``."""
         if self._family == "llm":
             raise TypeError(f"a {self.run_type} run is a leaf and has no child runs")
         child = cls._make(self, self)
+        if own:
+            metadata = child.metadata
+            child.metadata = dict(metadata) if metadata else {}
+            child.inheritable_metadata = dict(metadata) if metadata else {}
         if tag is not None and tag not in child.tags:
             if not isinstance(tag, str):
                 raise TypeError(f"tag must be a string or None, got {_brief(tag)}")
@@ -1548,29 +1552,23 @@ class _Run:
         was cut short; first the closing events of children left open (D3)."""
         target: _Run = self
         try:
-            end = self._closing(event, args, extra)
+            end = self._end
+            if end is None:  # from here on, this is the run's one closing event (D3)
+                listeners, kw = self._listeners, self._kw  # (D7: nobody to tell, no keywords)
+                kw = kw if listeners and kw is not None and not extra else None
+                kw = kw or (self._kwargs(event, extra) if listeners else {})
+                end = self._end = (listeners, event, args, kw)
             while self._orphans:
                 if (target := self._orphans[0])._end:
                     _dispatch(target, *target._end)
                 del self._orphans[0]
             target = self
-            _dispatch(self, *end)
+            _dispatch(self, end[0], end[1], end[2], end[3])
         except BaseException as error:
             self._cut_short(target, error)
             if isinstance(error, _Undelivered):
                 raise error.error from None
             raise
-
-    def _closing(
-        self, event: Event, args: tuple[Any, ...], extra: dict[str, Any]
-    ) -> tuple[Any, ...]:
-        end = self._end
-        if end is None:  # from here on, this is the run's one closing event (D3)
-            if not self._listeners:  # nobody to tell (D7): no keywords, no id
-                end = self._end = ((), event, args, {})
-            else:
-                end = self._end = (self._listeners, event, args, self._kwargs(event, extra))
-        return end
 
     def _cut_short(self, target: _Run, error: BaseException) -> None:
         """Delivering the closing event of ``target`` (an orphan of this run, or this run) was
@@ -1677,13 +1675,18 @@ class AsyncRunManager(_Run):
     async def _afinish(self, event: Event, args: tuple[Any, ...], extra: dict[str, Any]) -> None:
         target: _Run = self
         try:
-            end = self._closing(event, args, extra)
+            end = self._end
+            if end is None:  # from here on, this is the run's one closing event (D3)
+                listeners, kw = self._listeners, self._kw  # (D7: nobody to tell, no keywords)
+                kw = kw if listeners and kw is not None and not extra else None
+                kw = kw or (self._kwargs(event, extra) if listeners else {})
+                end = self._end = (listeners, event, args, kw)
             while self._orphans:
                 if (target := self._orphans[0])._end:
                     await _adispatch(target, *target._end)
                 del self._orphans[0]
             target = self
-            await _adispatch(self, *end)
+            await _adispatch(self, end[0], end[1], end[2], end[3])
         except BaseException as error:
             self._cut_short(target, error)
             if isinstance(error, _Undelivered):
@@ -1707,7 +1710,10 @@ def _run_manager_method(event: Event, is_async: bool) -> Callable[..., Any]:
         if self._end is not None or (run_type != self._family and run_type != "any"):
             self._refuse(event)
         if closes:
-            self._finish(event, args, kwargs)
+            if self._listeners or self._orphans:
+                self._finish(event, args, kwargs)
+            else:  # nobody to tell (D7)
+                self._end = _DONE
         elif self._listeners:
             kw = self._kw if plain and not kwargs else None
             _dispatch(self, self._listeners, event, args, kw or self._kwargs(event, kwargs))
