@@ -5248,6 +5248,47 @@ def test_D3_a_handler_whose_task_could_not_start_hears_the_closing_event_later(
         ], rec  # fmt: skip
 
 
+def test_D3_an_interrupt_while_a_handlers_failure_is_handled_lets_the_rest_hear_the_event() -> None:
+    """The interrupt lands in the library's own code between two handlers (as it deals with
+    the first one's failure): the second still hears the event, then the interrupt leaves."""
+
+    class Breaks(BaseCallbackHandler):
+        def on_chain_start(self, *args: Any, **kwargs: Any) -> None:
+            raise ValueError("handler broke")
+
+    rec, checker = Recorder(), TraceChecker()
+    hook = _raise_at(callbacks._keep.__code__, lambda: KeyboardInterrupt("between handlers"))
+    raised = _run_with_hook(hook, Lambda(_ident), {"callbacks": [Breaks(), rec, checker]}, "invoke")
+    assert isinstance(raised, KeyboardInterrupt)
+    assert rec.events() == ["on_chain_start", "on_chain_error"]
+    checker.check()
+
+
+def test_D3_D4_a_chat_start_an_interrupt_kept_from_a_handler_falls_back_for_it() -> None:
+    """Delivered after an interrupt (held), a chat start still falls back to ``on_llm_start``
+    for a handler without chat support (D4)."""
+    legacy, rec = _LLMStartOnly(), Recorder()
+    hook = _raise_c_call(getattr, lambda: KeyboardInterrupt("before the call"))
+    raised = _run_with_hook(hook, ChatModel("ok"), {"callbacks": [legacy, rec]}, "invoke")
+    assert isinstance(raised, KeyboardInterrupt)
+    assert [s[:2] for s in legacy.seen] == [("on_llm_start", ["Human: x"])]  # its error: a no-op
+    assert rec.events() == ["on_chat_model_start", "on_llm_error"]
+
+
+def _raise_c_call(builtin: Any, error: Callable[[], BaseException]) -> Any:
+    """A profile hook that raises ``error()`` just before the library first calls ``builtin``
+    (a signal landing there), once."""
+    fired: list[bool] = []
+
+    def hook(frame: types.FrameType, event: str, arg: Any) -> None:
+        if event == "c_call" and arg is builtin and not fired:
+            if frame.f_code is callbacks._dispatch.__code__:
+                fired.append(True)
+                raise error()
+
+    return hook
+
+
 class _AtLine:
     """Acts at the ``k``-th point the library's own code reaches in this thread (not its
     handlers': `Recorder`, `TraceChecker`): it raises `KeyboardInterrupt` there, as a signal
