@@ -207,7 +207,8 @@ class Event(enum.Enum):
     keyword_payload: tuple[str, ...]
     keywords: tuple[str, ...]
     closes: bool  # an end or error event: the run's last
-    dispatch: tuple[str | None, str, bool, bool, bool]  # what `_dispatch` reads, in one go
+    index: int  # its row in the table: where a run keeps the methods it resolved for it
+    dispatch: tuple[str | None, str, bool, bool, bool, int, bool]  # what `_dispatch` reads
 
     def __init__(
         self,
@@ -230,7 +231,17 @@ class Event(enum.Enum):
         self.keywords = _KEYWORDS[kind]
         self.closes = phase in ("end", "error")
         usual = self.keywords is _KEYWORDS["other"] and len(self.payload) == 1
-        self.dispatch = (ignore_flag, method, phase == "start", self.closes, usual)
+        self.index = len(type(self).__members__)
+        repeats = phase in ("stream", "note")  # may come many times in one run
+        self.dispatch = (
+            ignore_flag,
+            method,
+            phase == "start",
+            self.closes,
+            usual,
+            self.index,
+            repeats,
+        )
 
     @property
     def signature(self) -> inspect.Signature:
@@ -255,6 +266,7 @@ _FAMILY: Final = {"chat_model": "llm"}  # a chat run streams, ends and fails as 
 _START_KEYWORDS: Final = _KEYWORDS["start"]
 _OTHER_KEYWORDS: Final = _KEYWORDS["other"]
 _METHODS: Final = frozenset(e.method for e in Event)
+_EVENTS: Final = tuple(Event)
 
 
 # =================================================================================================
@@ -750,15 +762,23 @@ def _dispatch(
     closing event marks the run done once the last has heard it (`_Run._finish`).
     """
     raised: BaseException | None = None
-    flag, name, opens, closes, usual = event.dispatch
+    flag, name, opens, closes, usual, index, repeats = event.dispatch
     # The usual event (one payload argument, the three usual keywords) is passed with explicit
     # keywords: that call costs half of a ``**kwargs`` one.
-    if usual and len(args) == 1 and len(kwargs) == 3:
-        data, tags, rid, pid = args[0], kwargs["tags"], kwargs["run_id"], kwargs["parent_run_id"]
+    if usual and kwargs is run._kw:  # the run's own keywords, unpacked once (`_Run._kwargs`)
+        data, (rid, pid, tags) = args[0], run._usual
     else:
         usual = False
     uncalled, start, i = _UNCALLED, 0, -1
     awaitable: Any
+    # An event a run may fire many times (a token, a note) goes to the methods resolved the
+    # first time, for the run's listeners: their flags are read once per run (D1).
+    known = fresh = None
+    if repeats and handlers is run._listeners:
+        cache: list[Any] = run._methods or [None] * len(_EVENTS)
+        run._methods, known = cache, cache[index]
+        if known is None:
+            fresh = [None] * len(handlers)
     while True:
         # A signal may land between any two statements below. ``i`` is the handler at hand:
         # one that lands in this loop's own code, outside a handler's guard, leaves handlers
@@ -770,13 +790,20 @@ def _dispatch(
                 result, called = uncalled, None
                 i += 1  # the last line before the handler's guard: ``i`` is its index there
                 try:  # `_call_handler`, inlined: the hot path
-                    if flag is not None and getattr(handler, flag, False):  # its guard (D8)
-                        continue
-                    method = getattr(handler, name, None)
-                    if method is None:
-                        if event not in _FALLBACK:
+                    if known is not None:
+                        method = known[i]
+                        if method is None:
                             continue
-                        method = _not_implemented
+                    else:
+                        if flag is not None and getattr(handler, flag, False):  # its guard (D8)
+                            continue
+                        method = getattr(handler, name, None)
+                        if method is None:
+                            if event not in _FALLBACK:
+                                continue
+                            method = _not_implemented
+                        if fresh is not None:
+                            fresh[i] = method
                     # ``called`` is set on the very line that calls the handler: no line between
                     if usual:
                         result = (called := method)(data, run_id=rid, parent_run_id=pid, tags=tags)
@@ -786,6 +813,8 @@ def _dispatch(
                         result, awaitable = None, result
                         _await_handler(awaitable)
                 except BaseException as error:
+                    if called is None:  # its flags failed, or will be read again: no cache
+                        fresh = None
                     if isinstance(error, Exception):
                         if result is uncalled and _never_entered(error, called):
                             raise _Undelivered(handlers[i:], error) from None  # not heard
@@ -804,6 +833,8 @@ def _dispatch(
                     raised = _keep(raised, error)
             if closes:
                 run._end = _DONE
+            elif fresh is not None:
+                cache[index], fresh = fresh, None
             break
         except _Undelivered:
             raise
@@ -1372,9 +1403,11 @@ class _Run:
         "_family",
         "_kw",
         "_listeners",
+        "_methods",
         "_orphans",
         "_parent",
         "_run_id",
+        "_usual",
         "handlers",
         "inheritable_handlers",
         "inheritable_metadata",
@@ -1396,8 +1429,10 @@ class _Run:
     _listeners: Sequence[Any]
     _end: tuple[Any, ...] | None
     _orphans: list[_Run] | None
+    _methods: list[Any] | None  # per event, the listeners' methods once resolved (`_dispatch`)
     _family: str  # the run type its events are checked against: "llm" for a chat run too
     _kw: dict[str, Any] | None  # the keywords of its non-start events, made once (D7: lazily)
+    _usual: tuple[uuid.UUID, uuid.UUID | None, list[str]]  # the same, as `_dispatch` passes them
     _child_class: ClassVar[type[_Manager]]
 
     def __init__(self) -> None:
@@ -1427,7 +1462,7 @@ class _Run:
         self._family = _FAMILY.get(run_type, run_type)
         self._run_id = run_id
         self._listeners = ()
-        self._end = self._orphans = None
+        self._end = self._orphans = self._methods = None
         self._kw = None
         return self
 
@@ -1477,11 +1512,8 @@ class _Run:
         """
         kw = self._kw
         if kw is None:
-            kw = self._kw = {
-                "run_id": self.run_id,
-                "parent_run_id": self.parent_run_id,
-                "tags": list(self.tags),
-            }
+            self._usual = rid, pid, tags = self.run_id, self.parent_run_id, list(self.tags)
+            kw = self._kw = {"run_id": rid, "parent_run_id": pid, "tags": tags}
         keywords = event.keywords
         if keywords is _OTHER_KEYWORDS:
             return {**kw, **extra} if extra else kw
@@ -1702,12 +1734,13 @@ def _run_manager_method(event: Event, is_async: bool) -> Callable[..., Any]:
             raise TypeError(f"{event.method}() takes {count} positional payload argument(s)")
 
     run_type, closes, plain = event.run_type, event.closes, event.keywords is _OTHER_KEYWORDS
+    any_run = run_type == "any"
 
     def emit(self: RunManager, *args: Any, **kwargs: Any) -> None:
         # `_emit`, inlined: the hot path of every event after the start
         if len(args) != count:
             check(args)
-        if self._end is not None or (run_type != self._family and run_type != "any"):
+        if self._end is not None or (not any_run and run_type != self._family):
             self._refuse(event)
         if closes:
             if self._listeners or self._orphans:
