@@ -266,6 +266,7 @@ _FAMILY: Final = {"chat_model": "llm"}  # a chat run streams, ends and fails as 
 _START_KEYWORDS: Final = _KEYWORDS["start"]
 _OTHER_KEYWORDS: Final = _KEYWORDS["other"]
 _METHODS: Final = frozenset(e.method for e in Event)
+_NO_EXTRA: Final[dict[str, Any]] = {}  # no keywords beyond an event's own (never written to)
 _EVENTS: Final = tuple(Event)
 
 
@@ -1487,17 +1488,17 @@ class _Run:
         further. LLM and chat runs are leaves (R2): `TypeError`. The manager is the caller's
         own: changing it changes no other run's state (D8).
         """
-        return self._child(tag, self._child_class, own=True)
+        child = self._child(tag, self._child_class)
+        if metadata := child.metadata:  # its own dicts: the run's are shared by its children
+            child.metadata, child.inheritable_metadata = dict(metadata), dict(metadata)
+        else:
+            child.metadata, child.inheritable_metadata = {}, {}
+        return child
 
-    def _child(self, tag: str | None, cls: type[_M], own: bool = False) -> _M:
-        """`get_child`; the manager's dicts are this run's unless it is to be ``own``."""
+    def _child(self, tag: str | None, cls: type[_M]) -> _M:
         if self._family == "llm":
             raise TypeError(f"a {self.run_type} run is a leaf and has no child runs")
         child = cls._make(self, self)
-        if own:
-            metadata = child.metadata
-            child.metadata = dict(metadata) if metadata else {}
-            child.inheritable_metadata = dict(metadata) if metadata else {}
         if tag is not None and tag not in child.tags:
             if not isinstance(tag, str):
                 raise TypeError(f"tag must be a string or None, got {_brief(tag)}")
@@ -1551,10 +1552,6 @@ class _Run:
                 raise error.error from None
             raise
 
-    def _close(self, table: Mapping[str, Event], payload: Any) -> None:
-        """Fire the end (``table=_END``) or error (``_ERROR``) event (or the one chosen before)."""
-        self._finish(table[self._family], (payload,), {})
-
     def _fail(self, error: BaseException) -> None:
         """Close the run with ``error`` (R1), unless it was closed: what a runnable does when
         anything went wrong. An interrupt that lands meanwhile, before everyone heard it, is
@@ -1563,7 +1560,7 @@ class _Run:
         held: BaseException | None = None
         while self._end is not _DONE and (self._listeners or self._orphans):
             try:
-                self._close(_ERROR, error)
+                self._finish(_ERROR[self._family], (error,), _NO_EXTRA)
             except BaseException as again:
                 if self._end is not _DONE and not isinstance(again, Exception):
                     held = held or again  # an interrupt: go on closing
@@ -1682,15 +1679,12 @@ class AsyncRunManager(_Run):
                 raise error.error from None
             raise
 
-    async def _aclose(self, table: Mapping[str, Event], payload: Any) -> None:
-        await self._afinish(table[self._family], (payload,), {})
-
     async def _afail(self, error: BaseException) -> None:
         """`_Run._fail` under asyncio: a cancellation meanwhile is held alike."""
         held: BaseException | None = None
         while self._end is not _DONE and (self._listeners or self._orphans):
             try:
-                await self._aclose(_ERROR, error)
+                await self._afinish(_ERROR[self._family], (error,), _NO_EXTRA)
             except BaseException as again:
                 if self._end is not _DONE and not isinstance(again, Exception):
                     held = held or again
@@ -2278,7 +2272,7 @@ class Runnable:
             else:
                 output = _scope(run, self._limit(config)).run(self._run, input, run)
             if run._listeners or run._orphans:
-                run._close(_END, self._end_payload(output))
+                run._finish(_END[run._family], (self._end_payload(output),), _NO_EXTRA)
         except BaseException as error:  # R1: BaseException counts
             run._fail(error)
             raise
@@ -2298,7 +2292,7 @@ class Runnable:
                 context = _scope(run, self._limit(config))
                 output = await _run_in(context, context.run(self._arun, input, run))
             if run._listeners or run._orphans:
-                await run._aclose(_END, self._end_payload(output))
+                await run._afinish(_END[run._family], (self._end_payload(output),), _NO_EXTRA)
         except BaseException as error:  # R1, and asyncio.CancelledError (D3)
             await run._afail(error)
             raise
@@ -2317,7 +2311,7 @@ class Runnable:
             body = self._stream_body(input, run, self._limit(config))
             output = yield from body
             if run._listeners or run._orphans:
-                run._close(_END, self._end_payload(output))
+                run._finish(_END[run._family], (self._end_payload(output),), _NO_EXTRA)
         except BaseException as error:  # includes GeneratorExit from an early close (D3)
             failure = error
             if body is not None:  # an interrupt raised here, not in the body, leaves it open
@@ -2348,7 +2342,7 @@ class Runnable:
             async for chunk in body:
                 yield chunk
             if run._listeners or run._orphans:
-                await run._aclose(_END, self._end_payload(inner[-1]))
+                await run._afinish(_END[run._family], (self._end_payload(inner[-1]),), _NO_EXTRA)
         except BaseException as error:  # GeneratorExit from aclose() too (D3)
             failure = error
             if body is not None:
