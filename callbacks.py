@@ -102,6 +102,7 @@ from typing import (
     Any,
     ClassVar,
     Final,
+    Generic,
     NamedTuple,
     NoReturn,
     Self,
@@ -109,6 +110,7 @@ from typing import (
     TypeVar,
     Unpack,
     final,
+    overload,
 )
 
 __version__ = "0.1.0"
@@ -1037,9 +1039,7 @@ def _check_handlers(handlers: object, what: str = "callbacks") -> tuple[object, 
     return tuple(handlers)
 
 
-def _add_unique(
-    items: tuple[Any, ...], new: Iterable[Any], *, by_identity: bool
-) -> tuple[Any, ...]:
+def _add_unique(items: Sequence[Any], new: Iterable[Any], *, by_identity: bool) -> Sequence[Any]:
     """Append the new items not yet present: an ordered set (S6 by identity, S7 by equality)."""
     out = list(items)
     seen = {id(x) for x in items} if by_identity else set(items)  # tags are strings
@@ -1051,59 +1051,174 @@ def _add_unique(
     return tuple(out) if len(out) != len(items) else items
 
 
-class _Manager:
-    """The state and mutators shared by `CallbackManager` and `AsyncCallbackManager`."""
+_F = TypeVar("_F")
+
+
+class _Field(Generic[_F]):
+    """A public list or dict of a manager or run (``handlers``, ``tags``, ``metadata``... S12).
+
+    Until a field is read from outside, a manager or run shares its six values with those it
+    was made from (tuples, and dicts nobody writes to), so that making a child costs no copy
+    (D7). The first read gives the object its own lists and dicts, which it then changes in
+    place, as LangChain's managers do; no other manager or run sees those changes (D8).
+    """
+
+    __slots__ = ("kind", "private")
+
+    def __init__(self, kind: type) -> None:
+        self.kind = kind
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.private = f"_{name}"
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> Self: ...
+    @overload
+    def __get__(self, obj: _Scope, owner: type) -> _F: ...
+    def __get__(self, obj: _Scope | None, owner: type) -> Self | _F:
+        if obj is None:
+            return self
+        if not obj._owned:
+            obj._own()
+        value: _F = getattr(obj, self.private)
+        return value
+
+    def __set__(self, obj: _Scope, value: _F) -> None:
+        if not obj._owned:
+            obj._own()
+        name = self.private[1:]
+        checked: Any
+        if self.kind is list:
+            checked = list(
+                _check_tags(value, name) if "tags" in name else _check_handlers(value, name)
+            )
+        else:
+            checked = _check_metadata(value, name)
+        setattr(obj, self.private, checked)
+
+
+class _Scope:
+    """What a manager and a run hold (S1-S4): handlers, tags and metadata, each current and
+    inheritable, and the parent run. Inheritable values are always also current."""
 
     __slots__ = (
+        "_handlers",
+        "_inheritable_handlers",
+        "_inheritable_metadata",
+        "_inheritable_tags",
+        "_metadata",
+        "_owned",
         "_parent",
-        "handlers",
-        "inheritable_handlers",
-        "inheritable_metadata",
-        "inheritable_tags",
-        "metadata",
-        "tags",
+        "_tags",
     )
 
-    handlers: tuple[Any, ...]
-    inheritable_handlers: tuple[Any, ...]
-    tags: tuple[str, ...]
-    inheritable_tags: tuple[str, ...]
-    metadata: dict[str, Any]
-    inheritable_metadata: dict[str, Any]
+    handlers: _Field[list[Any]] = _Field(list)
+    inheritable_handlers: _Field[list[Any]] = _Field(list)
+    tags: _Field[list[str]] = _Field(list)
+    inheritable_tags: _Field[list[str]] = _Field(list)
+    metadata: _Field[dict[str, Any]] = _Field(dict)
+    inheritable_metadata: _Field[dict[str, Any]] = _Field(dict)
+
+    _handlers: Sequence[Any]
+    _inheritable_handlers: Sequence[Any]
+    _tags: Sequence[str]
+    _inheritable_tags: Sequence[str]
+    _metadata: dict[str, Any]
+    _inheritable_metadata: dict[str, Any]
+    _owned: bool  # its six values are its own lists and dicts (a `_Field` was read)
     _parent: _Run | uuid.UUID | None
+
+    def _own(self) -> None:
+        self._handlers, self._inheritable_handlers = (
+            list(self._handlers),
+            list(self._inheritable_handlers),
+        )
+        self._tags, self._inheritable_tags = list(self._tags), list(self._inheritable_tags)
+        self._metadata = dict(self._metadata)
+        self._inheritable_metadata = dict(self._inheritable_metadata)
+        self._owned = True
+
+    def _take(self, source: _Scope, inheritable_only: bool) -> None:
+        """Share ``source``'s values: its inheritable half as both halves, or all six. (An
+        object that owns its values changes them in place: then copies of them.)"""
+        ih, it, im = (
+            source._inheritable_handlers,
+            source._inheritable_tags,
+            source._inheritable_metadata,
+        )
+        h, t, m = source._handlers, source._tags, source._metadata
+        if source._owned:  # lists its owner may have written to: checked, each item once again
+            ih = _add_unique((), _check_handlers(ih, "inheritable_handlers"), by_identity=True)
+            h = _add_unique((), _check_handlers(h, "handlers"), by_identity=True)
+            it = _add_unique((), _check_tags(it, "inheritable_tags"), by_identity=False)
+            t = _add_unique((), _check_tags(t), by_identity=False)
+            im, m = _check_metadata(im, "inheritable_metadata"), _check_metadata(m)
+        if inheritable_only:
+            h, t, m = ih, it, im
+        self._inheritable_handlers, self._inheritable_tags, self._inheritable_metadata = ih, it, im
+        self._handlers, self._tags, self._metadata = h, t, m
+        self._owned = False
+
+
+def _extend(target: list[Any], items: Iterable[Any], by_identity: bool) -> None:
+    """Append, in place, the items not in ``target`` yet: an ordered set (S6 by identity, S7
+    by equality)."""
+    for item in items:
+        if not (any(x is item for x in target) if by_identity else item in target):
+            target.append(item)
+
+
+class _Manager(_Scope):
+    """LangChain's ``BaseCallbackManager`` (S12): the state and mutators shared by
+    `CallbackManager` and `AsyncCallbackManager`.
+
+    The fields read as LangChain's lists and dicts and change as there, except that handler
+    and tag lists stay ordered sets (S6, S7): adding a handler or tag that is there already
+    changes nothing (LangChain moves a re-added tag to the end, and lets a local tag drop an
+    inheritable one), and `merge` keeps the order of both (LangChain's goes through sets).
+    """
+
+    __slots__ = ()
 
     def __init__(
         self,
-        handlers: Iterable[Any] = (),
-        inheritable_handlers: Iterable[Any] = (),
+        handlers: Sequence[Any] = (),
+        inheritable_handlers: Sequence[Any] | None = None,
         parent_run_id: uuid.UUID | None = None,
         *,
-        tags: Iterable[str] = (),
-        inheritable_tags: Iterable[str] = (),
+        tags: Sequence[str] | None = None,
+        inheritable_tags: Sequence[str] | None = None,
         metadata: Mapping[str, Any] | None = None,
         inheritable_metadata: Mapping[str, Any] | None = None,
     ) -> None:
+        """Hold the values given, handlers and tags once each; an inheritable value is added to
+        the current ones too (where LangChain's constructor keeps the lists as given)."""
         if parent_run_id is not None and not isinstance(parent_run_id, uuid.UUID):
             raise TypeError(
                 f"parent_run_id must be a uuid.UUID or None, got {_brief(parent_run_id)}"
             )
-        self._parent = parent_run_id
-        self.handlers = self.inheritable_handlers = self.tags = self.inheritable_tags = ()
-        self.metadata, self.inheritable_metadata = {}, {}
-        self.add_handlers(handlers, inherit=False)  # in the order given, then any others
-        self.add_handlers(inheritable_handlers, inherit=True)
-        self.add_tags(tags, inherit=False)
-        self.add_tags(inheritable_tags, inherit=True)
-        self.add_metadata(inheritable_metadata or {}, inherit=True)
-        self.add_metadata(metadata or {}, inherit=False)  # the run's own value wins (S8)
+        self._parent, self._owned = parent_run_id, False
+        self._handlers = self._inheritable_handlers = self._tags = self._inheritable_tags = ()
+        self._metadata, self._inheritable_metadata = {}, {}
+        self._merge(_check_handlers(handlers, "handlers"), (), {}, False)  # in the order given
+        self._merge(
+            _check_handlers(inheritable_handlers or (), "inheritable_handlers"), (), {}, True
+        )
+        self._merge((), _check_tags(tags or (), "tags"), {}, False)
+        self._merge((), _check_tags(inheritable_tags or (), "inheritable_tags"), {}, True)
+        self._merge(
+            (), (), _check_metadata(inheritable_metadata or {}, "inheritable_metadata"), True
+        )
+        self._merge((), (), _check_metadata(metadata or {}, "metadata"), False)  # it wins (S8)
 
     @classmethod
     def configure(
         cls,
-        inheritable_callbacks: Iterable[Any] | _Manager | None = None,
-        local_callbacks: Iterable[Any] | _Manager | None = None,
-        inheritable_tags: Iterable[str] | None = None,
-        local_tags: Iterable[str] | None = None,
+        inheritable_callbacks: Sequence[Any] | _Manager | None = None,
+        local_callbacks: Sequence[Any] | _Manager | None = None,
+        verbose: bool = False,
+        inheritable_tags: Sequence[str] | None = None,
+        local_tags: Sequence[str] | None = None,
         inheritable_metadata: Mapping[str, Any] | None = None,
         local_metadata: Mapping[str, Any] | None = None,
     ) -> Self:
@@ -1113,37 +1228,69 @@ class _Manager:
         how a child manager from `RunManager.get_child` continues the tree. A manager as
         ``local_callbacks`` contributes its ``handlers``. Inheritable values come first, then
         local ones (S5); a local value never removes an inheritable one (S6, S7), and a local
-        metadata key overrides an inheritable one for this run only (S8).
+        metadata key overrides an inheritable one for this run only (S8). ``verbose`` is
+        accepted for LangChain's signature and ignored: this module ships no stdout handler.
         """
         if isinstance(inheritable_callbacks, _Manager):
             manager = cls._clone(inheritable_callbacks)
         else:
             manager = cls()
-            manager.add_handlers(inheritable_callbacks or (), inherit=True)
+            manager._merge(_check_handlers(inheritable_callbacks or ()), (), {}, True)
         if isinstance(local_callbacks, _Manager):
-            local_callbacks = local_callbacks.handlers
-        manager.add_handlers(local_callbacks or (), inherit=False)
-        manager.add_tags(inheritable_tags or (), inherit=True)
-        manager.add_tags(local_tags or (), inherit=False)
-        manager.add_metadata(inheritable_metadata or {}, inherit=True)
-        manager.add_metadata(local_metadata or {}, inherit=False)
+            local_callbacks = tuple(local_callbacks._handlers)
+        manager._merge(_check_handlers(local_callbacks or ()), (), {}, False)
+        manager._merge((), _check_tags(inheritable_tags or ()), {}, True)
+        manager._merge((), _check_tags(local_tags or ()), {}, False)
+        manager._merge((), (), _check_metadata(inheritable_metadata or {}), True)
+        manager._merge((), (), _check_metadata(local_metadata or {}), False)
         return manager
 
     @classmethod
-    def _make(cls, source: _Manager | _Run, parent: _Run | uuid.UUID | None) -> Self:
+    def _make(cls, source: _Scope, parent: _Run | uuid.UUID | None) -> Self:
         """A manager holding ``source``'s inheritable values, current and inheritable alike."""
         self = cls.__new__(cls)
-        self.handlers = self.inheritable_handlers = source.inheritable_handlers
-        self.tags = self.inheritable_tags = source.inheritable_tags
-        self.metadata = self.inheritable_metadata = source.inheritable_metadata
+        if source._owned:
+            self._take(source, inheritable_only=True)
+        else:  # `_take`, inlined: a child manager is made at every step of a chain
+            self._handlers = self._inheritable_handlers = source._inheritable_handlers
+            self._tags = self._inheritable_tags = source._inheritable_tags
+            self._metadata = self._inheritable_metadata = source._inheritable_metadata
+            self._owned = False
         self._parent = parent
         return self
 
     @classmethod
     def _clone(cls, source: _Manager) -> Self:
-        other = cls._make(source, source._parent)
-        other.handlers, other.tags, other.metadata = source.handlers, source.tags, source.metadata
-        return other
+        self = cls.__new__(cls)
+        self._take(source, inheritable_only=False)
+        self._parent = source._parent
+        return self
+
+    def _merge(
+        self,
+        handlers: Sequence[Any],
+        tags: Sequence[str],
+        metadata: Mapping[str, Any],
+        inherit: bool,
+    ) -> None:
+        """Add checked values to a manager that does not own its values (new ones replace
+        them): handlers and tags as ordered sets (S6, S7), metadata merged (S8)."""
+        if handlers:
+            self._handlers = _add_unique(self._handlers, handlers, by_identity=True)
+            if inherit:
+                self._inheritable_handlers = _add_unique(
+                    self._inheritable_handlers, handlers, by_identity=True
+                )
+        if tags:
+            self._tags = _add_unique(self._tags, tags, by_identity=False)
+            if inherit:
+                self._inheritable_tags = _add_unique(
+                    self._inheritable_tags, tags, by_identity=False
+                )
+        if metadata:
+            self._metadata = {**self._metadata, **metadata}
+            if inherit:
+                self._inheritable_metadata = {**self._inheritable_metadata, **metadata}
 
     @property
     def parent_run_id(self) -> uuid.UUID | None:
@@ -1151,80 +1298,117 @@ class _Manager:
         parent = self._parent
         return parent.run_id if isinstance(parent, _Run) else parent
 
+    @parent_run_id.setter
+    def parent_run_id(self, value: uuid.UUID | None) -> None:
+        if value is not None and not isinstance(value, uuid.UUID):
+            raise TypeError(f"parent_run_id must be a uuid.UUID or None, got {_brief(value)}")
+        self._parent = value
+
+    @property
+    def is_async(self) -> bool:
+        """Whether the manager's start methods are coroutines."""
+        return isinstance(self, AsyncCallbackManager)
+
     def copy(self) -> Self:
         """An independent manager with the same values and parent."""
         return type(self)._clone(self)
+
+    def merge(self, other: _Manager) -> Self:
+        """A new manager with this one's values, then ``other``'s: handlers and tags in order,
+        each once (S6, S7), metadata key by key with ``other``'s winning; this one's parent,
+        else ``other``'s. (LangChain's merge goes through sets, so its order is arbitrary.)"""
+        if not isinstance(other, _Manager):
+            raise TypeError(f"merge() takes a callback manager, got {_brief(other)}")
+        merged = type(self)._clone(self)
+        merged._merge(tuple(other._handlers), tuple(other._tags), other._metadata, False)
+        merged._merge(
+            tuple(other._inheritable_handlers),
+            tuple(other._inheritable_tags),
+            other._inheritable_metadata,
+            True,
+        )
+        if merged._parent is None:
+            merged._parent = other._parent
+        return merged
 
     def add_handler(self, handler: Any, inherit: bool = True) -> None:
         """Add ``handler`` after the others, unless it is there already (S6, by identity).
 
         With ``inherit`` it is (or becomes) inheritable too. `TypeError` if it is no handler.
         """
-        self._merge(_check_handlers((handler,)), (), {}, inherit)
+        self.add_handlers([handler], inherit)
 
-    def add_handlers(self, handlers: Iterable[Any], inherit: bool = True) -> None:
+    def add_handlers(self, handlers: Sequence[Any], inherit: bool = True) -> None:
         """`add_handler` for each of ``handlers``, in order."""
-        self._merge(_check_handlers(handlers), (), {}, inherit)
+        checked = _check_handlers(handlers, "handlers")
+        _extend(self.handlers, checked, by_identity=True)
+        if inherit:
+            _extend(self.inheritable_handlers, checked, by_identity=True)
 
-    def _merge(
-        self,
-        handlers: tuple[Any, ...],
-        tags: tuple[str, ...],
-        metadata: Mapping[str, Any],
-        inherit: bool,
-    ) -> None:
-        """Add checked values: handlers and tags as ordered sets (S6, S7), metadata merged (S8)."""
-        if handlers:
-            self.handlers = _add_unique(self.handlers, handlers, by_identity=True)
-            if inherit:
-                self.inheritable_handlers = _add_unique(
-                    self.inheritable_handlers, handlers, by_identity=True
-                )
-        if tags:
-            self.tags = _add_unique(self.tags, tags, by_identity=False)
-            if inherit:
-                self.inheritable_tags = _add_unique(self.inheritable_tags, tags, by_identity=False)
-        if metadata:
-            self.metadata = {**self.metadata, **metadata}
-            if inherit:
-                self.inheritable_metadata = {**self.inheritable_metadata, **metadata}
+    def set_handlers(self, handlers: Sequence[Any], inherit: bool = True) -> None:
+        """Make ``handlers`` the manager's only handlers (inheritable too, with ``inherit``)."""
+        checked = _check_handlers(handlers, "handlers")
+        if not self._owned:
+            self._own()
+        self._handlers, self._inheritable_handlers = [], []
+        self.add_handlers(checked, inherit)
+
+    def set_handler(self, handler: Any, inherit: bool = True) -> None:
+        """Make ``handler`` the manager's only handler (inheritable too, with ``inherit``)."""
+        self.set_handlers([handler], inherit)
 
     def remove_handler(self, handler: Any) -> None:
-        """Remove ``handler`` from both lists; `ValueError` if it is not there."""
-        if not any(h is handler for h in self.handlers):
-            raise ValueError(f"handler {_brief(handler)} is not registered with this manager")
-        self.handlers = tuple(h for h in self.handlers if h is not handler)
-        self.inheritable_handlers = tuple(h for h in self.inheritable_handlers if h is not handler)
+        """Remove ``handler`` from both lists, if it is there."""
+        for handlers in (self.handlers, self.inheritable_handlers):
+            handlers[:] = [h for h in handlers if h is not handler]
 
-    def add_tags(self, tags: Iterable[str], inherit: bool = True) -> None:
+    def add_tags(self, tags: Sequence[str], inherit: bool = True) -> None:
         """Add the tags not yet present, after the others (S7); with ``inherit``, inheritably."""
-        self._merge((), _check_tags(tags), {}, inherit)
+        checked = _check_tags(tags)
+        _extend(self.tags, checked, by_identity=False)
+        if inherit:
+            _extend(self.inheritable_tags, checked, by_identity=False)
 
-    def remove_tags(self, tags: Iterable[str]) -> None:
+    def remove_tags(self, tags: Sequence[str]) -> None:
         """Remove the given tags from both lists; absent tags are ignored."""
         gone = set(_check_tags(tags))
-        self.tags = tuple(t for t in self.tags if t not in gone)
-        self.inheritable_tags = tuple(t for t in self.inheritable_tags if t not in gone)
+        for current in (self.tags, self.inheritable_tags):
+            current[:] = [t for t in current if t not in gone]
 
     def add_metadata(self, metadata: Mapping[str, Any], inherit: bool = True) -> None:
         """Merge ``metadata`` in, its values winning (S8); with ``inherit``, inheritably too."""
-        self._merge((), (), _check_metadata(metadata), inherit)
+        checked = _check_metadata(metadata)
+        if not self._owned:
+            self._own()
+        self._metadata = {**self._metadata, **checked}
+        if inherit:
+            self._inheritable_metadata = {**self._inheritable_metadata, **checked}
 
-    def remove_metadata(self, keys: Iterable[str]) -> None:
+    def remove_metadata(self, keys: Sequence[str]) -> None:
         """Remove the given keys from both dicts; absent keys are ignored."""
-        gone = set(keys)
-        self.metadata = {k: v for k, v in self.metadata.items() if k not in gone}
-        self.inheritable_metadata = {
-            k: v for k, v in self.inheritable_metadata.items() if k not in gone
-        }
+        for metadata in (self.metadata, self.inheritable_metadata):
+            for key in keys:
+                metadata.pop(key, None)
+
+    def _custom(self, run: _Run, name: str, kwargs: dict[str, Any]) -> _Run:
+        """``run``, made to carry a manager's ``on_custom_event``: heard by all its handlers."""
+        if not isinstance(name, str):
+            raise TypeError(f"custom event name must be a string, got {_brief(name)}")
+        if kwargs:
+            raise ValueError(
+                f"on_custom_event() takes no keyword arguments besides run_id, got "
+                f"{_brief(next(iter(kwargs)))}: put them in data"
+            )
+        run._listeners = run._handlers
+        return run
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(handlers={list(self.handlers)!r}, "
-            f"inheritable_handlers={list(self.inheritable_handlers)!r}, "
-            f"parent_run_id={self.parent_run_id!r}, tags={list(self.tags)!r}, "
-            f"inheritable_tags={list(self.inheritable_tags)!r}, metadata={self.metadata!r}, "
-            f"inheritable_metadata={self.inheritable_metadata!r})"
+            f"{type(self).__name__}(handlers={list(self._handlers)!r}, "
+            f"inheritable_handlers={list(self._inheritable_handlers)!r}, "
+            f"parent_run_id={self.parent_run_id!r}, tags={list(self._tags)!r}, "
+            f"inheritable_tags={list(self._inheritable_tags)!r}, metadata={self._metadata!r}, "
+            f"inheritable_metadata={self._inheritable_metadata!r})"
         )
 
 
@@ -1243,10 +1427,10 @@ class CallbackManager(_Manager):
     ``inheritable_handlers``, ``inheritable_tags`` and ``inheritable_metadata`` are what that
     run's children get (S1-S4). Inheritable values are always also current. Handler and tag
     lists are ordered sets: a handler (by identity, S6) or tag (S7) is kept once, at its first
-    place. Metadata merges key by key, the last writer winning (S8). The fields are tuples and
-    dicts that the methods replace rather than mutate: read them, change them through
-    `add_handler`, `add_tags`, `add_metadata` and their ``remove_`` twins. A run that has
-    started keeps the values it started with.
+    place. Metadata merges key by key, the last writer winning (S8). The fields are lists and
+    dicts, as LangChain's (S12): change them through `add_handler`, `set_handlers`, `add_tags`,
+    `add_metadata` and their ``remove_`` twins, or in place; a run started from the manager
+    takes each handler and tag once. A run that has started keeps the values it started with.
 
     ``on_chain_start``, ``on_tool_start``, ``on_retriever_start`` fire a start event and return
     the `RunManager` of the new run; ``on_llm_start`` and ``on_chat_model_start`` start one run
@@ -1260,7 +1444,7 @@ class CallbackManager(_Manager):
         self, event: Event, args: tuple[Any, ...], run_id: uuid.UUID | None, kwargs: dict[str, Any]
     ) -> RunManager:
         run = RunManager._new(self, event.run_type, run_id)
-        if self.handlers:
+        if self._handlers:
             run._open(event, args, kwargs)
         return run
 
@@ -1300,6 +1484,15 @@ class CallbackManager(_Manager):
         items = _per_prompt(serialized, messages, run_id)
         return [self._start(Event.CHAT_MODEL_START, args, rid, kw) for args, rid in items]
 
+    def on_custom_event(
+        self, name: str, data: Any, run_id: uuid.UUID | None = None, **kwargs: Any
+    ) -> None:
+        """Fire ``on_custom_event(name, data)`` to this manager's handlers, as an event of run
+        ``run_id`` (a new id if None) with the manager's tags and metadata: the manager-level
+        form of `dispatch_custom_event`. Any other keyword: `ValueError` (put it in ``data``)."""
+        run = RunManager._new(self, "chain", run_id)
+        self._custom(run, name, kwargs)._emit(Event.CUSTOM_EVENT, (name, data), {})
+
 
 class AsyncCallbackManager(_Manager):
     """`CallbackManager` whose start methods are coroutines returning `AsyncRunManager` s.
@@ -1313,7 +1506,7 @@ class AsyncCallbackManager(_Manager):
         self, event: Event, args: tuple[Any, ...], run_id: uuid.UUID | None, kwargs: dict[str, Any]
     ) -> AsyncRunManager:
         run = AsyncRunManager._new(self, event.run_type, run_id)
-        if self.handlers:
+        if self._handlers:
             await run._aopen(event, args, kwargs)
         return run
 
@@ -1354,6 +1547,14 @@ class AsyncCallbackManager(_Manager):
         items = _per_prompt(serialized, messages, run_id)
         return [await self._start(Event.CHAT_MODEL_START, args, rid, kw) for args, rid in items]
 
+    async def on_custom_event(
+        self, name: str, data: Any, run_id: uuid.UUID | None = None, **kwargs: Any
+    ) -> None:
+        """`CallbackManager.on_custom_event`, awaitable."""
+        run = AsyncRunManager._new(self, "chain", run_id)
+        self._custom(run, name, kwargs)
+        await run._aemit(Event.CUSTOM_EVENT, (name, data), {})
+
 
 # Run ids (R6) are random version-4 UUIDs, as `uuid.uuid4` makes, at a fifth of its cost: 128
 # bits from a private generator (seeded from `os.urandom`, reseeded in a forked child, and out
@@ -1385,9 +1586,10 @@ _ID_FACTORY: contextvars.ContextVar[Callable[[], uuid.UUID]] = contextvars.Conte
 
 
 _DONE: Final = ()  # `_Run._end` once every listener has heard the run's closing event
+_CLOSING: Final = (None,)  # `_Run._end` while a run manager's end is delivered, never left there
 
 
-class _Run:
+class _Run(_Scope):
     """The state and checks shared by `RunManager` and `AsyncRunManager`.
 
     How far a run has got (D3) is in two fields, each set where the delivery it describes
@@ -1406,26 +1608,12 @@ class _Run:
         "_listeners",
         "_methods",
         "_orphans",
-        "_parent",
         "_run_id",
         "_usual",
-        "handlers",
-        "inheritable_handlers",
-        "inheritable_metadata",
-        "inheritable_tags",
-        "metadata",
         "run_type",
-        "tags",
     )
 
-    handlers: tuple[Any, ...]
-    inheritable_handlers: tuple[Any, ...]
-    tags: tuple[str, ...]
-    inheritable_tags: tuple[str, ...]
-    metadata: dict[str, Any]
-    inheritable_metadata: dict[str, Any]
     run_type: str
-    _parent: _Run | uuid.UUID | None
     _run_id: uuid.UUID | None
     _listeners: Sequence[Any]
     _end: tuple[Any, ...] | None
@@ -1446,19 +1634,22 @@ class _Run:
         if run_id is not None and not isinstance(run_id, uuid.UUID):  # before any event
             raise TypeError(f"run_id must be a uuid.UUID or None, got {_brief(run_id)}")
         self = cls.__new__(cls)
-        if isinstance(manager, _Run):
-            self.handlers = self.inheritable_handlers = manager.inheritable_handlers
-            self.tags = self.inheritable_tags = manager.inheritable_tags
-            self.metadata = self.inheritable_metadata = manager.inheritable_metadata
-            self._parent = manager
+        if manager._owned:
+            self._take(manager, inheritable_only=isinstance(manager, _Run))
+            self._parent = manager if isinstance(manager, _Run) else manager._parent
+        elif isinstance(manager, _Run):  # `_take`, inlined: this is made for every run
+            self._handlers = self._inheritable_handlers = manager._inheritable_handlers
+            self._tags = self._inheritable_tags = manager._inheritable_tags
+            self._metadata = self._inheritable_metadata = manager._inheritable_metadata
+            self._owned, self._parent = False, manager
         else:
-            self.handlers = manager.handlers
-            self.inheritable_handlers = manager.inheritable_handlers
-            self.tags = manager.tags
-            self.inheritable_tags = manager.inheritable_tags
-            self.metadata = manager.metadata
-            self.inheritable_metadata = manager.inheritable_metadata
-            self._parent = manager._parent
+            self._handlers = manager._handlers
+            self._inheritable_handlers = manager._inheritable_handlers
+            self._tags = manager._tags
+            self._inheritable_tags = manager._inheritable_tags
+            self._metadata = manager._metadata
+            self._inheritable_metadata = manager._inheritable_metadata
+            self._owned, self._parent = False, manager._parent
         self.run_type = run_type
         self._family = _FAMILY.get(run_type, run_type)
         self._run_id = run_id
@@ -1466,6 +1657,15 @@ class _Run:
         self._end = self._orphans = self._methods = None
         self._kw = None
         return self
+
+    @classmethod
+    def get_noop_manager(cls, run_type: str = "chain") -> Self:
+        """A started root run of ``run_type`` that nobody listens to: for calling code that
+        wants a run manager where no run is observed. Its events go nowhere; it still ends
+        once (D3). (LangChain's takes no argument: its run managers have a class per type.)"""
+        if run_type not in _START:
+            raise ValueError(f"run_type must be one of {sorted(_START)}, got {_brief(run_type)}")
+        return cls._new(_EMPTY, run_type, None)
 
     @property
     def run_id(self) -> uuid.UUID:
@@ -1486,23 +1686,18 @@ class _Run:
 
         ``tag`` (such as ``"seq:step:2"``) is added for that child alone and is not inherited
         further. LLM and chat runs are leaves (R2): `TypeError`. The manager is the caller's
-        own: changing it changes no other run's state (D8).
+        own: changing its fields changes no other manager or run (D8).
         """
-        child = self._child(tag, self._child_class)
-        if metadata := child.metadata:  # its own dicts: the run's are shared by its children
-            child.metadata, child.inheritable_metadata = dict(metadata), dict(metadata)
-        else:
-            child.metadata, child.inheritable_metadata = {}, {}
-        return child
+        return self._child(tag, self._child_class)
 
     def _child(self, tag: str | None, cls: type[_M]) -> _M:
         if self._family == "llm":
             raise TypeError(f"a {self.run_type} run is a leaf and has no child runs")
         child = cls._make(self, self)
-        if tag is not None and tag not in child.tags:
+        if tag is not None and tag not in child._tags:
             if not isinstance(tag, str):
                 raise TypeError(f"tag must be a string or None, got {_brief(tag)}")
-            child.tags = (*child.tags, tag)
+            child._tags = (*child._tags, tag)
         return child
 
     def _kwargs(self, event: Event, extra: dict[str, Any]) -> dict[str, Any]:
@@ -1513,17 +1708,17 @@ class _Run:
         """
         kw = self._kw
         if kw is None:
-            self._usual = rid, pid, tags = self.run_id, self.parent_run_id, list(self.tags)
+            self._usual = rid, pid, tags = self.run_id, self.parent_run_id, list(self._tags)
             kw = self._kw = {"run_id": rid, "parent_run_id": pid, "tags": tags}
         keywords = event.keywords
         if keywords is _OTHER_KEYWORDS:
             return {**kw, **extra} if extra else kw
         if keywords is _START_KEYWORDS:
-            return {**kw, "metadata": dict(self.metadata), **extra}
+            return {**kw, "metadata": dict(self._metadata), **extra}
         return {
             "run_id": kw["run_id"],
             "tags": kw["tags"],
-            "metadata": dict(self.metadata),
+            "metadata": dict(self._metadata),
             **extra,
         }
 
@@ -1545,7 +1740,7 @@ class _Run:
     def _open(self, event: Event, args: tuple[Any, ...], extra: dict[str, Any]) -> None:
         """Fire the start event; if that raises, close the run with an error and re-raise (D3)."""
         try:
-            _dispatch(self, self.handlers, event, args, self._kwargs(event, extra))
+            _dispatch(self, self._handlers, event, args, self._kwargs(event, extra))
         except BaseException as error:
             self._fail(self._heard(error))
             if isinstance(error, _Undelivered):
@@ -1666,13 +1861,29 @@ class AsyncRunManager(_Run):
 
         def get_child(self, tag: str | None = None) -> AsyncCallbackManager: ...
 
+    def get_sync(self) -> RunManager:
+        """This run as a `RunManager`, for the sync code it calls (as LangChain's async models
+        and tools hand theirs to the sync ``_generate`` or ``_run``): the same ``run_id``,
+        parent, handlers, tags and metadata; its events reach the handlers that heard the
+        start, dispatched as under ``invoke`` (D6), and its children continue the tree.
+
+        It is a second manager of one run, as in LangChain: each keeps D3 for itself, so end
+        the run through one of them only (through both, handlers would hear two ends)."""
+        run, unset = RunManager.__new__(RunManager), object()
+        for name in (*_Scope.__slots__, *_Run.__slots__):
+            value = getattr(self, name, unset)  # (a slot made lazily may be unset yet)
+            if value is not unset:
+                setattr(run, name, value)
+        run._orphans = run._methods = None  # its own, made as needed
+        return run
+
     async def _aemit(self, event: Event, args: tuple[Any, ...], extra: dict[str, Any]) -> None:
         if self._check(event):
             await _adispatch(self, self._listeners, event, args, self._kwargs(event, extra))
 
     async def _aopen(self, event: Event, args: tuple[Any, ...], extra: dict[str, Any]) -> None:
         try:
-            await _adispatch(self, self.handlers, event, args, self._kwargs(event, extra))
+            await _adispatch(self, self._handlers, event, args, self._kwargs(event, extra))
         except BaseException as error:
             await self._afail(self._heard(error))
             if isinstance(error, _Undelivered):
@@ -1737,8 +1948,21 @@ def _run_manager_method(event: Event, is_async: bool) -> Callable[..., Any]:
         if self._end is not None or (not any_run and run_type != self._family):
             self._refuse(event)
         if closes:
-            if self._listeners or self._orphans:
+            listeners = self._listeners
+            if self._orphans:
                 self._finish(event, args, kwargs)
+            elif listeners:  # `_finish` without orphans, inlined: every run's end comes here
+                keywords = (self._kw if not kwargs else None) or self._kwargs(event, kwargs)
+                try:
+                    self._end = _CLOSING  # the one closing event (D3) is being delivered
+                    _dispatch(self, listeners, event, args, keywords)
+                except BaseException as error:
+                    if self._end is _CLOSING:  # what is left of it to deliver (`_cut_short`)
+                        self._end = (listeners, event, args, keywords)
+                    self._cut_short(self, error)
+                    if isinstance(error, _Undelivered):
+                        raise error.error from None
+                    raise
             else:  # nobody to tell (D7)
                 self._end = _DONE
         elif self._listeners:
@@ -2265,7 +2489,7 @@ class Runnable:
     def _invoke(self, input: Any, config: Mapping[str, Any], parent: _Manager | None) -> Any:
         run = self._begin(config, parent)
         try:
-            if run.handlers:  # D7: no payload, no id, no dispatch when nobody listens
+            if run._handlers:  # D7: no payload, no id, no dispatch when nobody listens
                 run._open(*self._start_event(input, config))
             if self._leaf:  # `_in_scope`, inlined: two frames per level of nesting, not four
                 output = self._run(input, run)
@@ -2277,14 +2501,14 @@ class Runnable:
             run._fail(error)
             raise
         finally:  # an interrupt at the entry of `_fail` (not held there): once more
-            if run._end is not _DONE and (run._listeners or run._orphans):
+            if (run._listeners or run._orphans) and run._end is not _DONE:
                 run._fail_again()
         return output
 
     async def _ainvoke(self, input: Any, config: Mapping[str, Any], parent: _Manager | None) -> Any:
         run = self._abegin(config, parent)
         try:
-            if run.handlers:
+            if run._handlers:
                 await run._aopen(*self._start_event(input, config))
             if self._leaf:  # `_ain_scope`, inlined, as in `_invoke`
                 output = await self._arun(input, run)
@@ -2297,7 +2521,7 @@ class Runnable:
             await run._afail(error)
             raise
         finally:
-            if run._end is not _DONE and (run._listeners or run._orphans):
+            if (run._listeners or run._orphans) and run._end is not _DONE:
                 await run._afail_again()
         return output
 
@@ -2306,7 +2530,7 @@ class Runnable:
     ) -> Generator[Any, None, Any]:
         run, body = self._begin(config, parent), None
         try:
-            if run.handlers:
+            if run._handlers:
                 run._open(*self._start_event(input, config))
             body = self._stream_body(input, run, self._limit(config))
             output = yield from body
@@ -2325,7 +2549,7 @@ class Runnable:
                 raise failure from None
             raise
         finally:
-            if run._end is not _DONE and (run._listeners or run._orphans):
+            if (run._listeners or run._orphans) and run._end is not _DONE:
                 run._fail_again()
         return output
 
@@ -2336,7 +2560,7 @@ class Runnable:
         run, body = self._abegin(config, parent), None
         inner: list[Any] = []
         try:
-            if run.handlers:
+            if run._handlers:
                 await run._aopen(*self._start_event(input, config))
             body = self._astream_body(input, run, self._limit(config), inner)
             async for chunk in body:
@@ -2356,7 +2580,7 @@ class Runnable:
                 raise failure from None
             raise
         finally:
-            if run._end is not _DONE and (run._listeners or run._orphans):
+            if (run._listeners or run._orphans) and run._end is not _DONE:
                 await run._afail_again()
         out.append(inner[-1])
 

@@ -1247,16 +1247,16 @@ def test_S4_get_child_takes_the_inheritable_half_and_a_local_tag() -> None:
     with sequential_run_ids():
         run = manager.on_chain_start({"name": "root"}, {"x": 1})
         child = run.get_child("seq:step:2")
-        assert child.handlers == (inherited,)
-        assert child.inheritable_handlers == (inherited,)
-        assert child.tags == ("it", "seq:step:2")
-        assert child.inheritable_tags == ("it",)
+        assert child.handlers == [inherited]  # LangChain's lists (S12)
+        assert child.inheritable_handlers == [inherited]
+        assert child.tags == ["it", "seq:step:2"]
+        assert child.inheritable_tags == ["it"]
         assert child.metadata == {"im": 1}
         assert child.inheritable_metadata == {"im": 1}
         assert child.parent_run_id == run.run_id == _U(1)
         child_run = child.on_chain_start({"name": "child"}, {"x": 1})
         grandchild = child_run.get_child()
-        assert grandchild.tags == ("it",)
+        assert grandchild.tags == ["it"]
         assert grandchild.parent_run_id == child_run.run_id == _U(2)
         grandchild_run = grandchild.on_chain_start({"name": "grandchild"}, {"x": 1})
         grandchild_run.on_chain_end({"out": 3})
@@ -1343,18 +1343,17 @@ def test_S6_manager_dedupes_by_identity() -> None:
     assert list(manager.handlers) == [h, twin]
     assert list(manager.inheritable_handlers) == [h, twin]
     manager.remove_handler(h)
-    assert list(manager.handlers) == [twin]
-    assert list(manager.inheritable_handlers) == [twin]
-    with pytest.raises(ValueError):
-        manager.remove_handler(h)
+    assert manager.handlers == manager.inheritable_handlers == [twin]
+    manager.remove_handler(h)  # not there: nothing to do, as in LangChain (S12)
+    assert manager.handlers == [twin]
 
 
 def test_S7_tags_are_an_ordered_set() -> None:
     manager = CallbackManager()
     manager.add_tags(["a", "b", "a"])
     manager.add_tags(["c", "a"], inherit=False)
-    assert manager.tags == ("a", "b", "c")
-    assert manager.inheritable_tags == ("a", "b")
+    assert manager.tags == ["a", "b", "c"]
+    assert manager.inheritable_tags == ["a", "b"]
     rec = Recorder()
     with sequential_run_ids():
         Lambda(_ident, name="f", tags=["y", "x"]).invoke(
@@ -1368,8 +1367,8 @@ def test_S7_tags_are_an_ordered_set() -> None:
 
 def test_S7_a_local_tag_never_removes_an_inheritable_one() -> None:
     manager = CallbackManager.configure(inheritable_tags=["shared"], local_tags=["shared", "loc"])
-    assert manager.tags == ("shared", "loc")
-    assert manager.inheritable_tags == ("shared",)
+    assert manager.tags == ["shared", "loc"]
+    assert manager.inheritable_tags == ["shared"]
     rec = Recorder()
     chain = Chain(Lambda(_ident, name="a"), tags=["shared", "loc"], name="c")
     with sequential_run_ids():
@@ -1534,14 +1533,51 @@ class ManagerMachine(RuleBasedStateMachine):
     @rule(i=st.integers(0, 2))
     def remove_handler(self, i: int) -> None:
         h = self.pool[i]
-        if h in self.handlers:
-            self.manager.remove_handler(h)
-            self.handlers.remove(h)
-            if h in self.inh_handlers:
-                self.inh_handlers.remove(h)
-        else:
-            with pytest.raises(ValueError, match="not registered"):
-                self.manager.remove_handler(h)
+        self.manager.remove_handler(h)  # absent: nothing to do, as in LangChain (S12)
+        self.handlers = [x for x in self.handlers if x is not h]
+        self.inh_handlers = [x for x in self.inh_handlers if x is not h]
+
+    @rule(ids=st.lists(st.integers(0, 2), max_size=3), inherit=st.booleans())
+    def set_handlers(self, ids: list[int], inherit: bool) -> None:
+        handlers = [self.pool[i] for i in ids]
+        self.manager.set_handlers(handlers, inherit=inherit)
+        self.handlers = list(dict.fromkeys(handlers))  # each once, in order (S6)
+        self.inh_handlers = list(self.handlers) if inherit else []
+
+    @rule(i=st.integers(0, 2))
+    def append_to_the_list_itself(self, i: int) -> None:
+        """LangChain code changes the lists in place (S12)."""
+        h = self.pool[i]
+        if h not in self.handlers:
+            self.manager.handlers.append(h)
+            self.handlers.append(h)
+
+    @rule(
+        ids=st.lists(st.integers(0, 2), max_size=2),
+        tags=st.lists(st.sampled_from(["a", "b", "d"]), max_size=2),
+        md=st.dictionaries(st.sampled_from("xw"), st.integers(0, 2), max_size=1),
+    )
+    def merge(self, ids: list[int], tags: list[str], md: dict[str, int]) -> None:
+        """``merge`` keeps both managers' order, each value once (S6, S7, S12)."""
+        other = CallbackManager([self.pool[i] for i in ids], tags=tags, metadata=md)
+        merged = self.manager.merge(other)
+        assert merged is not self.manager and merged is not other
+        self.manager = merged
+        for h in (self.pool[i] for i in ids):
+            if h not in self.handlers:
+                self.handlers.append(h)
+        self.tags += [t for t in dict.fromkeys(tags) if t not in self.tags]
+        self.md.update(md)
+
+    @rule()
+    def copy(self) -> None:
+        """A copy is independent: changing it leaves the original as it was (S12, D8)."""
+        copy_ = self.manager.copy()
+        copy_.add_tags(["copy-only"])
+        copy_.metadata["copy-only"] = 1
+        copy_.handlers.clear()
+        self.manager_matches_model()
+        self.manager = self.manager.copy()
 
     @rule(tags=st.lists(st.sampled_from(["a", "b", "c"]), max_size=3), inherit=st.booleans())
     def add_tags(self, tags: list[str], inherit: bool) -> None:
@@ -1603,10 +1639,10 @@ class ManagerMachine(RuleBasedStateMachine):
     @invariant()
     def manager_matches_model(self) -> None:
         m = self.manager
-        assert list(m.handlers) == self.handlers
-        assert list(m.inheritable_handlers) == self.inh_handlers
-        assert list(m.tags) == self.tags
-        assert list(m.inheritable_tags) == self.inh_tags
+        assert m.handlers == self.handlers  # lists, as LangChain's (S12)
+        assert m.inheritable_handlers == self.inh_handlers
+        assert m.tags == self.tags
+        assert m.inheritable_tags == self.inh_tags
         assert m.metadata == self.md
         assert m.inheritable_metadata == self.inh_md
         assert m.parent_run_id == self.parent
@@ -1615,6 +1651,274 @@ class ManagerMachine(RuleBasedStateMachine):
 
 
 TestManagerMachine = ManagerMachine.TestCase
+
+
+class _Named(BaseCallbackHandler):
+    """A handler known by its label in the S12 scripts."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+
+def _manager_api_script(manager_class: Any, handler_class: type) -> list[tuple[str, Any]]:
+    """What code written for langchain_core does with a callback manager, step by step: the
+    manager's six fields after each step (handlers by label). Run on both libraries (S12)."""
+
+    class Named(handler_class):  # type: ignore[misc]
+        def __init__(self, label: str) -> None:
+            super().__init__()
+            self.label = label
+
+    a, b, c = Named("a"), Named("b"), Named("c")
+
+    def fields(m: Any) -> tuple[Any, ...]:
+        return (
+            [h.label for h in m.handlers],
+            [h.label for h in m.inheritable_handlers],
+            list(m.tags),
+            list(m.inheritable_tags),
+            dict(m.metadata),
+            dict(m.inheritable_metadata),
+        )
+
+    steps: list[tuple[str, Any]] = []
+    m = manager_class.configure([a], [b], False, ["req"], ["local"], {"k": 1}, {"l": 2})
+    steps.append(("configure", fields(m)))
+    m.add_handler(c, False)
+    steps.append(("add_handler", fields(m)))
+    m.remove_handler(a)
+    steps.append(("remove_handler", fields(m)))
+    m.set_handlers([b, c])
+    steps.append(("set_handlers", fields(m)))
+    m.set_handler(a, False)
+    steps.append(("set_handler", fields(m)))
+    m.add_tags(["x"])
+    m.add_tags(["y"], False)
+    m.remove_tags(["req"])
+    steps.append(("tags", fields(m)))
+    m.add_metadata({"k": 3}, False)
+    m.remove_metadata(["l"])
+    steps.append(("metadata", fields(m)))
+    copy = m.copy()
+    copy.add_tags(["copy"])
+    copy.handlers.append(b)
+    steps.append(("copy", (fields(m), fields(copy), copy.parent_run_id is m.parent_run_id)))
+    m.handlers.append(c)
+    m.tags.append("appended")
+    m.metadata["in place"] = 1
+    steps.append(("in place", fields(m)))
+    run = m.on_chain_start({"name": "x"}, {"in": 1})
+    child = run.get_child("step:1")
+    steps.append(("get_child", (fields(child), child.parent_run_id == run.run_id)))
+    run.on_chain_end({"out": 1})
+    steps.append(("is_async", (m.is_async, type(m).__name__)))
+    return steps
+
+
+def test_S12_code_written_for_langchains_manager_sees_the_same_lists() -> None:
+    """Each step of the script leaves the fields as langchain_core 1.7 leaves them (the
+    portability section runs the same script on langchain_core and compares)."""
+    steps = dict(_manager_api_script(CallbackManager, BaseCallbackHandler))
+    assert steps == _MANAGER_API_EXPECTED
+    m = CallbackManager.configure([Recorder()], inheritable_tags=["t"])
+    fields = (m.handlers, m.inheritable_handlers, m.tags, m.inheritable_tags)
+    assert [type(f) for f in fields] == [list] * 4
+    assert type(m.metadata) is type(m.inheritable_metadata) is dict
+
+
+_MANAGER_API_EXPECTED: dict[str, Any] = {
+    "configure": (["a", "b"], ["a"], ["req", "local"], ["req"], {"k": 1, "l": 2}, {"k": 1}),
+    "add_handler": (["a", "b", "c"], ["a"], ["req", "local"], ["req"], {"k": 1, "l": 2}, {"k": 1}),
+    "remove_handler": (["b", "c"], [], ["req", "local"], ["req"], {"k": 1, "l": 2}, {"k": 1}),
+    "set_handlers": (["b", "c"], ["b", "c"], ["req", "local"], ["req"], {"k": 1, "l": 2}, {"k": 1}),
+    "set_handler": (["a"], [], ["req", "local"], ["req"], {"k": 1, "l": 2}, {"k": 1}),
+    "tags": (["a"], [], ["local", "x", "y"], ["x"], {"k": 1, "l": 2}, {"k": 1}),
+    "metadata": (["a"], [], ["local", "x", "y"], ["x"], {"k": 3}, {"k": 1}),
+    "copy": (
+        (["a"], [], ["local", "x", "y"], ["x"], {"k": 3}, {"k": 1}),
+        (["a", "b"], [], ["local", "x", "y", "copy"], ["x", "copy"], {"k": 3}, {"k": 1}),
+        True,
+    ),
+    "in place": (
+        ["a", "c"],
+        [],
+        ["local", "x", "y", "appended"],
+        ["x"],
+        {"k": 3, "in place": 1},
+        {"k": 1},
+    ),
+    "get_child": (([], [], ["x", "step:1"], ["x"], {"k": 1}, {"k": 1}), True),
+    "is_async": (False, "CallbackManager"),
+}
+
+
+def test_S12_fields_are_assigned_and_the_parent_set_as_in_langchain() -> None:
+    """LangChain code assigns the fields and ``parent_run_id`` of a fresh manager; each is
+    checked as the constructor checks it, and ``merge`` takes only a manager."""
+    h, g = Recorder("h"), Recorder("g")
+    parent = uuid.uuid4()
+    m = CallbackManager()
+    m.handlers = [h]
+    m.metadata = {"k": 1}
+    m.parent_run_id = parent
+    fresh = CallbackManager()
+    fresh.set_handlers([g, h], inherit=False)
+    other = CallbackManager()
+    other.add_metadata({"j": 2})
+    run = m.merge(fresh).merge(other).on_chain_start({"name": "x"}, 1)
+    assert (run.handlers, run.parent_run_id, run.metadata) == ([h, g], parent, {"k": 1, "j": 2})
+    with pytest.raises(TypeError, match=r"^metadata keys must be strings, got 1 \(int\)$"):
+        m.metadata = {1: 2}  # type: ignore[dict-item]
+    with pytest.raises(TypeError, match=r"^parent_run_id must be a uuid.UUID or None, got 'p'"):
+        m.parent_run_id = "p"  # type: ignore[assignment]
+    with pytest.raises(TypeError, match=r"^merge\(\) takes a callback manager, got a list$"):
+        m.merge([h])  # type: ignore[arg-type]
+    public = {name for name, _ in inspect.getmembers(CallbackManager) if name[0] != "_"}
+    assert {"handlers", "inheritable_tags", "metadata", "parent_run_id"} <= public
+
+
+def test_S12_S6_S7_an_item_appended_twice_to_a_field_is_heard_once_and_checked() -> None:
+    """The lists are the manager's own to change in place; a run started from it takes each
+    handler and tag once (S6, S7), and refuses, naming it, an element that is no handler or tag,
+    before any handler hears anything."""
+    h = Recorder()
+    m = CallbackManager()
+    m.handlers.extend([h, h])
+    m.tags.extend(["t", "t"])
+    m.on_chain_start({"name": "x"}, 1).on_chain_end(2)
+    assert [(r.event.method, r.tags) for r in h.records] == [
+        ("on_chain_start", ["t"]),
+        ("on_chain_end", ["t"]),
+    ]
+    m.handlers.append(42)
+    with pytest.raises(TypeError, match=r"^handlers\[2\]: expected a callback handler.*\(int\)$"):
+        m.on_chain_start({"name": "x"}, 1)
+    m.handlers.pop()
+    m.tags.append(7)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^tags\[2\] must be a string, got 7 \(int\)$"):
+        m.on_chain_start({"name": "x"}, 1)
+    assert len(h.records) == 2
+    with pytest.raises(TypeError, match=r"^tags must be a list of strings, got 'ab' \(str\)$"):
+        m.tags = "ab"  # type: ignore[assignment]
+
+
+def test_S12_D8_a_manager_changed_in_place_changes_no_other_manager_or_run() -> None:
+    """A child manager's lists and dicts are its own: writing to them reaches the runs it starts
+    and nothing else: not its sibling, not the parent run, not a later call (D8)."""
+    h, late = Recorder("h"), Recorder("late")
+    root = CallbackManager.configure([h], inheritable_tags=["req"], inheritable_metadata={"k": 1})
+    parent = root.on_chain_start({"name": "parent"}, 1)
+    first, second = parent.get_child("step:1"), parent.get_child("step:2")
+    first.handlers.append(late)
+    first.tags.append("first-only")
+    first.metadata["tenant"] = "a"
+    first.on_chain_start({"name": "one"}, 1).on_chain_end(1)
+    second.on_chain_start({"name": "two"}, 1).on_chain_end(1)
+    parent.on_chain_end(1)
+    starts = [
+        (r.args[0]["name"], r.tags, r.metadata) for r in h.records if r.event.phase == "start"
+    ]
+    assert starts == [
+        ("parent", ["req"], {"k": 1}),
+        ("one", ["req", "step:1", "first-only"], {"k": 1, "tenant": "a"}),
+        ("two", ["req", "step:2"], {"k": 1}),
+    ]
+    one = h.records[1].run_id
+    assert [(r.event.method, r.run_id) for r in late.records] == [
+        ("on_chain_start", one),
+        ("on_chain_end", one),
+    ]
+    assert (parent.tags, parent.metadata, second.handlers) == (["req"], {"k": 1}, [h])
+    assert Chain(Lambda(lambda x: x)).invoke(1, {"callbacks": [h]}) == 1
+    assert all("tenant" not in (r.metadata or {}) for r in h.records[-4:])
+
+
+def test_S12_a_manager_sends_a_custom_event_to_its_handlers_as_langchain_s_does() -> None:
+    """``on_custom_event`` on a manager: every handler hears it, with the ``run_id`` given (else
+    a new one), the manager's tags and metadata; another keyword is a `ValueError`."""
+    h = Recorder()
+    rid = uuid.uuid4()
+    m = CallbackManager([h], tags=["t"], metadata={"k": 1})
+    m.on_custom_event("progress", {"done": 1}, run_id=rid)
+    m.on_custom_event("progress", 2)
+    asyncio.run(AsyncCallbackManager([h]).on_custom_event("async", 3, rid))
+    got = [(r.event.method, r.args, r.run_id, r.tags, r.metadata) for r in h.records]
+    assert got == [
+        ("on_custom_event", ("progress", {"done": 1}), rid, ["t"], {"k": 1}),
+        ("on_custom_event", ("progress", 2), h.records[1].run_id, ["t"], {"k": 1}),
+        ("on_custom_event", ("async", 3), rid, [], {}),
+    ]
+    assert isinstance(h.records[1].run_id, uuid.UUID) and h.records[1].run_id != rid
+    with pytest.raises(ValueError, match=r"^on_custom_event\(\) takes no keyword .*'extra'"):
+        m.on_custom_event("progress", 1, extra=True)
+    with pytest.raises(TypeError, match=r"^custom event name must be a string, got 1 \(int\)$"):
+        m.on_custom_event(1, 1)  # type: ignore[arg-type]
+    assert len(h.records) == 3
+
+
+def test_S12_D3_a_noop_run_manager_takes_every_event_of_its_type_and_ends_once() -> None:
+    """``get_noop_manager`` gives a run nobody hears, for code that needs a run manager: its
+    events of its run type go nowhere, an event of another type is refused, and it ends once."""
+    llm = RunManager.get_noop_manager("llm")
+    llm.on_llm_new_token("a")
+    llm.on_llm_end(LLMResult([[Generation("a")]]))
+    with pytest.raises(RuntimeError, match="after the end"):
+        llm.on_llm_end(LLMResult([[Generation("a")]]))
+    chain = RunManager.get_noop_manager()
+    assert (chain.run_type, chain.parent_run_id, chain.handlers) == ("chain", None, [])
+    with pytest.raises(TypeError, match=r"^on_llm_new_token does not apply to a chain run$"):
+        chain.on_llm_new_token("a")
+    tool = AsyncRunManager.get_noop_manager("tool")
+    assert isinstance(tool, AsyncRunManager)
+    face = tool.get_sync()  # of a run that has made no id yet
+    face.on_tool_end("out")
+    with pytest.raises(RuntimeError, match="after the end"):
+        face.on_tool_end("out")
+    with pytest.raises(ValueError, match=r"^run_type must be one of \[.*\], got 'agent' \(str\)$"):
+        RunManager.get_noop_manager("agent")
+
+
+def test_S12_D6_get_sync_is_the_same_run_for_the_sync_code_it_calls() -> None:
+    """An async run's ``get_sync()`` (what LangChain's async models hand to their sync
+    ``_generate``): its tokens and notes reach the handlers that heard the start, async ones
+    run to completion, and its children are children of the run."""
+    h = Recorder("h")
+    seen: list[str] = []
+
+    class Async(AsyncCallbackHandler):
+        async def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+            await asyncio.sleep(0)
+            seen.append(token)
+
+    a = Async()
+
+    async def main() -> None:
+        manager = AsyncCallbackManager.configure([h, a])
+        chain = await manager.on_chain_start({"name": "outer"}, 1)
+        sync = chain.get_sync()
+        assert isinstance(sync, RunManager)
+        assert (sync.run_id, sync.parent_run_id, sync.handlers) == (chain.run_id, None, [h, a])
+        sync.on_text("from sync code")
+        [llm] = sync.get_child("step:1").on_llm_start({"name": "m"}, ["p"])
+        allm = (await chain.get_child().on_llm_start({"name": "m2"}, ["p"]))[0]
+        allm.get_sync().on_llm_new_token("tok")
+        await allm.on_llm_end(LLMResult([[Generation("tok")]]))
+        llm.on_llm_end(LLMResult([[Generation("x")]]))
+        await chain.on_chain_end(2)
+
+    with sequential_run_ids():
+        asyncio.run(main())
+    assert [row[:3] for row in _trace(h)] == [
+        ("on_chain_start", 1, None),
+        ("on_text", 1, None),
+        ("on_llm_start", 2, 1),
+        ("on_llm_start", 3, 1),
+        ("on_llm_new_token", 3, 1),
+        ("on_llm_end", 3, 1),
+        ("on_llm_end", 2, 1),
+        ("on_chain_end", 1, None),
+    ]
+    assert seen == ["tok"]
 
 
 # ===============================================================================================
@@ -4244,7 +4548,7 @@ def test_S4_D3_async_manager_api_starts_runs_and_children() -> None:
         child = run.get_child("t")
         assert isinstance(child, AsyncCallbackManager)
         assert child.parent_run_id == run.run_id
-        assert (child.tags, child.inheritable_tags) == (("t0", "t"), ("t0",))
+        assert (child.tags, child.inheritable_tags) == (["t0", "t"], ["t0"])
         llm_runs = await child.on_llm_start({"name": "llm"}, ["p1", "p2"])
         assert all(isinstance(r, AsyncRunManager) for r in llm_runs)
         with pytest.raises(TypeError):
@@ -5059,6 +5363,45 @@ def test_D3_a_root_run_whose_end_could_not_be_delivered_delivers_it_once_it_can(
     assert rec.events() == unreachable.recorder.events() == ["on_chain_start", "on_chain_end"]
 
 
+def test_D3_a_run_managers_end_python_could_not_deliver_comes_from_its_parent() -> None:
+    """Through the manager API: a child's end that could not reach a handler (no stack left)
+    is delivered by the parent run, before the parent's own end; meanwhile the child refuses
+    another closing event."""
+    rec, unreachable = Recorder(), _Unreachable(on_chain_end=1)
+    with sequential_run_ids():
+        parent = CallbackManager.configure([rec, unreachable]).on_chain_start({"name": "p"}, 1)
+        child = parent.get_child().on_chain_start({"name": "c"}, 1)
+        with pytest.raises(RecursionError):
+            child.on_chain_end(2)
+        with pytest.raises(RuntimeError, match="after the end"):
+            child.on_chain_error(ValueError("again"))
+        parent.on_chain_end(3)
+    for r in (rec, unreachable.recorder):
+        assert [(m, i) for m, i, *_ in _trace(r)] == [
+            ("on_chain_start", 1), ("on_chain_start", 2), ("on_chain_end", 2),
+            ("on_chain_end", 1),
+        ], r  # fmt: skip
+
+
+def test_D2_D3_a_run_managers_end_that_a_raise_error_handler_fails_still_reaches_everyone() -> None:
+    """Through the manager API: the failure is raised once every handler heard the end, and
+    the run is over (D2, D3)."""
+
+    class Failing(BaseCallbackHandler):
+        raise_error = True
+
+        def on_chain_end(self, outputs: Any, **kwargs: Any) -> None:
+            raise ValueError("boom")
+
+    before, after = Recorder("before"), Recorder("after")
+    run = CallbackManager.configure([before, Failing(), after]).on_chain_start({"name": "x"}, 1)
+    with pytest.raises(ValueError, match=r"^boom$"):
+        run.on_chain_end(2)
+    with pytest.raises(RuntimeError, match="after the end"):
+        run.on_chain_end(2)
+    assert before.events() == after.events() == ["on_chain_start", "on_chain_end"]
+
+
 @pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
 def test_D3_a_start_python_could_not_deliver_to_a_handler_is_the_last_it_hears(
     mode: str, monkeypatch: pytest.MonkeyPatch
@@ -5503,8 +5846,8 @@ def test_S1_S2_configure_takes_a_manager_for_either_half() -> None:
     local = CallbackManager([b, c], [c])
     manager = CallbackManager.configure(child, local, local_tags=["z"])
     assert manager.parent_run_id == run.run_id
-    assert (manager.handlers, manager.inheritable_handlers) == ((a, b, c), (a,))
-    assert (manager.tags, manager.inheritable_tags) == (("y", "z"), ("y",))
+    assert (manager.handlers, manager.inheritable_handlers) == ([a, b, c], [a])
+    assert (manager.tags, manager.inheritable_tags) == (["y", "z"], ["y"])
 
 
 def test_S8_copy_and_removals_leave_the_original_alone() -> None:
@@ -5518,12 +5861,10 @@ def test_S8_copy_and_removals_leave_the_original_alone() -> None:
     copy_.remove_handler(h2)
     copy_.remove_tags(["a"])
     assert (copy_.metadata, copy_.inheritable_metadata) == ({"j": 2, "i": 3}, {"i": 3})
-    assert (copy_.handlers, copy_.inheritable_handlers, copy_.tags) == ((h1,), (h1,), ("b",))
+    assert (copy_.handlers, copy_.inheritable_handlers, copy_.tags) == ([h1], [h1], ["b"])
     assert original.metadata == {"k": 1, "j": 2, "i": 3}
-    assert original.handlers == (h1, h2) and original.tags == ("a", "b")
+    assert original.handlers == [h1, h2] and original.tags == ["a", "b"]
     assert original.parent_run_id is None and copy_.parent_run_id is None
-    with pytest.raises(ValueError, match="is not registered"):
-        copy_.remove_handler(h2)
 
 
 def test_managers_and_run_managers_have_readable_reprs() -> None:
@@ -5829,11 +6170,11 @@ def test_S4_S6_S7_manager_defaults_and_values_pass_through() -> None:
     manager.add_tags(["ab"])
     manager.add_tags(["".join(["a", "b"])])  # an equal tag, another object: kept once (S7)
     assert manager.parent_run_id == parent
-    assert manager.inheritable_handlers == (rec,) and manager.tags == ("ab",)
+    assert manager.inheritable_handlers == [rec] and manager.tags == ["ab"]
     with pytest.raises(TypeError, match=r"^metadata must be a dict with string keys, got a list$"):
         manager.add_metadata([1])  # type: ignore[arg-type]
     with pytest.raises(
-        TypeError, match=r"^callbacks must be a list of handlers, got 'abc' \(str\)$"
+        TypeError, match=r"^handlers must be a list of handlers, got 'abc' \(str\)$"
     ):
         CallbackManager("abc")
     run_id = uuid.uuid4()
@@ -6796,6 +7137,64 @@ def test_X1_X2_langchain_core_errors_close_each_run_once(mode: str) -> None:
         "on_llm_error",
         "on_chain_error",
     ]
+
+
+def _manager_deviations(manager_class: Any, handler_class: type) -> dict[str, Any]:
+    """The manager behaviours that deliberately differ from langchain_core's (README, S12)."""
+
+    class Named(handler_class):  # type: ignore[misc]
+        def __init__(self, label: str) -> None:
+            super().__init__()
+            self.label = label
+
+        def __eq__(self, other: object) -> bool:  # every Named equals every other
+            return isinstance(other, Named)
+
+        __hash__ = object.__hash__
+
+    a, b, c = Named("a"), Named("b"), Named("c")
+    out: dict[str, Any] = {}
+    m = manager_class([a], [b], tags=["t"], inheritable_tags=["i"])
+    out["constructor"] = (
+        [h.label for h in m.handlers],
+        [h.label for h in m.inheritable_handlers],
+        m.tags,
+        m.inheritable_tags,
+    )
+    m = manager_class.configure(inheritable_tags=["x", "y"])
+    m.add_tags(["x"], False)
+    out["add_tags again"] = (m.tags, m.inheritable_tags)
+    merged = manager_class([a, b], tags=["p", "q"]).merge(manager_class([c, a], tags=["r", "p"]))
+    out["merge"] = ([h.label for h in merged.handlers], merged.tags)
+    m = manager_class.configure([a])
+    m.add_handler(b)
+    out["equal handlers"] = [h.label for h in m.handlers]
+    return out
+
+
+def test_S12_langchain_core_managers_run_the_script_alike_and_differ_only_as_documented() -> None:
+    """The S12 script leaves langchain_core's managers exactly as ours; each difference the
+    README lists shows here, on both libraries: the raw constructor (ours adds inheritable
+    values to the current ones), a tag added again (LangChain moves it, and takes away its
+    inheritance), merge (LangChain's order is a set's), equal handlers (LangChain compares
+    with ``==``, S6 with identity)."""
+    lc = _lc_import("langchain_core.callbacks")
+    theirs = dict(_manager_api_script(lc.CallbackManager, lc.BaseCallbackHandler))
+    assert theirs == _MANAGER_API_EXPECTED
+    assert _manager_deviations(CallbackManager, BaseCallbackHandler) == {
+        "constructor": (["a", "b"], ["b"], ["t", "i"], ["i"]),
+        "add_tags again": (["x", "y"], ["x", "y"]),
+        "merge": (["a", "b", "c"], ["p", "q", "r"]),
+        "equal handlers": ["a", "b"],
+    }
+    theirs = _manager_deviations(lc.CallbackManager, lc.BaseCallbackHandler)
+    handlers, tags = theirs.pop("merge")
+    assert (sorted(handlers), sorted(tags)) == (["a", "b", "c"], ["p", "q", "r"])
+    assert theirs == {
+        "constructor": (["a"], ["b"], ["t"], ["i"]),
+        "add_tags again": (["y", "x"], ["y"]),
+        "equal handlers": ["a"],
+    }
 
 
 def test_X1_langchain_core_a_reused_run_id_is_caught() -> None:
