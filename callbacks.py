@@ -928,15 +928,27 @@ async def _body_in_thread(func: Callable[..., Any], *args: Any) -> Any:
 
 
 def _task(
-    loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, Any]
+    loop: asyncio.AbstractEventLoop,
+    coroutine: Coroutine[Any, Any, Any],
+    context: contextvars.Context | None = None,
 ) -> asyncio.Future[Any]:
-    """``loop.create_task(coroutine)``; if that fails (too deep a stack), the coroutine is
-    closed, never to be reported as not awaited."""
+    """``loop.create_task(coroutine, context=context)``; if that fails (too deep a stack), the
+    coroutine is closed, never to be reported as not awaited."""
     try:
-        return loop.create_task(coroutine)
+        return loop.create_task(coroutine, context=context)
     except BaseException:
         coroutine.close()
         raise
+
+
+def _adopt(context: contextvars.Context) -> None:
+    """Set in the current context each variable whose value in ``context`` differs: what the
+    inline handlers changed in their copy of the caller's context, the caller now sees (D5).
+    (A variable a handler reset to no value at all keeps its value: Python cannot unset one.)"""
+    current = contextvars.copy_context()
+    for variable, value in context.items():
+        if variable not in current or current[variable] is not value:
+            variable.set(value)
 
 
 async def _adispatch(
@@ -961,17 +973,27 @@ async def _adispatch(
         if event.phase == "start":
             run._listeners = handlers
         others = []
+        # Inline handlers run one after another, each done before the next, in the caller's
+        # context (D5). Each runs as a task, so that cancelling the caller cannot cancel it
+        # (D3), in one shared copy of the caller's context (never two tasks in it at once),
+        # and whatever they set there is then set in the caller's context (`_adopt`).
+        context = None
         for i, handler in enumerate(handlers):
             try:  # the flag is the handler's: under its guard (D8)
                 inline = getattr(handler, "run_inline", False)
             except BaseException as error:
                 outcomes[i] = _after_failure(handler, event, kwargs, error)
                 continue
-            if inline:  # one after another, each done before the next (D5)
-                outcomes[i] = task = _task(loop, _acall_handler(handler, event, args, kwargs))
+            if inline:
+                if context is None:
+                    context = contextvars.copy_context()
+                coroutine = _acall_handler(handler, event, args, kwargs)
+                outcomes[i] = task = _task(loop, coroutine, context)
                 held.append(await _complete([task]))
             else:
                 others.append(i)
+        if context is not None:
+            _adopt(context)  # before the others start: they see it too, as in LangChain
         tasks = []
         for i in others:  # then the others, at once
             outcomes[i] = task = _task(loop, _acall_handler(handlers[i], event, args, kwargs))

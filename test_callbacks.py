@@ -3609,6 +3609,114 @@ def test_D5_sync_handlers_run_in_a_worker_thread_with_the_context_copied() -> No
     assert threads and loop_thread not in threads
 
 
+class _ContextSetter(AsyncCallbackHandler):
+    """Sets `_REQUEST` to the event's name in each start event, from a sync or async method,
+    inline or not, and notes what it read there first."""
+
+    def __init__(self, *, run_inline: bool, sync: bool = False) -> None:
+        self.run_inline = run_inline
+        self.read: list[str] = []
+        for method in ("on_chain_start", "on_llm_start"):
+            setattr(self, method, functools.partial(self._sync if sync else self._async, method))
+
+    def _sync(self, method: str, *args: Any, **kwargs: Any) -> None:
+        self.read.append(_REQUEST.get())
+        _REQUEST.set(method)
+
+    async def _async(self, method: str, *args: Any, **kwargs: Any) -> None:
+        self._sync(method)
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["async_method", "sync_method"])
+def test_D5_a_variable_an_inline_handler_sets_is_seen_by_the_body_and_the_caller(
+    sync: bool,
+) -> None:
+    """Inline handlers run in the caller's context, as langchain_core's do (its
+    ``test_inline_handlers_share_parent_context``): what one sets in a start event, the run's
+    body, the handlers after it and the caller of a manager's start see. A handler that is not
+    inline runs in a copy: the same code changes nothing outside it."""
+    seen: list[str] = []
+
+    def sync_body(x: Any) -> Any:
+        seen.append(_REQUEST.get())
+        return x
+
+    async def async_body(x: Any) -> Any:
+        return sync_body(x)
+
+    async def main(inline: bool) -> list[str]:
+        setter = _ContextSetter(run_inline=inline, sync=sync)
+        after = _ContextSetter(run_inline=False)  # not inline: starts after the inline ones
+        _REQUEST.set("unset")
+        await AsyncCallbackManager([setter, after]).on_llm_start({}, ["p"])
+        seen.append(_REQUEST.get())  # the caller of the manager's start
+        for body in (sync_body, async_body):
+            _REQUEST.set("unset")
+            await Lambda(body).ainvoke(1, {"callbacks": [setter, after]})
+        return after.read
+
+    after_read = asyncio.run(main(inline=True))
+    assert seen == ["on_llm_start", "on_chain_start", "on_chain_start"]
+    assert after_read == ["on_llm_start", "on_chain_start", "on_chain_start"]
+    seen.clear()
+    assert asyncio.run(main(inline=False)) == ["unset"] * 3
+    assert seen == ["unset"] * 3
+
+
+def test_D5_inline_handlers_share_the_callers_context_one_prompt_after_another() -> None:
+    """langchain_core's ``test_inline_handlers_share_parent_context_multiple``: with three
+    prompts, an inline handler that counts in a variable and an inline one that reads it see
+    1, 1, 2, 2, 3, 3; one that is not inline reads the value the inline ones left."""
+    counter: contextvars.ContextVar[int] = contextvars.ContextVar("counter", default=0)
+    states: list[tuple[str, int]] = []
+
+    class Stateful(AsyncCallbackHandler):
+        def __init__(self, name: str, *, run_inline: bool) -> None:
+            self.name, self.run_inline = name, run_inline
+
+        async def on_llm_start(self, *args: Any, **kwargs: Any) -> None:
+            if self.name == "modifier":
+                counter.set(counter.get() + 1)
+            states.append((self.name, counter.get()))
+
+    handlers = [
+        Stateful("modifier", run_inline=True),
+        Stateful("reader", run_inline=True),
+        Stateful("not_inline", run_inline=False),
+    ]
+
+    async def main() -> int:
+        await AsyncCallbackManager(handlers).on_llm_start({}, ["p1", "p2", "p3"])
+        return counter.get()
+
+    assert asyncio.run(main()) == 3
+    assert states == [(name, n) for n in (1, 2, 3) for name in ("modifier", "reader", "not_inline")]
+
+
+def test_D5_a_handler_not_inline_reads_the_callers_context_in_every_event() -> None:
+    """langchain_core's ``test_shielded_callback_context_preservation``: an end event is
+    delivered in a copy of the caller's context, not an empty one."""
+    read: list[str] = []
+
+    class Reader(AsyncCallbackHandler):
+        async def on_llm_end(self, *args: Any, **kwargs: Any) -> None:
+            read.append(_REQUEST.get())
+
+        async def on_chain_end(self, *args: Any, **kwargs: Any) -> None:
+            read.append(_REQUEST.get())
+
+    async def main() -> None:
+        _REQUEST.set("request-7")
+        manager = AsyncCallbackManager([Reader()])
+        (llm,) = await manager.on_llm_start({}, ["p"])
+        chain = await manager.on_chain_start({}, {"q": 1})
+        await llm.on_llm_end(LLMResult([[Generation("x")]]))
+        await chain.on_chain_end({"a": 1})
+
+    asyncio.run(main())
+    assert read == ["request-7", "request-7"]
+
+
 # ===============================================================================================
 # D6: async handlers under sync dispatch
 # ===============================================================================================
@@ -5413,12 +5521,12 @@ def test_D3_a_start_python_could_not_deliver_to_a_handler_is_the_last_it_hears(
         first.run_inline = True  # start the second's (the inline one's task comes first)
         task, started = callbacks._task, []
 
-        def no_stack_for_the_second(loop: Any, coroutine: Any) -> Any:
+        def no_stack_for_the_second(loop: Any, coroutine: Any, context: Any = None) -> Any:
             started.append(coroutine)
             if len(started) == 2:
                 coroutine.close()
                 raise RecursionError("no stack left")
-            return task(loop, coroutine)
+            return task(loop, coroutine, context)
 
         monkeypatch.setattr(callbacks, "_task", no_stack_for_the_second)
     with pytest.raises(RecursionError):
