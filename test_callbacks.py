@@ -5408,7 +5408,7 @@ def test_D3_a_run_too_deep_to_hear_its_error_is_closed_by_its_nearest_ancestor(m
 
     overflowed, depth = 0, 60
     while overflowed < 30:  # deeper, through 30 depths where the stack runs out
-        checkers, tree = [TraceChecker(), Recorder()], nested(depth)
+        checkers, tree = [TraceChecker(), Recorder(), TraceChecker()], nested(depth)
         config: RunnableConfig = {"callbacks": checkers}
         try:  # the error leaves `asyncio.run`, which then cancels what is left
             if mode == "invoke":
@@ -5421,9 +5421,15 @@ def test_D3_a_run_too_deep_to_hear_its_error_is_closed_by_its_nearest_ancestor(m
                 )
         except RecursionError:
             overflowed += 1
-        checkers[0].check()
+        checkers[0].check()  # the first handler and the last alike
+        checkers[2].check()
         depth += 3
-    gc.collect()  # the coroutines never started are reported now, under this test's filter
+    # A task whose creation ran out of stack is left half-built: asyncio reports it as
+    # destroyed while pending once it is collected (its handler heard the event through the
+    # parent all the same). The recorded errors' tracebacks hold it: let it go here, under
+    # this test's log capture and warning filters, not at the interpreter's exit.
+    del checkers, tree, config
+    gc.collect()
 
 
 class _Unreachable:
