@@ -96,7 +96,7 @@ from collections.abc import (
     Sequence,
 )
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -277,12 +277,24 @@ _EVENTS: Final = tuple(Event)
 # =================================================================================================
 
 
+# Each payload has ``model_dump()``, as langchain_core's pydantic payloads do: its fields as plain
+# data (dicts, lists, strings, numbers), payloads inside it dumped too, and the ``type`` key
+# langchain_core writes. langchain_core's tracers store a model's outputs that way. Messages
+# compare by class and content alone: ids and metadata are what a model reported, not what it said.
+
+
 @dataclass(frozen=True, slots=True)
 class BaseMessage:
-    """A chat message: ``type`` says who speaks, ``content`` what is said."""
+    """A chat message: ``type`` says who speaks, ``content`` what is said; ``id`` is optional."""
 
     content: str
+    id: str | None = field(default=None, kw_only=True, compare=False)
     type: ClassVar[str] = "base"
+
+    def model_dump(self) -> dict[str, Any]:
+        """This message as plain data (see above)."""
+        data = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
+        return {**data, "type": self.type}
 
 
 @final
@@ -296,8 +308,11 @@ class HumanMessage(BaseMessage):
 @final
 @dataclass(frozen=True, slots=True)
 class AIMessage(BaseMessage):
-    """A message from the model."""
+    """A message from the model, with what the model reported of the call: ``usage_metadata``
+    (``input_tokens``, ``output_tokens``, ``total_tokens``) and ``response_metadata``."""
 
+    usage_metadata: dict[str, int] | None = field(default=None, kw_only=True, compare=False)
+    response_metadata: dict[str, Any] = field(default_factory=dict, kw_only=True, compare=False)
     type: ClassVar[str] = "ai"
 
 
@@ -320,18 +335,42 @@ class ToolMessage(BaseMessage):
 @final
 @dataclass(frozen=True, slots=True)
 class Generation:
-    """One completion; chat completions also carry the ``message``."""
+    """One completion; a chat completion also carries the ``message`` (langchain_core's
+    ``ChatGeneration``). ``generation_info`` is what the model said of it, if anything."""
 
     text: str
     message: BaseMessage | None = None
+    generation_info: dict[str, Any] | None = None
+
+    def model_dump(self) -> dict[str, Any]:
+        """This generation as plain data (see above); ``message`` only for a chat one."""
+        info = copy.deepcopy(self.generation_info)
+        if self.message is None:
+            return {"text": self.text, "generation_info": info, "type": "Generation"}
+        message = self.message.model_dump()
+        return {
+            "text": self.text,
+            "generation_info": info,
+            "type": "ChatGeneration",
+            "message": message,
+        }
 
 
 @final
 @dataclass(frozen=True, slots=True)
 class LLMResult:
-    """What ``on_llm_end`` receives: ``generations[prompt_index][candidate_index]``."""
+    """What ``on_llm_end`` receives: ``generations[prompt_index][candidate_index]``, and what
+    the model reported of the whole call in ``llm_output`` (the toys: ``token_usage`` and
+    ``model_name``)."""
 
     generations: list[list[Generation]]
+    llm_output: dict[str, Any] | None = None
+
+    def model_dump(self) -> dict[str, Any]:
+        """This result as plain data (see above)."""
+        generations = [[g.model_dump() for g in candidates] for candidates in self.generations]
+        output = copy.deepcopy(self.llm_output)
+        return {"generations": generations, "llm_output": output, "run": None, "type": "LLMResult"}
 
 
 @final
@@ -341,6 +380,14 @@ class Document:
 
     page_content: str
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    def model_dump(self) -> dict[str, Any]:
+        """This document as plain data (see above)."""
+        return {
+            "metadata": copy.deepcopy(self.metadata),
+            "page_content": self.page_content,
+            "type": "Document",
+        }
 
 
 _ROLES: Final = {"system": "System", "human": "Human", "ai": "AI", "tool": "Tool"}
@@ -2375,7 +2422,7 @@ class Runnable:
         """The start event's payload and extra keywords (built only when someone listens, D7)."""
         return (self._serialized(), input), {}
 
-    def _end_payload(self, output: Any) -> Any:
+    def _end_payload(self, input: Any, output: Any) -> Any:
         return output
 
     def _run(self, input: Any, run: _Run) -> Any:
@@ -2518,7 +2565,7 @@ class Runnable:
             else:
                 output = _scope(run, self._limit(config)).run(self._run, input, run)
             if run._listeners or run._orphans:
-                run._finish(_END[run._family], (self._end_payload(output),), _NO_EXTRA)
+                run._finish(_END[run._family], (self._end_payload(input, output),), _NO_EXTRA)
         except BaseException as error:  # R1: BaseException counts
             run._fail(error)
             raise
@@ -2538,7 +2585,9 @@ class Runnable:
                 context = _scope(run, self._limit(config))
                 output = await _run_in(context, context.run(self._arun, input, run))
             if run._listeners or run._orphans:
-                await run._afinish(_END[run._family], (self._end_payload(output),), _NO_EXTRA)
+                await run._afinish(
+                    _END[run._family], (self._end_payload(input, output),), _NO_EXTRA
+                )
         except BaseException as error:  # R1, and asyncio.CancelledError (D3)
             await run._afail(error)
             raise
@@ -2557,7 +2606,7 @@ class Runnable:
             body = self._stream_body(input, run, self._limit(config))
             output = yield from body
             if run._listeners or run._orphans:
-                run._finish(_END[run._family], (self._end_payload(output),), _NO_EXTRA)
+                run._finish(_END[run._family], (self._end_payload(input, output),), _NO_EXTRA)
         except BaseException as error:  # includes GeneratorExit from an early close (D3)
             failure = error
             if body is not None:  # an interrupt raised here, not in the body, leaves it open
@@ -2588,7 +2637,9 @@ class Runnable:
             async for chunk in body:
                 yield chunk
             if run._listeners or run._orphans:
-                await run._afinish(_END[run._family], (self._end_payload(inner[-1]),), _NO_EXTRA)
+                await run._afinish(
+                    _END[run._family], (self._end_payload(input, inner[-1]),), _NO_EXTRA
+                )
         except BaseException as error:  # GeneratorExit from aclose() too (D3)
             failure = error
             if body is not None:
@@ -2878,11 +2929,37 @@ class LLM(Runnable):
         return None
 
     def _output(self, text: str) -> Any:
+        """A streamed chunk of output."""
         return text
 
-    def _end_payload(self, output: Any) -> Any:
-        text = output if isinstance(output, str) else output.content
-        return LLMResult([[Generation(text, self._message(text))]])
+    def _final(self, input: Any, text: str) -> Any:
+        """The call's output: for a chat model, a message that reports its usage."""
+        return text
+
+    def _usage(self, input: Any, text: str) -> dict[str, int]:
+        """Deterministic token counts, langchain_core's ``usage_metadata`` keys: a token is a
+        word with the spaces after it, of the prompt as ``on_llm_start`` shows it and of the
+        response."""
+        prompt, response = len(_TOKEN.findall(self._prompt(input))), len(_TOKEN.findall(text))
+        return {
+            "input_tokens": prompt,
+            "output_tokens": response,
+            "total_tokens": prompt + response,
+        }
+
+    def _end_payload(self, input: Any, output: Any) -> Any:
+        """An `LLMResult` with the usage in ``llm_output``, as providers' models report it."""
+        if isinstance(output, AIMessage) and output.usage_metadata is not None:
+            text, message, usage = output.content, output, output.usage_metadata
+        else:  # a completion model's text: counted here, as someone listens (D7)
+            text, message, usage = output, None, self._usage(input, output)
+        token_usage = {
+            "prompt_tokens": usage["input_tokens"],
+            "completion_tokens": usage["output_tokens"],
+            "total_tokens": usage["total_tokens"],
+        }
+        llm_output = {"token_usage": token_usage, "model_name": self.get_name()}
+        return LLMResult([[Generation(text, message)]], llm_output)
 
     def _tokens(self, stream: bool) -> tuple[str, list[tuple[str, dict[str, Any]]]]:
         """The next response, and its tokens with their ``chunk`` keyword (none unless streaming)."""
@@ -2891,7 +2968,7 @@ class LLM(Runnable):
         tokens = _TOKEN.findall(text) if stream else []
         return text, [(t, {"chunk": Generation(t, self._message(t))}) for t in tokens]
 
-    def _generate(self, run: _Run, stream: bool) -> Generator[Any, None, Any]:
+    def _generate(self, input: Any, run: _Run, stream: bool) -> Generator[Any, None, Any]:
         text, tokens = self._tokens(stream)
         for i, (token, chunk) in enumerate(tokens):
             if run._listeners:  # fire the token before handing it on (LangChain #16913)
@@ -2901,10 +2978,10 @@ class LLM(Runnable):
                 _raise(self.error)
         if self.error is not None:
             _raise(self.error)
-        return self._output(text)
+        return self._final(input, text)
 
     async def _agenerate(
-        self, run: AsyncRunManager, stream: bool, out: list[Any]
+        self, input: Any, run: AsyncRunManager, stream: bool, out: list[Any]
     ) -> AsyncGenerator[Any, None]:
         text, tokens = self._tokens(stream)
         for i, (token, chunk) in enumerate(tokens):
@@ -2915,24 +2992,24 @@ class LLM(Runnable):
                 _raise(self.error)
         if self.error is not None:
             _raise(self.error)
-        out.append(self._output(text))
+        out.append(self._final(input, text))
 
     def _run(self, input: Any, run: _Run) -> Any:
-        return _drain(self._generate(run, self.streaming))
+        return _drain(self._generate(input, run, self.streaming))
 
     async def _arun(self, input: Any, run: AsyncRunManager) -> Any:
         out: list[Any] = []
-        async for _ in self._agenerate(run, self.streaming, out):
+        async for _ in self._agenerate(input, run, self.streaming, out):
             pass
         return out[-1]
 
     def _stream_body(self, input: Any, run: _Run, limit: int | None) -> Generator[Any, None, Any]:
-        return (yield from self._generate(run, True))
+        return (yield from self._generate(input, run, True))
 
     def _astream_body(
         self, input: Any, run: AsyncRunManager, limit: int | None, out: list[Any]
     ) -> AsyncGenerator[Any, None]:
-        return self._agenerate(run, True, out)
+        return self._agenerate(input, run, True, out)
 
 
 class ChatModel(LLM):
@@ -2950,8 +3027,16 @@ class ChatModel(LLM):
     def _message(self, text: str) -> BaseMessage | None:
         return AIMessage(text)
 
+    def _prompt(self, input: Any) -> str:
+        """The messages as one text, roles included (what the usage counts)."""
+        return super()._prompt(_as_messages(input))
+
     def _output(self, text: str) -> Any:
         return AIMessage(text)
+
+    def _final(self, input: Any, text: str) -> Any:
+        metadata = {"model_name": self.get_name(), "finish_reason": "stop"}
+        return AIMessage(text, usage_metadata=self._usage(input, text), response_metadata=metadata)
 
 
 class Tool(Runnable):

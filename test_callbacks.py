@@ -2532,6 +2532,89 @@ def test_R5_payloads_are_shaped_like_langchains() -> None:
     ]
 
 
+class _UsageCounter(BaseCallbackHandler):
+    """The usual third-party usage counter: reads attributes, never checks classes."""
+
+    def __init__(self) -> None:
+        self.from_llm_output: list[dict[str, int]] = []
+        self.from_messages: list[dict[str, int]] = []
+
+    def on_llm_end(self, response: Any, **kwargs: Any) -> None:
+        self.from_llm_output.append(response.llm_output["token_usage"])
+        for candidates in response.generations:
+            for generation in candidates:
+                message = getattr(generation, "message", None)
+                usage = getattr(message, "usage_metadata", None)
+                if usage:
+                    self.from_messages.append(usage)
+
+
+@pytest.mark.parametrize("mode", ["invoke", "stream", "ainvoke", "astream"])
+def test_R5_models_report_deterministic_usage_a_counter_reading_attributes_totals(
+    mode: str,
+) -> None:
+    """Each model call reports its usage, as providers' models do: in ``llm_output`` (prompt,
+    completion and total tokens) and, for a chat model, in the message's ``usage_metadata``
+    (also the output's). A token is a word with the spaces after it."""
+    counter = _UsageCounter()
+    chain = Chain(
+        ChatModel("two words", name="chat"),  # prompt "Human: four words here" -> 4 tokens
+        LLM("one two three", name="llm"),  # prompt "AI: two words" -> 3 tokens
+    )
+    output = _lc_drive(chain, {"callbacks": [counter]}, mode, "four words here")
+    assert counter.from_llm_output == [
+        {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6},
+        {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
+    ]
+    assert counter.from_messages == [{"input_tokens": 4, "output_tokens": 2, "total_tokens": 6}]
+    assert output == (["one ", "two ", "three"] if "stream" in mode else "one two three")
+    message = ChatModel("a b", name="m").invoke("x y z")
+    assert message == AIMessage("a b")  # messages compare by class and content
+    assert message.usage_metadata == {"input_tokens": 4, "output_tokens": 2, "total_tokens": 6}
+    assert message.response_metadata == {"model_name": "m", "finish_reason": "stop"}
+
+
+def test_R5_payloads_dump_to_plain_data_as_langchains_pydantic_ones() -> None:
+    """``model_dump()`` gives the keys langchain_core's models give (its tracers store a
+    model's outputs so), payloads inside dumped too, and copies: changing the dump changes
+    nothing of the payload."""
+    rec = Recorder()
+    LLM("a b", name="llm").invoke("q", {"callbacks": [rec]})
+    ChatModel("c", name="chat").invoke("q", {"callbacks": [rec]})
+    llm_end, chat_end = (r.args[0] for r in rec.records if r.event is Event.LLM_END)
+    usage = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    assert llm_end.model_dump() == {
+        "generations": [[{"text": "a b", "generation_info": None, "type": "Generation"}]],
+        "llm_output": {"token_usage": usage, "model_name": "llm"},
+        "run": None,
+        "type": "LLMResult",
+    }
+    dumped = chat_end.model_dump()
+    assert dumped["generations"][0][0] == {
+        "text": "c",
+        "generation_info": None,
+        "type": "ChatGeneration",
+        "message": {
+            "content": "c",
+            "id": None,
+            "usage_metadata": {"input_tokens": 2, "output_tokens": 1, "total_tokens": 3},
+            "response_metadata": {"model_name": "chat", "finish_reason": "stop"},
+            "type": "ai",
+        },
+    }
+    dumped["llm_output"]["token_usage"]["total_tokens"] = 0
+    dumped["generations"][0][0]["message"]["usage_metadata"]["total_tokens"] = 0
+    assert chat_end.llm_output["token_usage"]["total_tokens"] == 3
+    assert chat_end.generations[0][0].message.usage_metadata["total_tokens"] == 3
+    document = Document("text", {"k": [1]})
+    assert document.model_dump() == {
+        "metadata": {"k": [1]},
+        "page_content": "text",
+        "type": "Document",
+    }
+    assert HumanMessage("q", id="m1").model_dump() == {"content": "q", "id": "m1", "type": "human"}
+
+
 def test_R5_langchain_style_token_handler_runs() -> None:
     class TokenHandler(BaseCallbackHandler):
         def __init__(self) -> None:
@@ -7076,6 +7159,13 @@ def _lc_drive(app: Any, config: dict[str, Any], mode: str, value: Any = "q") -> 
     return asyncio.run(arun())
 
 
+async def _lc_drive_async(runnable: Any, config: dict[str, Any], mode: str) -> Any:
+    """`_lc_drive` inside a running loop: ``ainvoke``, or ``astream`` to the end."""
+    if mode == "ainvoke":
+        return await runnable.ainvoke("q", config)
+    return [chunk async for chunk in runnable.astream("q", config)]
+
+
 def _lc_tokens(recorder: Recorder) -> list[Any]:
     """The ``token`` of each ``on_llm_new_token`` the recorder saw. langchain_core passes it by
     keyword from sync runs and by position from async ones; a `Record` has it in ``args``."""
@@ -7309,6 +7399,138 @@ def test_S12_langchain_core_managers_run_the_script_alike_and_differ_only_as_doc
         "add_tags again": (["y", "x"], ["y"]),
         "equal handlers": ["a"],
     }
+
+
+# langchain_core's shipped handlers and tracers on the toys (R5): attached as request handlers to a
+# chain of every toy kind, they record complete runs in every call mode, and log no error.
+
+
+def _every_toy() -> Runnable:
+    return Chain(
+        Lambda(_ident, name="first"),
+        Parallel(llm=LLM("hello there", name="llm"), chat=ChatModel("hi you", name="chat")),
+        Lambda(lambda both: both["llm"], name="pick"),
+        Tool(str.upper, name="shout"),
+        Retriever([Document("doc one")], name="docs"),
+        name="outer",
+    )
+
+
+def _lc_drive_all(runnable: Any, config: dict[str, Any], mode: str) -> Any:
+    """`_lc_drive`, and the batch modes (two inputs)."""
+    if mode == "batch":
+        return runnable.batch(["q", "r"], config)
+    if mode == "abatch":
+        return asyncio.run(runnable.abatch(["q", "r"], config))
+    return _lc_drive(runnable, config, mode)
+
+
+def _lc_run_tree(run: Any) -> tuple[Any, ...]:
+    """A langchain_core tracer's ``Run`` as ``(run_type, name, complete, children)``: complete
+    means it ended, without error, with outputs; children sorted (parallel branches race)."""
+    complete = run.end_time is not None and run.error is None and bool(run.outputs)
+    children = tuple(sorted(_lc_run_tree(child) for child in run.child_runs))
+    return (run.run_type, run.name, complete, children)
+
+
+_EVERY_TOY_TREE = (
+    "chain",
+    "outer",
+    True,
+    (
+        ("chain", "Parallel", True, (("llm", "chat", True, ()), ("llm", "llm", True, ()))),
+        ("chain", "first", True, ()),
+        ("chain", "pick", True, ()),
+        ("retriever", "docs", True, ()),
+        ("tool", "shout", True, ()),
+    ),
+)
+
+
+@pytest.mark.parametrize("mode", ["invoke", "stream", "batch", "ainvoke", "astream", "abatch"])
+def test_R5_langchain_core_tracers_and_handlers_record_complete_runs_of_every_toy(
+    mode: str, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """langchain_core's ``RunCollectorCallbackHandler``, ``ConsoleCallbackHandler``,
+    ``StdOutCallbackHandler`` and ``StreamingStdOutCallbackHandler`` on a chain of every toy:
+    no handler error, and the collector holds every run, ended, with its outputs (a model's
+    with its usage). A chat model is an ``llm`` run there, as on langchain_core: these tracers
+    do not implement ``on_chat_model_start`` and get ``on_llm_start`` instead (D4)."""
+    run_collector = _lc_import("langchain_core.tracers.run_collector")
+    stdout = _lc_import("langchain_core.tracers.stdout")
+    lc_callbacks = _lc_import("langchain_core.callbacks")
+    collector = run_collector.RunCollectorCallbackHandler()
+    handlers = [
+        collector,
+        stdout.ConsoleCallbackHandler(),
+        lc_callbacks.StdOutCallbackHandler(),
+        lc_callbacks.StreamingStdOutCallbackHandler(),
+    ]
+    with caplog.at_level(logging.WARNING, logger="callbacks"):
+        _lc_drive_all(_every_toy(), {"callbacks": handlers}, mode)
+    assert caplog.record_tuples == []
+    inputs = 2 if "batch" in mode else 1
+    assert [_lc_run_tree(run) for run in collector.traced_runs] == [_EVERY_TOY_TREE] * inputs
+    models = {}
+    for run in collector.traced_runs[0].child_runs[1].child_runs:
+        (generation,) = run.outputs["generations"][0]
+        models[run.name] = (generation["text"], run.outputs["llm_output"]["token_usage"])
+    assert models == {
+        "llm": ("hello there", {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}),
+        "chat": ("hi you", {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}),
+    }
+    printed = capsys.readouterr().out
+    assert printed.count("[llm/end]") == printed.count("[llm/start]") == 2 * inputs
+    assert printed.count("> Finished chain.") == 4 * inputs  # StdOut: the four chain runs
+    assert "error" not in printed
+
+
+@pytest.mark.parametrize("schema", ["original", "streaming_events"])
+@pytest.mark.parametrize("mode", ["ainvoke", "astream"])
+def test_R5_langchain_core_log_stream_records_every_toy_but_a_chat_models_end(
+    mode: str, schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The handler behind ``astream_log`` and ``astream_events`` re-loads each finished model
+    run's outputs through langchain's serializer, which refuses any message class but its own
+    (it tests the class): the chat run's end is logged as that handler's failure (D2) and the
+    run stays without end in the log; everything else is recorded. Under the
+    ``streaming_events`` schema the serializer refuses the chat run's start as well, with
+    ``NotImplementedError``, so the fallback to ``on_llm_start`` (D4) registers the run a
+    second time, as ``chat:2``. Documented in the README (Where this differs)."""
+    log_stream = _lc_import("langchain_core.tracers.log_stream")
+    ops: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        handler = log_stream.LogStreamCallbackHandler(auto_close=False, _schema_format=schema)
+        runnable = Chain(
+            Lambda(_ident, name="first"), LLM("a", name="llm"), ChatModel("b", name="chat")
+        )
+        await _lc_drive_async(runnable, {"callbacks": [handler]}, mode)
+        handler.send_stream.close()
+        async for patch in handler:
+            ops.extend(patch.ops)
+
+    with caplog.at_level(logging.WARNING, logger="callbacks"):
+        asyncio.run(main())
+    runs = [o["path"] for o in ops if o["op"] == "add" and re.fullmatch(r"/logs/[^/]+", o["path"])]
+    ended = [o["path"] for o in ops if o["path"].endswith("/end_time")]
+    chat = "/logs/chat:2" if schema == "streaming_events" else "/logs/chat"
+    assert runs == ["/logs/first", "/logs/llm", chat]
+    assert ended == ["/logs/first/end_time", "/logs/llm/end_time"]
+    (failure,) = caplog.records
+    assert failure.getMessage().startswith("error in LogStreamCallbackHandler.on_llm_end callback")
+    assert "NotImplementedError" in failure.getMessage()
+
+
+def test_R5_langchain_core_usage_handler_counts_only_its_own_classes() -> None:
+    """langchain_core's ``UsageMetadataCallbackHandler`` counts a generation only if it is its
+    own ``ChatGeneration`` holding its own ``AIMessage`` (it tests the classes): on the toys it
+    counts nothing, while a counter that reads the same attributes totals every call."""
+    lc_callbacks = _lc_import("langchain_core.callbacks")
+    theirs, ours = lc_callbacks.UsageMetadataCallbackHandler(), _UsageCounter()
+    ChatModel("hi you", name="chat").invoke("q", {"callbacks": [theirs, ours]})
+    assert theirs.usage_metadata == {}
+    assert ours.from_messages == [{"input_tokens": 2, "output_tokens": 2, "total_tokens": 4}]
 
 
 def test_X1_langchain_core_a_reused_run_id_is_caught() -> None:
