@@ -1283,8 +1283,8 @@ class _Manager(_Scope):
     @classmethod
     def configure(
         cls,
-        inheritable_callbacks: Sequence[Any] | _Manager | None = None,
-        local_callbacks: Sequence[Any] | _Manager | None = None,
+        inheritable_callbacks: Any = None,
+        local_callbacks: Any = None,
         verbose: bool = False,
         inheritable_tags: Sequence[str] | None = None,
         local_tags: Sequence[str] | None = None,
@@ -1294,12 +1294,15 @@ class _Manager(_Scope):
         """Build a run's manager from request-time (inheritable) and constructor (local) values.
 
         A manager as ``inheritable_callbacks`` is copied whole, parent run included: that is
-        how a child manager from `RunManager.get_child` continues the tree. A manager as
+        how a child manager from `RunManager.get_child` continues the tree. A manager of
+        langchain_core's counts as one of this module's (R8). A manager as
         ``local_callbacks`` contributes its ``handlers``. Inheritable values come first, then
         local ones (S5); a local value never removes an inheritable one (S6, S7), and a local
         metadata key overrides an inheritable one for this run only (S8). ``verbose`` is
         accepted for LangChain's signature and ignored: this module ships no stdout handler.
         """
+        inheritable_callbacks = _foreign_manager(inheritable_callbacks) or inheritable_callbacks
+        local_callbacks = _foreign_manager(local_callbacks) or local_callbacks
         if isinstance(inheritable_callbacks, _Manager):
             manager = cls._clone(inheritable_callbacks)
         else:
@@ -2069,14 +2072,18 @@ _MAX_CONCURRENCY: contextvars.ContextVar[int | None] = contextvars.ContextVar(
 
 
 class RunnableConfig(TypedDict, total=False):
-    """The per-call config accepted by ``invoke``, ``batch``, ``stream`` and ``with_config``."""
+    """The per-call config accepted by ``invoke``, ``batch``, ``stream`` and ``with_config``:
+    langchain_core 1.7's keys (R8). ``recursion_limit`` and ``configurable`` are checked and
+    ignored. ``callbacks`` may be a manager of langchain_core's, whose tree the call continues."""
 
-    callbacks: Sequence[Any] | CallbackManager | None
+    callbacks: Any  # a list of handlers, a manager, or another implementation's manager (R8)
     tags: Sequence[str]
     metadata: Mapping[str, Any]
     run_name: str
     run_id: uuid.UUID
     max_concurrency: int
+    recursion_limit: int
+    configurable: Mapping[str, Any]
 
 
 class _Options(TypedDict, total=False):
@@ -2097,7 +2104,7 @@ def _expect(kind: type, what: str) -> Callable[[str, Any], Any]:
     return check
 
 
-def _check_max_concurrency(key: str, value: Any) -> int:
+def _check_positive(key: str, value: Any) -> int:
     _expect(int, "a positive int")(key, value)
     if value < 1:
         raise ValueError(f"config[{key!r}] must be a positive int, got {_brief(value)}")
@@ -2110,10 +2117,47 @@ def _check_run_name(key: str, value: Any) -> str:
     return value
 
 
+# A manager of another implementation is recognised by its fields (R8): langchain_core's, given
+# as ``callbacks`` by a LangChain runnable calling a toy with its own config, continues its tree.
+_MANAGER_FIELDS: Final = (
+    "handlers",
+    "inheritable_handlers",
+    "parent_run_id",
+    "tags",
+    "inheritable_tags",
+    "metadata",
+    "inheritable_metadata",
+)
+
+
+def _foreign_manager(value: object) -> CallbackManager | None:
+    """``value`` as a manager of this module's, if it is another's (anything but a list or a
+    tuple that has a manager's seven fields), its values checked as the constructor checks
+    them; None for anything else, this module's own managers included."""
+    if isinstance(value, (_Manager, list, tuple)):
+        return None
+    if not all(hasattr(value, name) for name in _MANAGER_FIELDS):
+        return None
+    manager: Any = value
+    return CallbackManager(
+        manager.handlers,
+        manager.inheritable_handlers,
+        manager.parent_run_id,
+        tags=manager.tags,
+        inheritable_tags=manager.inheritable_tags,
+        metadata=manager.metadata,
+        inheritable_metadata=manager.inheritable_metadata,
+    )
+
+
 def _check_callbacks(key: str, value: Any) -> Any:
     if isinstance(value, _Manager):
         return value
-    return _check_handlers(value, f"config[{key!r}]")
+    return _foreign_manager(value) or _check_handlers(value, f"config[{key!r}]")
+
+
+def _check_configurable(key: str, value: Any) -> dict[str, Any]:
+    return _check_metadata(value, f"config[{key!r}]")
 
 
 _CONFIG_KEYS: Final[dict[str, Callable[[str, Any], Any]]] = {
@@ -2122,7 +2166,11 @@ _CONFIG_KEYS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "metadata": lambda key, value: _check_metadata(value, f"config[{key!r}]"),
     "run_name": _check_run_name,
     "run_id": _expect(uuid.UUID, "a uuid.UUID"),
-    "max_concurrency": _check_max_concurrency,
+    "max_concurrency": _check_positive,
+    # langchain_core's other keys (R8), checked and then ignored: the toys have no
+    # configurable fields and no recursion of their own to limit
+    "recursion_limit": _check_positive,
+    "configurable": _check_configurable,
 }
 _NO_CONFIG: Final[dict[str, Any]] = {}
 

@@ -425,8 +425,9 @@ def test_events_a_handler_need_not_subclass_the_base() -> None:
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"callback": []}, "unknown config key 'callback' (str); valid keys are: callbacks, max_concurrency, metadata, run_id, run_name, tags"),
-        ({"configurable": {}}, "unknown config key 'configurable' (str)"),
+        ({"callback": []}, "unknown config key 'callback' (str); valid keys are: callbacks, configurable, max_concurrency, metadata, recursion_limit, run_id, run_name, tags"),
+        ({"configurable": [1]}, "config['configurable'] must be a dict with string keys, got a list"),
+        ({"recursion_limit": "25"}, "config['recursion_limit'] must be a positive int, got '25' (str)"),
         ({"tags": "one"}, "config['tags'] must be a list of strings, got 'one' (str)"),
         ({"tags": ["a", 1]}, "config['tags'][1] must be a string, got 1 (int)"),
         ({"tags": {"a": 1}}, "config['tags'] must be a list of strings, got a dict"),
@@ -457,6 +458,74 @@ def test_config_unknown_key_or_wrong_type_is_a_type_error(config: Any, message: 
         with pytest.raises(TypeError) as info:
             call()
         assert str(info.value).startswith(message)
+
+
+def test_R8_every_key_of_langchains_config_is_taken_and_the_ignored_ones_change_nothing() -> None:
+    """langchain_core 1.7's eight keys, as its ``ensure_config`` fills them: the call runs as it
+    would without ``recursion_limit`` and ``configurable``, which the toys ignore."""
+    full: Any = {
+        "tags": ["t"],
+        "metadata": {"m": 1},
+        "callbacks": None,
+        "run_name": "named",
+        "max_concurrency": 2,
+        "recursion_limit": 25,
+        "configurable": {"session": "s1"},
+        "run_id": None,
+    }
+    traces = []
+    for config in (
+        full,
+        {k: v for k, v in full.items() if k not in {"recursion_limit", "configurable"}},
+    ):
+        rec = Recorder()
+        chain = Chain(Lambda(_ident, name="a"), LLM("x", name="llm"))
+        given: Any = {**config, "callbacks": [rec]}
+        with sequential_run_ids():
+            assert chain.invoke("q", given) == "x"
+            assert chain.batch(["q", "r"], given) == ["x", "x"]
+        traces.append(_trace(rec))
+    assert traces[0] == traces[1] and len(traces[0]) == 18
+    with pytest.raises(
+        ValueError, match=r"config\['recursion_limit'\] must be a positive int, got 0"
+    ):
+        Lambda(_ident).invoke(1, {"recursion_limit": 0})
+
+
+def test_R8_a_manager_with_langchains_fields_as_callbacks_continues_its_tree() -> None:
+    """Any object with a manager's seven fields (as langchain_core's child manager, which a
+    LangChain runnable puts in the config it passes on) is that manager: the run is its
+    child, with its handlers, tags and metadata, and hands on only the inheritable ones."""
+    rec, local = Recorder(), Recorder("local")
+    parent = _U(99)
+    foreign: Any = types.SimpleNamespace(
+        handlers=[rec, local],
+        inheritable_handlers=[rec],
+        parent_run_id=parent,
+        tags=["inherited", "own"],
+        inheritable_tags=["inherited"],
+        metadata={"k": 1, "own": 2},
+        inheritable_metadata={"k": 1},
+    )
+    chain = Chain(Lambda(_ident, name="a"), name="c")
+    with sequential_run_ids():
+        assert chain.invoke("q", {"callbacks": foreign}) == "q"
+    assert _trace(rec) == [
+        ("on_chain_start", 1, 99, ["inherited", "own"], {"k": 1, "own": 2}),
+        ("on_chain_start", 2, 1, ["inherited", "seq:step:1"], {"k": 1}),
+        ("on_chain_end", 2, 1, ["inherited", "seq:step:1"], None),
+        ("on_chain_end", 1, 99, ["inherited", "own"], None),
+    ]
+    assert local.events() == ["on_chain_start", "on_chain_end"]  # not inheritable
+    runs = CallbackManager.configure(foreign).on_chain_start({}, {})
+    assert (runs.parent_run_id, runs.handlers, runs.inheritable_handlers) == (
+        parent,
+        [rec, local],
+        [rec],
+    )
+    foreign.handlers = "not a list"
+    with pytest.raises(TypeError, match="handlers must be a list of handlers, got 'not a list'"):
+        chain.invoke("q", {"callbacks": foreign})
 
 
 def test_config_and_constructor_values_out_of_range_are_clear_errors() -> None:
@@ -7531,6 +7600,70 @@ def test_R5_langchain_core_usage_handler_counts_only_its_own_classes() -> None:
     ChatModel("hi you", name="chat").invoke("q", {"callbacks": [theirs, ours]})
     assert theirs.usage_metadata == {}
     assert ours.from_messages == [{"input_tokens": 2, "output_tokens": 2, "total_tokens": 4}]
+
+
+@pytest.mark.parametrize("mode", _LC_MODES)
+def test_R8_langchain_core_runnable_calling_a_toy_with_its_config_gets_one_tree(mode: str) -> None:
+    """A ``RunnableLambda`` that calls a toy chain with the config it was given (langchain_core's
+    child manager as ``callbacks``, its ``recursion_limit`` and ``configurable``): its tracer
+    sees the toy's runs as children of the lambda's, with the request tags, all complete."""
+    runnables = _lc_import("langchain_core.runnables")
+    run_collector = _lc_import("langchain_core.tracers.run_collector")
+
+    def toy() -> Runnable:
+        return Chain(Lambda(_ident, name="first"), ChatModel("hi you", name="chat"), name="toy")
+
+    def call(x: Any, config: Any) -> Any:
+        return toy().invoke(x, config)
+
+    async def acall(x: Any, config: Any) -> Any:
+        return await toy().ainvoke(x, config)
+
+    app = runnables.RunnableLambda(call, afunc=acall, name="app")
+    collector = run_collector.RunCollectorCallbackHandler()
+    config = runnables.ensure_config({"callbacks": [collector], "tags": ["t"]})
+    assert set(config) >= {"recursion_limit", "configurable"}
+    _lc_drive(app, config, mode)
+
+    def tree(run: Any) -> tuple[Any, ...]:
+        kids = tuple(tree(child) for child in run.child_runs)
+        return (run.name, sorted(run.tags), run.end_time is not None and run.error is None, kids)
+
+    assert [tree(run) for run in collector.traced_runs] == [
+        ("app", ["t"], True, (
+            ("toy", ["t"], True, (
+                ("first", ["seq:step:1", "t"], True, ()),
+                ("chat", ["seq:step:2", "t"], True, ()),
+            )),
+        )),
+    ]  # fmt: skip
+
+
+def test_R8_langchain_core_astream_events_reports_a_toys_runs() -> None:
+    """``astream_events`` on a LangChain runnable that calls a toy with its config: the toy's
+    runs are among the events, nested, in order, the chat model as a chat model."""
+    runnables = _lc_import("langchain_core.runnables")
+
+    async def call(x: Any, config: Any) -> Any:
+        toy = Chain(Lambda(_ident, name="first"), ChatModel("hi you", name="chat"), name="toy")
+        return await toy.ainvoke(x, config)
+
+    async def main() -> list[tuple[str, str, int]]:
+        app = runnables.RunnableLambda(call, name="app")
+        events = [e async for e in app.astream_events("q", version="v2")]
+        return [(e["event"], e["name"], len(e["parent_ids"])) for e in events]
+
+    assert asyncio.run(main()) == [
+        ("on_chain_start", "app", 0),
+        ("on_chain_start", "toy", 1),
+        ("on_chain_start", "first", 2),
+        ("on_chain_end", "first", 2),
+        ("on_chat_model_start", "chat", 2),
+        ("on_chat_model_end", "chat", 2),
+        ("on_chain_end", "toy", 1),
+        ("on_chain_stream", "app", 0),
+        ("on_chain_end", "app", 0),
+    ]
 
 
 def test_X1_langchain_core_a_reused_run_id_is_caught() -> None:
