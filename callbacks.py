@@ -95,7 +95,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, fields
 from typing import (
     TYPE_CHECKING,
@@ -2290,6 +2290,190 @@ def _scope(run: _Run, limit: int | None) -> contextvars.Context:
     return context
 
 
+# Streaming through a chain (R7). Under ``stream()`` a chain's steps form a pipeline, as in
+# LangChain: each step reads the one before it as it streams (`_Upstream`). A step that
+# pipelines (`Lambda`, `Chain`, `Parallel`: ``_pipelines``) starts its run as soon as the
+# first chunk of its input is there, before the step before it ends; its start event then
+# carries LangChain's placeholder input, ``{"input": ""}``, and its end event the whole input
+# as ``inputs=``. Any other step (a model, a tool, a retriever) reads its whole input first,
+# then starts. A step's whole input is the step before's output (its run's), not a sum of
+# chunks. The async twin, `_AUpstream`, reads an async generator, whose output is put in a list.
+_NOTHING: Final = object()  # no chunk read ahead yet; no output yet
+
+
+@final
+class _Upstream:
+    """The step before, as the next step of a streamed chain reads it (R7).
+
+    `take` gives its next chunk, or `_NOTHING` once it has ended, its output then in ``value``;
+    `peek` runs it up to its first chunk and keeps that for `take`; `whole` reads it to its end
+    and gives its output. No generator of its own: the step before is closed by its owner.
+    """
+
+    __slots__ = ("_chunks", "_first", "value")
+
+    def __init__(self, chunks: Generator[Any, None, Any]) -> None:
+        self._chunks, self._first, self.value = chunks, _NOTHING, _NOTHING
+
+    def take(self) -> Any:
+        if self._first is not _NOTHING:
+            first, self._first = self._first, _NOTHING
+            return first
+        if self.value is not _NOTHING:
+            return _NOTHING
+        try:
+            return next(self._chunks)
+        except StopIteration as stop:
+            self.value = stop.value
+            return _NOTHING
+
+    def peek(self) -> None:
+        if self._first is _NOTHING:
+            self._first = self.take()
+
+    def whole(self) -> Any:
+        while self.take() is not _NOTHING:
+            pass
+        return self.value
+
+
+@final
+class _AUpstream:
+    """`_Upstream` for ``astream()``: the step before is an async generator that puts its
+    output in ``output`` once it has yielded its last chunk."""
+
+    __slots__ = ("_chunks", "_first", "_output")
+
+    def __init__(self, chunks: AsyncGenerator[Any, None], output: list[Any]) -> None:
+        self._chunks, self._first, self._output = chunks, _NOTHING, output
+
+    @property
+    def value(self) -> Any:
+        return self._output[-1] if self._output else _NOTHING
+
+    async def take(self) -> Any:
+        if self._first is not _NOTHING:
+            first, self._first = self._first, _NOTHING
+            return first
+        if self._output:
+            return _NOTHING
+        return await anext(self._chunks, _NOTHING)
+
+    async def peek(self) -> None:
+        if self._first is _NOTHING:
+            self._first = await self.take()
+
+    async def whole(self) -> Any:
+        while await self.take() is not _NOTHING:
+            pass
+        return self._output[-1]
+
+
+@final
+class _Tee:
+    """One `_Upstream` read by every branch of a `Parallel`, each at its own pace in its own
+    thread (R7): a chunk is read once, under a lock, and kept for the branches yet to read it;
+    a failure to read one is every branch's. The `Parallel` closes the branches' readers."""
+
+    __slots__ = ("_chunks", "_failure", "_lock", "_upstream")
+
+    def __init__(self, upstream: _Upstream) -> None:
+        self._upstream, self._chunks = upstream, list[Any]()
+        self._failure: BaseException | None = None
+        self._lock = threading.Lock()
+
+    def branch(self) -> _Upstream:
+        return _Upstream(self._read())
+
+    def _read(self) -> Generator[Any, None, Any]:
+        i = 0
+        while True:
+            with self._lock:
+                if i == len(self._chunks):
+                    if self._failure is not None:
+                        raise self._failure
+                    try:
+                        chunk = self._upstream.take()
+                    except BaseException as error:
+                        self._failure = error
+                        raise
+                    if chunk is _NOTHING:
+                        return self._upstream.value
+                    self._chunks.append(chunk)
+                chunk = self._chunks[i]
+            yield chunk
+            i += 1
+
+
+@final
+class _ATee:
+    """`_Tee` for ``astream()``: the branches are tasks on one loop."""
+
+    __slots__ = ("_chunks", "_failure", "_lock", "_upstream")
+
+    def __init__(self, upstream: _AUpstream) -> None:
+        self._upstream, self._chunks = upstream, list[Any]()
+        self._failure: BaseException | None = None
+        self._lock = asyncio.Lock()
+
+    def branch(self) -> _AUpstream:
+        return _AUpstream(self._read(), self._upstream._output)
+
+    async def _read(self) -> AsyncGenerator[Any, None]:
+        i = 0
+        while True:
+            async with self._lock:
+                if i == len(self._chunks):
+                    if self._failure is not None:
+                        raise self._failure
+                    try:
+                        chunk = await self._upstream.take()
+                    except BaseException as error:
+                        self._failure = error
+                        raise
+                    if chunk is _NOTHING:
+                        return
+                    self._chunks.append(chunk)
+                chunk = self._chunks[i]
+            yield chunk
+            i += 1
+
+
+def _advance(stream: Generator[Any, None, Any]) -> tuple[Any, bool]:
+    """``(next chunk, False)``, or ``(output, True)`` once ``stream`` has ended."""
+    try:
+        return next(stream), False
+    except StopIteration as stop:
+        return stop.value, True
+
+
+def _close_all(streams: list[Generator[Any, None, Any]]) -> None:
+    """Close each of ``streams`` in turn, so that the runs each left open close (D3). A failure
+    to close one, or an interrupt meanwhile, is held until all are closed, then raised
+    (`_keep`); closing one twice changes nothing, so an interrupt makes no stream skipped."""
+    held: BaseException | None = None
+    while streams:
+        try:
+            while streams:
+                streams[0].close()
+                del streams[0]
+        except BaseException as error:
+            held = _keep(held, error)
+    if held is not None:
+        raise held
+
+
+def _add(total: Any, chunk: Any) -> Any:
+    """A generator's output so far, with one more chunk: ``total + chunk``, or the chunk where
+    they do not add (LangChain's rule)."""
+    if total is _NOTHING:
+        return chunk
+    try:
+        return total + chunk
+    except TypeError:
+        return chunk
+
+
 class _Step:
     """Hands what a coroutine yielded (a future, or None) up to the task that runs us."""
 
@@ -2350,6 +2534,7 @@ class Runnable:
 
     _run_type: ClassVar[str] = "chain"
     _leaf: ClassVar[bool] = False  # a leaf's body starts no runs, so it sets no context
+    _pipelines: ClassVar[bool] = False  # streamed into, starts at the first chunk (R7)
 
     def __init__(
         self,
@@ -2647,14 +2832,21 @@ class Runnable:
     def _stream(
         self, input: Any, config: Mapping[str, Any], parent: _Manager | None
     ) -> Generator[Any, None, Any]:
+        fed = type(input) is _Upstream  # R7: the step before streams into this one
+        if fed:
+            if self._pipelines:
+                input.peek()  # this run starts once the first chunk is there
+            else:
+                input, fed = input.whole(), False
         run, body = self._begin(config, parent), None
         try:
             if run._handlers:
-                run._open(*self._start_event(input, config))
+                run._open(*self._start_event({"input": ""} if fed else input, config))
             body = self._stream_body(input, run, self._limit(config))
             output = yield from body
             if run._listeners or run._orphans:
-                run._finish(_END[run._family], (self._end_payload(input, output),), _NO_EXTRA)
+                extra = {"inputs": input.value} if fed else _NO_EXTRA
+                run._finish(_END[run._family], (self._end_payload(input, output),), extra)
         except BaseException as error:  # includes GeneratorExit from an early close (D3)
             failure = error
             if body is not None:  # an interrupt raised here, not in the body, leaves it open
@@ -2676,18 +2868,24 @@ class Runnable:
         self, input: Any, config: Mapping[str, Any], parent: _Manager | None, out: list[Any]
     ) -> AsyncGenerator[Any, None]:
         """`_stream` for asyncio; the final output is appended to ``out``."""
+        fed = type(input) is _AUpstream  # R7, as in `_stream`
+        if fed:
+            if self._pipelines:
+                await input.peek()
+            else:
+                input, fed = await input.whole(), False
         run, body = self._abegin(config, parent), None
         inner: list[Any] = []
         try:
             if run._handlers:
-                await run._aopen(*self._start_event(input, config))
+                await run._aopen(*self._start_event({"input": ""} if fed else input, config))
             body = self._astream_body(input, run, self._limit(config), inner)
             async for chunk in body:
                 yield chunk
             if run._listeners or run._orphans:
-                await run._afinish(
-                    _END[run._family], (self._end_payload(input, inner[-1]),), _NO_EXTRA
-                )
+                extra = {"inputs": input.value} if fed else _NO_EXTRA
+                payload = self._end_payload(input, inner[-1])
+                await run._afinish(_END[run._family], (payload,), extra)
         except BaseException as error:  # GeneratorExit from aclose() too (D3)
             failure = error
             if body is not None:
@@ -2745,14 +2943,27 @@ class Lambda(Runnable):
     ``{"callbacks": <child manager>}``: pass it on to continue the run tree explicitly.
     Runnables invoked inside ``func`` without a config are children of this run anyway (S10).
     The default name is the function's ``__name__``, or ``"Lambda"`` for a lambda (R4).
+
+    A generator function streams (R7): under ``stream()`` each chunk it yields is yielded as it
+    comes; its output is its chunks added up with ``+`` (where they do not add, the last one),
+    as LangChain's. Streamed into by the step before, a Lambda starts at the first chunk and
+    then reads the whole input before calling ``func``.
     """
+
+    _pipelines: ClassVar[bool] = True
 
     def __init__(self, func: Callable[..., Any], **options: Unpack[_Options]) -> None:
         super().__init__(**options)
         if not callable(func):
             raise TypeError(f"Lambda expects a function, got {_brief(func)}")
+        if inspect.isasyncgenfunction(func):
+            raise TypeError(
+                f"Lambda takes a function, a coroutine function or a generator function, "
+                f"not an async generator function: got {_brief(func)}"
+            )
         self.func = func
         self._is_async = inspect.iscoroutinefunction(func)
+        self._is_generator = inspect.isgeneratorfunction(func)
         try:
             self._takes_config = "config" in inspect.signature(func).parameters
         except (TypeError, ValueError):  # some builtins have no signature
@@ -2762,7 +2973,8 @@ class Lambda(Runnable):
         return _function_name(self.func, type(self).__name__)
 
     def _run(self, input: Any, run: _Run, drive: bool = True) -> Any:
-        """Call ``func``; with ``drive``, run an async one to completion (D6's loop rules)."""
+        """Call ``func``; with ``drive``, run an async one to completion (D6's loop rules),
+        and add up a generator's chunks."""
         try:
             if self._takes_config:
                 result = self.func(input, {"callbacks": run.get_child()})
@@ -2770,7 +2982,53 @@ class Lambda(Runnable):
                 result = self.func(input)
         except (StopIteration, StopAsyncIteration) as stop:  # the same error in every mode (D8)
             raise _raisable(stop, f"the function of {self!r}")  # noqa: B904 (it is chained)
+        if self._is_generator and drive:
+            total = _NOTHING
+            for chunk in result:
+                total = _add(total, chunk)
+            return None if total is _NOTHING else total
         return _run_coroutine(result) if drive and self._is_async else result
+
+    def _stream_body(self, input: Any, run: _Run, limit: int | None) -> Generator[Any, None, Any]:
+        if type(input) is _Upstream:
+            input = input.whole()  # R7: the whole input, then the call
+        if not self._is_generator:
+            output = self._in_scope(run, limit, self._run, input)
+            yield output
+            return output
+        context = _scope(run, limit)  # each chunk is made in the run's context (S10)
+        chunks, total = context.run(self._run, input, run, False), _NOTHING
+        try:
+            while (chunk := context.run(next, chunks, _NOTHING)) is not _NOTHING:
+                yield chunk
+                total = _add(total, chunk)
+        finally:
+            chunks.close()  # an early close reaches the function too
+        return None if total is _NOTHING else total
+
+    async def _astream_body(
+        self, input: Any, run: AsyncRunManager, limit: int | None, out: list[Any]
+    ) -> AsyncGenerator[Any, None]:
+        if type(input) is _AUpstream:
+            input = await input.whole()
+        if not self._is_generator:
+            out.append(await self._ain_scope(run, limit, self._arun, input))
+            yield out[-1]
+            return
+        context = _scope(run, limit)  # as under `stream`, each chunk made in a worker thread
+        chunks, total = context.run(self._run, input, run, False), _NOTHING
+        try:
+            while True:
+                chunk, error = await _in_thread(context.run, next, chunks, _NOTHING)
+                if error is not None:
+                    raise error
+                if chunk is _NOTHING:
+                    break
+                yield chunk
+                total = _add(total, chunk)
+        finally:
+            chunks.close()
+        out.append(None if total is _NOTHING else total)
 
     def _arun(self, input: Any, run: AsyncRunManager) -> Coroutine[Any, Any, Any]:
         """The body as a coroutine: an async ``func``'s own (no frame of ours in between, so
@@ -2786,9 +3044,15 @@ class Chain(Runnable):
 
     Steps may be runnables, functions (wrapped in `Lambda`) or dicts (wrapped in `Parallel`).
     A plain nested `Chain` (no name, callbacks, tags, metadata or binding) is spliced into its
-    parent, so ``a | b | c`` is one chain of three steps. ``stream`` runs all steps but the
-    last, then streams the last.
+    parent, so ``a | b | c`` is one chain of three steps.
+
+    ``stream`` streams every step into the next (R7): the steps form a pipeline, a model
+    anywhere in it fires its tokens as it makes them, and the chain yields the last step's
+    chunks. A step that pipelines starts at the first chunk of the step before, so before that
+    step ends; the others start once it has ended.
     """
+
+    _pipelines: ClassVar[bool] = True
 
     def __init__(self, *steps: Any, **options: Unpack[_Options]) -> None:
         super().__init__(**options)
@@ -2806,42 +3070,46 @@ class Chain(Runnable):
     def _is_plain(self) -> bool:
         return not (self.name or self.callbacks or self.tags or self.metadata or self._bound)
 
-    def _run(self, input: Any, run: _Run, steps: int | None = None) -> Any:
-        for step, tag in self._steps[:steps]:
+    def _run(self, input: Any, run: _Run) -> Any:
+        for step, tag in self._steps:
             input = step._invoke(input, _NO_CONFIG, run._child(tag, CallbackManager))
         return input
 
-    async def _arun(self, input: Any, run: AsyncRunManager, steps: int | None = None) -> Any:
-        for step, tag in self._steps[:steps]:
+    async def _arun(self, input: Any, run: AsyncRunManager) -> Any:
+        for step, tag in self._steps:
             input = await step._ainvoke(input, _NO_CONFIG, run._child(tag, CallbackManager))
         return input
 
     def _stream_body(self, input: Any, run: _Run, limit: int | None) -> Generator[Any, None, Any]:
-        value = self._in_scope(run, limit, lambda x, r: self._run(x, r, -1), input)
         limit = limit or _MAX_CONCURRENCY.get()  # this generator holds no context across yields
-        last = self.steps[-1]._stream(value, self._limit_config(limit), self._last_child(run))
+        config = {"max_concurrency": limit} if limit else _NO_CONFIG
+        streams: list[Generator[Any, None, Any]] = []
         try:
-            return (yield from last)
-        finally:
-            last.close()  # if an interrupt landed here, not in it: its runs close first (D3)
+            for step, tag in self._steps:  # each step reads the one before as it streams (R7)
+                streams.append(step._stream(input, config, run._child(tag, CallbackManager)))
+                input = _Upstream(streams[-1])
+            return (yield from streams[-1])
+        finally:  # a step left open (the consumer stopped, a later step failed) closes (D3)
+            _close_all(streams[::-1])
 
     async def _astream_body(
         self, input: Any, run: AsyncRunManager, limit: int | None, out: list[Any]
     ) -> AsyncGenerator[Any, None]:
-        value = await self._ain_scope(run, limit, lambda x, r: self._arun(x, r, -1), input)
         limit = limit or _MAX_CONCURRENCY.get()
-        last = self.steps[-1]._astream(value, self._limit_config(limit), self._last_child(run), out)
+        config = {"max_concurrency": limit} if limit else _NO_CONFIG
+        streams: list[AsyncGenerator[Any, None]] = []
         try:
-            async for chunk in last:
+            for step, tag in self._steps:
+                output: list[Any] = []
+                manager = run._child(tag, CallbackManager)
+                streams.append(step._astream(input, config, manager, output))
+                input = _AUpstream(streams[-1], output)
+            async for chunk in streams[-1]:
                 yield chunk
+            out.append(output[-1])
         finally:
-            await last.aclose()  # an early close reaches the innermost run first (D3)
-
-    def _limit_config(self, limit: int | None) -> Mapping[str, Any]:
-        return {"max_concurrency": limit} if limit else _NO_CONFIG
-
-    def _last_child(self, run: _Run) -> CallbackManager:
-        return run._child(self._steps[-1][1], CallbackManager)
+            for stream in reversed(streams):
+                await stream.aclose()
 
 
 class Parallel(Runnable):
@@ -2851,7 +3119,14 @@ class Parallel(Runnable):
     ``map:key:<key>`` and runs in a copy of the context (S11); at most ``max_concurrency``
     branches run at once (1 makes the order that of the keys). If branches fail, the first in
     key order is raised once all have finished.
+
+    ``stream`` streams every branch at once (each in a worker thread, or as a task) and yields
+    ``{key: chunk}`` for each chunk a branch makes, as it comes (R7); a branch's failure is
+    raised as under ``invoke``, once the others have finished. Streamed into by the step
+    before, it starts at the first chunk, and each branch reads the input as it streams.
     """
+
+    _pipelines: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -2890,6 +3165,90 @@ class Parallel(Runnable):
         calls = [functools.partial(s._ainvoke, input, _NO_CONFIG, m) for _, s, m in branches]
         outputs = await _agather(calls, _MAX_CONCURRENCY.get(), False)
         return {key: output for (key, _, _), output in zip(branches, outputs, strict=True)}
+
+    def _stream_body(self, input: Any, run: _Run, limit: int | None) -> Generator[Any, None, Any]:
+        tee = _Tee(input) if type(input) is _Upstream else None  # each branch reads it (R7)
+        limit = limit or _MAX_CONCURRENCY.get()
+        config = {"max_concurrency": limit} if limit else _NO_CONFIG
+        # Each branch is a stream advanced one chunk at a time in a worker thread, in a copy
+        # of the context of its own (S11); a chunk is handed on as soon as any branch has one.
+        # At most ``limit`` branches make a chunk at once; the others wait their turn, first
+        # come first served (so 1 makes the order of chunks that of the keys, round after round).
+        inputs = {key: tee.branch() if tee else input for key in self.steps}
+        streams = {k: s._stream(inputs[k], config, m) for k, s, m in self._branches(run)}
+        contexts = {key: contextvars.copy_context() for key in streams}
+        outcomes: dict[str, tuple[Any, BaseException | None]] = {}
+        pool = ThreadPoolExecutor(max_workers=min(len(streams), limit or 32))
+        waiting, pending = list(streams), dict[concurrent.futures.Future[Any], str]()
+        try:
+            while waiting or pending:
+                while waiting and len(pending) < (limit or len(streams)):
+                    key = waiting.pop(0)
+                    pending[pool.submit(contexts[key].run, _attempt, _advance, streams[key])] = key
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in sorted(done, key=lambda f: list(streams).index(pending[f])):
+                    key = pending.pop(future)
+                    advanced, error = future.result()
+                    if error is not None:  # the branch failed: its run is closed
+                        outcomes[key] = (None, error)
+                    elif advanced[1]:  # it ended: this is its output
+                        outcomes[key] = (advanced[0], None)
+                    else:
+                        yield {key: advanced[0]}
+                        waiting.append(key)
+        finally:  # a branch being advanced finishes its chunk; then every one is closed (D3)
+            pool.shutdown(cancel_futures=True)
+            readers = [i._chunks for i in inputs.values() if type(i) is _Upstream]
+            _close_all([*streams.values(), *readers])
+        outputs = _collect([outcomes[key] for key in streams], False)
+        return dict(zip(streams, outputs, strict=True))
+
+    async def _astream_body(
+        self, input: Any, run: AsyncRunManager, limit: int | None, out: list[Any]
+    ) -> AsyncGenerator[Any, None]:
+        tee = _ATee(input) if type(input) is _AUpstream else None
+        limit = limit or _MAX_CONCURRENCY.get()
+        config = {"max_concurrency": limit} if limit else _NO_CONFIG
+        outputs: dict[str, list[Any]] = {key: [] for key in self.steps}
+        inputs = {key: tee.branch() if tee else input for key in self.steps}
+        streams = {
+            k: s._astream(inputs[k], config, m, outputs[k]) for k, s, m in self._branches(run)
+        }
+        loop = asyncio.get_running_loop()
+        # As the threads of a pool: at most ``limit`` branches make a chunk at once, the
+        # others wait their turn, first come first served.
+        waiting = list(streams)
+        pending: dict[asyncio.Future[Any], str] = {}
+        outcomes: dict[str, tuple[Any, BaseException | None]] = {}
+        try:
+            while waiting or pending:
+                while waiting and len(pending) < (limit or len(streams)):
+                    key = waiting.pop(0)
+                    pending[_task(loop, _outcome(anext(streams[key], _NOTHING)))] = key
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in sorted(done, key=lambda t: list(streams).index(pending[t])):
+                    key = pending.pop(task)
+                    chunk, error = task.result()
+                    if error is not None:  # the branch failed: its run is closed
+                        outcomes[key] = (None, error)
+                    elif chunk is _NOTHING:
+                        outcomes[key] = (outputs[key][-1], None)
+                    else:
+                        yield {key: chunk}
+                        waiting.append(key)
+            outputs_in_order = _collect([outcomes[key] for key in streams], False)
+            out.append(dict(zip(streams, outputs_in_order, strict=True)))
+        finally:  # as under `stream`: a branch being advanced is cancelled, waited for, closed
+            for task in pending:
+                task.cancel()
+            cancelled = await _complete(list(pending)) if pending else None
+            for stream in streams.values():
+                await stream.aclose()
+            for reader in inputs.values():
+                if type(reader) is _AUpstream:
+                    await reader._chunks.aclose()
+            if cancelled is not None:
+                raise cancelled
 
 
 def _check_error(error: BaseException | None) -> BaseException | None:

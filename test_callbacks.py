@@ -838,11 +838,11 @@ def test_D3_stream_closed_early_errors_innermost_first() -> None:
     assert _trace(rec) == [
         ("on_chain_start", 1, None, [], {}),
         ("on_chain_start", 2, 1, ["seq:step:1"], {}),
-        ("on_chain_end", 2, 1, ["seq:step:1"], None),
-        ("on_chain_start", 3, 1, ["seq:step:2"], {}),
+        ("on_chain_start", 3, 1, ["seq:step:2"], {}),  # at a's first chunk (R7)
         ("on_chain_start", 4, 3, ["seq:step:1"], {}),
+        ("on_chain_end", 2, 1, ["seq:step:1"], None),
         ("on_chain_end", 4, 3, ["seq:step:1"], None),
-        ("on_llm_start", 5, 3, ["seq:step:2"], {}),
+        ("on_llm_start", 5, 3, ["seq:step:2"], {}),  # a model reads its whole input first
         ("on_llm_new_token", 5, 3, ["seq:step:2"], None),
         ("on_llm_error", 5, 3, ["seq:step:2"], None),
         ("on_chain_error", 3, 1, ["seq:step:2"], None),
@@ -2699,6 +2699,238 @@ def test_R5_langchain_style_token_handler_runs() -> None:
     assert handler.tokens == ["a ", "b ", "c", "d ", "e"]
 
 
+def _flow(rec: Recorder) -> list[str]:
+    """A recorder's events in short: ``+name`` a start, ``-name`` an end, ``!name`` an error,
+    ``~name:token`` a token (names from the start events)."""
+    names = {
+        r.run_id: r.kwargs.get("name") or (r.args[0] or {}).get("name")  # langchain_core: None
+        for r in rec.records
+        if r.event.phase == "start"
+    }
+    marks = {"start": "+", "end": "-", "error": "!"}
+    flow = []
+    for r in rec.records:
+        name = names[r.run_id]
+        if r.event is Event.LLM_NEW_TOKEN:
+            flow.append(f"~{name}:{r.args[0]}")
+        elif r.event.phase in marks:
+            flow.append(f"{marks[r.event.phase]}{name}")
+    return flow
+
+
+def _streamed(runnable: Runnable, config: RunnableConfig, mode: str) -> list[Any]:
+    """The chunks of ``runnable.stream`` or ``astream`` (``mode``) on "q"."""
+    if mode == "stream":
+        return list(runnable.stream("q", config))
+
+    async def main() -> list[Any]:
+        return [chunk async for chunk in runnable.astream("q", config)]
+
+    return asyncio.run(main())
+
+
+def _words(text: Any) -> Generator[str, None, None]:
+    """A generator function for a `Lambda`: the input's words, one chunk each."""
+    yield from _TOKEN_WORDS.findall(text.content if hasattr(text, "content") else str(text))
+
+
+_TOKEN_WORDS = re.compile(r"\S+\s*")
+
+
+@pytest.mark.parametrize("mode", ["stream", "astream"])
+def test_R7_a_model_anywhere_in_a_streamed_chain_fires_its_tokens(mode: str) -> None:
+    """``prompt | model | parser``: the model is not the last step, and streams all the same;
+    the chain yields the last step's chunk."""
+    rec = Recorder()
+    chain = Chain(
+        Lambda(_ident, name="prompt"),
+        ChatModel("a b c", name="model"),
+        Lambda(lambda message: message.content.upper(), name="parser"),
+        name="chain",
+    )
+    assert _streamed(chain, {"callbacks": [rec]}, mode) == ["A B C"]
+    assert _flow(rec) == [
+        "+chain", "+prompt", "-prompt", "+model", "~model:a ", "+parser", "~model:b ",
+        "~model:c", "-model", "-parser", "-chain",
+    ]  # fmt: skip
+
+
+_PIPELINE_FLOW = [
+    "+seq", "+lamA", "-lamA", "+llm1", "~llm1:a ", "+lamB", "~llm1:b ", "~llm1:c", "-llm1",
+    "+genC", "-lamB", "-genC", "+chat2", "~chat2:x ", "+lamD", "~chat2:y", "-chat2", "-lamD",
+    "-seq",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["stream", "astream"])
+def test_R7_streamed_steps_form_a_pipeline_in_langchains_order(mode: str) -> None:
+    """A step that pipelines (a `Lambda`, a generator `Lambda`, a `Chain`, a `Parallel`) starts
+    at the first chunk of the step before, so before that step ends; a model reads its whole
+    input first. The order langchain_core gives the same chain (its ``RunnableLambda`` and
+    models that stream word by word, as the toys do)."""
+    rec = Recorder()
+    chain = Chain(
+        Lambda(_ident, name="lamA"),
+        LLM("a b c", name="llm1"),
+        Lambda(_ident, name="lamB"),
+        Lambda(_words, name="genC"),
+        ChatModel("x y", name="chat2"),
+        Lambda(lambda message: message.content, name="lamD"),
+        name="seq",
+    )
+    assert _streamed(chain, {"callbacks": [rec]}, mode) == ["x y"]
+    assert _flow(rec) == _PIPELINE_FLOW  # also langchain_core's: see the portability section
+    starts = [r for r in rec.records if r.event.phase == "start"]
+    ends = {r.run_id: r for r in rec.records if r.event.phase == "end"}
+    fed = [r.kwargs["name"] for r in starts if r.args[1] == {"input": ""}]
+    assert fed == ["lamB", "genC", "lamD"]  # started before their input was whole
+    assert [ends[r.run_id].kwargs["inputs"] for r in starts if r.kwargs["name"] in fed] == [
+        "a b c", "a b c", AIMessage("x y")
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["stream", "astream"])
+def test_R7_D3_a_step_after_a_model_failing_mid_stream_has_started_and_closes_with_the_error(
+    mode: str,
+) -> None:
+    rec, checker = Recorder(), TraceChecker(strict=True)
+    chain = Chain(
+        LLM("a b c", name="llm", error=ValueError("cut")),
+        Lambda(_ident, name="after"),
+        name="seq",
+    )
+    with pytest.raises(ValueError, match="cut") as info:
+        _streamed(chain, {"callbacks": [rec, checker]}, mode)
+    assert _flow(rec) == ["+seq", "+llm", "~llm:a ", "+after", "!llm", "!after", "!seq"]
+    assert all(error is info.value for error in _errors(rec))  # R1: the one that left
+    checker.check()
+
+
+@pytest.mark.parametrize("mode", ["stream", "astream"])
+def test_R7_a_parallel_yields_one_key_chunk_per_branch_chunk(mode: str) -> None:
+    """One ``{key: chunk}`` per chunk of a branch, as it comes; ``max_concurrency=1`` makes
+    the branches take turns in key order. Streamed into, a `Parallel` starts at the first chunk,
+    and so does each branch that pipelines; the run's output is every branch's output."""
+    rec = Recorder()
+    fan = Parallel(a=LLM("one two", name="l"), b=ChatModel("x y", name="c"), name="fan")
+    chunks = _streamed(fan, {"callbacks": [rec], "max_concurrency": 1}, mode)
+    assert chunks == [{"a": "one "}, {"b": AIMessage("x ")}, {"a": "two"}, {"b": AIMessage("y")}]
+    (end,) = [r for r in rec.records if r.kwargs.get("name") is None and r.event is Event.CHAIN_END]
+    assert end.args[0] == {"a": "one two", "b": AIMessage("x y")}
+    rec = Recorder()
+    fed = Chain(
+        LLM("a b", name="llm"),
+        Parallel(p=Lambda(_ident, name="lamP"), q=ChatModel("z", name="chatP"), name="fan"),
+        name="seq",
+    )
+    assert _merged(_streamed(fed, {"callbacks": [rec], "max_concurrency": 1}, mode)) == {
+        "p": "a b",
+        "q": AIMessage("z"),
+    }
+    assert _flow(rec) == [
+        "+seq",
+        "+llm",
+        "~llm:a ",
+        "+fan",
+        "+lamP",
+        "~llm:b",
+        "-llm",
+        "+chatP",
+        "~chatP:z",
+        "-lamP",
+        "-chatP",
+        "-fan",
+        "-seq",
+    ]  # fmt: skip (the branches take turns, a chunk each: lamP ends at its second turn)
+
+
+@pytest.mark.parametrize("mode", ["stream", "astream"])
+def test_R7_D3_a_failure_of_the_step_before_a_parallel_reaches_every_branch(mode: str) -> None:
+    """Each branch reads the streamed input at its own pace: a failure to read it (the model
+    before fails after its first token) is every branch's, and every run closes with it."""
+    rec, checker = Recorder(), TraceChecker(strict=True)
+    chain = Chain(
+        LLM("a b", name="llm", error=ValueError("cut")),
+        Parallel(p=Lambda(_ident, name="p"), q=Lambda(_ident, name="q"), name="fan"),
+        name="seq",
+    )
+    config: RunnableConfig = {"callbacks": [rec, checker], "max_concurrency": 1}
+    with pytest.raises(ValueError, match="cut") as info:
+        _streamed(chain, config, mode)
+    assert _flow(rec) == ["+seq", "+llm", "~llm:a ", "+fan", "+p", "!llm", "!p", "+q", "!q",
+                          "!fan", "!seq"]  # fmt: skip
+    assert all(error is info.value for error in _errors(rec))
+    checker.check()
+
+
+@pytest.mark.parametrize("mode", ["stream", "astream"])
+def test_R7_D3_closing_a_parallel_stream_early_closes_every_branch(mode: str) -> None:
+    """The consumer stops after the first chunk while the other branch is making one: that
+    branch finishes its chunk (a thread cannot be stopped) or is cancelled (a task), then
+    every branch's run that started closes, before the parallel's own."""
+    rec, checker = Recorder(), TraceChecker(strict=True)
+    fan = Parallel(a=LLM("1 2 3", name="a"), b=LLM("4 5 6", name="b"), name="fan")
+    config: RunnableConfig = {"callbacks": [rec, checker]}
+    if mode == "stream":
+        stream: Any = fan.stream("q", config)  # a generator: it has close()
+        first = next(stream)
+        stream.close()
+    else:
+
+        async def main() -> Any:
+            stream: Any = fan.astream("q", config)
+            first = await anext(stream)
+            await stream.aclose()
+            return first
+
+        first = asyncio.run(main())
+    assert first in ({"a": "1 "}, {"b": "4 "})
+    checker.check()
+    flow = _flow(rec)  # a branch whose task had not begun when cancelled never started
+    started = [step[1:] for step in flow if step.startswith("+")]
+    closed = sorted(flow[-len(started) : -1])
+    assert flow[-1] == "!fan" and closed == sorted(f"!{name}" for name in started[1:])
+    closings = (GeneratorExit, asyncio.CancelledError)
+    assert all(isinstance(error, closings) for error in _errors(rec))
+
+
+def test_R7_a_generator_lambda_streams_its_chunks_and_returns_them_added_up() -> None:
+    """Under ``invoke`` its output is its chunks added with ``+`` (where they do not add, the
+    last one), as LangChain's; under ``stream`` each chunk is yielded as it comes. An async
+    generator function is refused (a `TypeError` naming it)."""
+    words = Lambda(_words, name="words")
+    assert words.invoke("a b c") == "a b c"
+    assert list(words.stream("a b c")) == ["a ", "b ", "c"]
+    assert asyncio.run(words.ainvoke("a b c")) == "a b c"
+
+    def dicts(x: Any) -> Generator[dict[str, int], None, None]:
+        yield {"a": 1}
+        yield {"b": 2}
+
+    assert Lambda(dicts).invoke(None) == {"b": 2}  # dicts do not add: the last one
+
+    def empty(x: Any) -> Generator[str, None, None]:
+        yield from ()
+
+    assert Lambda(empty).invoke(1) is None and list(Lambda(empty).stream(1)) == []
+
+    def broken(x: Any) -> Generator[str, None, None]:
+        yield "a"
+        raise ValueError("half")
+
+    async def drain() -> list[Any]:
+        return [chunk async for chunk in Lambda(broken).astream(1)]
+
+    with pytest.raises(ValueError, match="half"):
+        asyncio.run(drain())
+
+    async def agen(x: Any) -> AsyncGenerator[str, None]:
+        yield x
+
+    with pytest.raises(TypeError, match="not an async generator function: got <function"):
+        Lambda(agen)
+
+
 def test_R6_run_ids_are_uuids_fresh_for_children() -> None:
     rec = Recorder()
     chain = Chain(Lambda(_ident, name="a"), Lambda(_ident, name="b"), name="c")
@@ -4178,7 +4410,8 @@ def test_D3_an_interrupt_outranks_a_failure_of_closing_the_inner_runs(
 
     def interrupt(frame: types.FrameType, event: str, arg: Any) -> None:
         # the third resumption of the outer stream's frame: between two of its chunks
-        if event == "call" and frame.f_code is Runnable._stream.__code__:
+        code, runnable = frame.f_code, frame.f_locals.get("self")
+        if event == "call" and code is Runnable._stream.__code__ and runnable is chain:
             resumed.append(event)
             if len(resumed) == 3:
                 raise in_frame("in the frame")
@@ -4778,11 +5011,11 @@ def test_D3_astream_closed_early_errors_innermost_first() -> None:
         assert _trace(probe.recorder) == [
             ("on_chain_start", 1, None, [], {}),
             ("on_chain_start", 2, 1, ["seq:step:1"], {}),
-            ("on_chain_end", 2, 1, ["seq:step:1"], None),
-            ("on_chain_start", 3, 1, ["seq:step:2"], {}),
+            ("on_chain_start", 3, 1, ["seq:step:2"], {}),  # at a's first chunk (R7)
             ("on_chain_start", 4, 3, ["seq:step:1"], {}),
+            ("on_chain_end", 2, 1, ["seq:step:1"], None),
             ("on_chain_end", 4, 3, ["seq:step:1"], None),
-            ("on_llm_start", 5, 3, ["seq:step:2"], {}),
+            ("on_llm_start", 5, 3, ["seq:step:2"], {}),  # a model reads its whole input first
             ("on_llm_new_token", 5, 3, ["seq:step:2"], None),
             ("on_llm_error", 5, 3, ["seq:step:2"], None),
             ("on_chain_error", 3, 1, ["seq:step:2"], None),
@@ -6812,6 +7045,11 @@ class _Peak:
         return x
 
 
+def _merged(chunks: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """A `Parallel`'s streamed ``{key: chunk}`` dicts as one (each branch makes one chunk)."""
+    return functools.reduce(lambda merged, chunk: {**merged, **chunk}, chunks, {})
+
+
 def _streamed_fan(shape: str, fan: Parallel) -> Runnable:
     if shape == "parallel":
         return fan
@@ -6836,22 +7074,22 @@ def test_S3_R3_max_concurrency_bounds_the_branches_a_stream_runs(
     config: RunnableConfig = {"callbacks": [TraceChecker(strict=True)]}
     if limit is not None:
         config["max_concurrency"] = limit
-    want = {"a": 7, "b": 7, "c": 7}
+    want = {"a": 7, "b": 7, "c": 7}  # the chunks ({key: chunk}, R7), put together
     if mode == "stream":
         if shape == "inherited":
-            outer = Lambda(lambda x: list(target.stream(x))[-1], name="outer")
+            outer = Lambda(lambda x: _merged(target.stream(x)), name="outer")
             assert outer.invoke(7, config) == want
         else:
-            assert list(target.stream(7, config))[-1] == want
+            assert _merged(target.stream(7, config)) == want
     else:
 
         async def drain(x: int) -> Any:
-            return [chunk async for chunk in target.astream(x)][-1]
+            return _merged([chunk async for chunk in target.astream(x)])
 
         async def main() -> Any:
             if shape == "inherited":
                 return await Lambda(drain, name="outer").ainvoke(7, config)
-            return [chunk async for chunk in target.astream(7, config)][-1]
+            return _merged([chunk async for chunk in target.astream(7, config)])
 
         assert asyncio.run(main()) == want
     assert peak.peak == (limit or 3)  # all three at once without a limit: the count is real
@@ -7664,6 +7902,84 @@ def test_R8_langchain_core_astream_events_reports_a_toys_runs() -> None:
         ("on_chain_stream", "app", 0),
         ("on_chain_end", "app", 0),
     ]
+
+
+def _lc_word_models() -> tuple[Any, Any]:
+    """langchain_core models that stream as the toys do, word by word, firing a token for
+    each: an ``LLM`` (which must fire its own tokens) and a chat model (whose base class does,
+    and adds a last empty token)."""
+    llms = _lc_import("langchain_core.language_models.llms")
+    chat_models = _lc_import("langchain_core.language_models.chat_models")
+    messages = _lc_import("langchain_core.messages")
+    outputs = _lc_import("langchain_core.outputs")
+
+    class WordLLM(llms.LLM):  # type: ignore[misc,name-defined]
+        text: str
+
+        @property
+        def _llm_type(self) -> str:
+            return "words"
+
+        def _call(self, prompt: str, stop: Any = None, run_manager: Any = None, **kw: Any) -> str:
+            return self.text
+
+        def _stream(self, prompt: str, stop: Any = None, run_manager: Any = None, **kw: Any) -> Any:
+            for word in _TOKEN_WORDS.findall(self.text):
+                run_manager.on_llm_new_token(word, chunk=outputs.GenerationChunk(text=word))
+                yield outputs.GenerationChunk(text=word)
+
+        async def _astream(
+            self, prompt: str, stop: Any = None, run_manager: Any = None, **kw: Any
+        ) -> Any:
+            for word in _TOKEN_WORDS.findall(self.text):
+                await run_manager.on_llm_new_token(word, chunk=outputs.GenerationChunk(text=word))
+                yield outputs.GenerationChunk(text=word)
+
+    class WordChat(chat_models.BaseChatModel):  # type: ignore[misc,name-defined]
+        text: str
+
+        @property
+        def _llm_type(self) -> str:
+            return "words"
+
+        def _generate(
+            self, messages_: Any, stop: Any = None, run_manager: Any = None, **kw: Any
+        ) -> Any:
+            message = messages.AIMessage(self.text)
+            return outputs.ChatResult(generations=[outputs.ChatGeneration(message=message)])
+
+        def _stream(
+            self, messages_: Any, stop: Any = None, run_manager: Any = None, **kw: Any
+        ) -> Any:
+            for word in _TOKEN_WORDS.findall(self.text):
+                yield outputs.ChatGenerationChunk(message=messages.AIMessageChunk(content=word))
+
+    return WordLLM, WordChat
+
+
+@pytest.mark.parametrize("mode", ["stream", "astream"])
+def test_R7_langchain_core_streams_the_same_pipeline_in_the_same_order(mode: str) -> None:
+    """The chain of `test_R7_streamed_steps_form_a_pipeline_in_langchains_order`, built of
+    langchain_core's runnables, streamed with the same `Recorder`: the same events in the same
+    order (but for the empty token langchain_core's chat models add at the end)."""
+    runnables = _lc_import("langchain_core.runnables")
+    word_llm, word_chat = _lc_word_models()
+
+    async def awords(text: Any) -> AsyncGenerator[str, None]:
+        for word in _words(text):  # langchain_core astreams no sync generator function
+            yield word
+
+    chain = (
+        runnables.RunnableLambda(_ident, name="lamA")
+        | word_llm(text="a b c", name="llm1")
+        | runnables.RunnableLambda(_ident, name="lamB")
+        | runnables.RunnableLambda(_words, afunc=awords, name="genC")
+        | word_chat(text="x y", name="chat2")
+        | runnables.RunnableLambda(lambda message: message.content, name="lamD")
+    ).with_config(run_name="seq")
+    rec = Recorder()
+    assert _streamed(chain, {"callbacks": [rec]}, mode) == ["x y"]
+    assert [step for step in _flow(rec) if step != "~chat2:"] == _PIPELINE_FLOW
 
 
 def test_X1_langchain_core_a_reused_run_id_is_caught() -> None:
