@@ -7982,6 +7982,57 @@ def test_R7_langchain_core_streams_the_same_pipeline_in_the_same_order(mode: str
     assert [step for step in _flow(rec) if step != "~chat2:"] == _PIPELINE_FLOW
 
 
+def test_R3_R4_langchain_core_names_tags_tokens_and_batch_differ_as_documented(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The differences "Where this differs" lists for names, tag order, the token keyword and
+    ``Chain.batch``, each shown on langchain_core beside the toys."""
+    lc_callbacks = _lc_import("langchain_core.callbacks")
+    fake = _lc_import("langchain_core.language_models.fake")
+    runnables = _lc_import("langchain_core.runnables")
+    (code,) = _readme_blocks("python")  # the README's Printer example, on langchain_core
+    lc_code = code.replace("from callbacks import LLM, BaseCallbackHandler, Lambda", "")
+    lc_code = lc_code.replace('LLM("Bonjour, Ada!"', 'FakeListLLM(responses=["Bonjour, Ada!"]')
+    names = {
+        "BaseCallbackHandler": lc_callbacks.BaseCallbackHandler,
+        "FakeListLLM": fake.FakeListLLM,
+        "Lambda": runnables.RunnableLambda,
+    }
+    exec(compile(lc_code, "README.md", "exec"), {"__name__": "readme_on_langchain", **names})
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1:3] == [
+        "    request: chain 'prompt' starts, tags=['seq:step:1', 'demo']",
+        "    request: llm None gets 'Greet Ada in French.', tags=['seq:step:2', 'demo']",
+    ]  # here: 'french', and ['demo', 'seq:step:N']
+    calls: list[tuple[tuple[Any, ...], bool]] = []
+
+    class Loose(BaseCallbackHandler):  # flags for langchain_core, which reads them directly
+        def on_llm_new_token(self, *args: Any, **kwargs: Any) -> None:
+            calls.append((args, "token" in kwargs))
+
+    (lc_run,) = lc_callbacks.CallbackManager([Loose()]).on_llm_start({}, ["p"])
+    lc_run.on_llm_new_token("x")
+    (run,) = CallbackManager([Loose()]).on_llm_start({}, ["p"])
+    run.on_llm_new_token("x")
+    assert calls == [((), True), (("x",), False)]
+
+    def step1(x: int) -> int:
+        if x == 2:
+            raise ValueError("step 1 fails on 2")
+        return x
+
+    def step2(x: int) -> int:
+        if x == 1:
+            raise ValueError("step 2 fails on 1")
+        return x
+
+    lc_chain = runnables.RunnableLambda(step1) | runnables.RunnableLambda(step2)
+    with pytest.raises(ValueError, match="step 1 fails on 2"):
+        lc_chain.batch([1, 2])
+    with pytest.raises(ValueError, match="step 2 fails on 1"):
+        Chain(step1, step2).batch([1, 2])
+
+
 def test_X1_langchain_core_a_reused_run_id_is_caught() -> None:
     """The checker is not blind to real streams: a caller that gives langchain_core the same
     ``run_id`` twice gets a second start of a run id already used (R6) and an end after the run
