@@ -7915,10 +7915,16 @@ def _lc_word_models() -> tuple[Any, Any]:
 
     class WordLLM(llms.LLM):  # type: ignore[misc,name-defined]
         text: str
+        fail: bool = False  # as the toys' error=: after the first token
 
         @property
         def _llm_type(self) -> str:
             return "words"
+
+        def _convert_input(self, model_input: Any) -> Any:  # a message, as the toy LLM takes
+            return super()._convert_input(
+                [model_input] if hasattr(model_input, "content") else model_input
+            )
 
         def _call(self, prompt: str, stop: Any = None, run_manager: Any = None, **kw: Any) -> str:
             return self.text
@@ -7927,6 +7933,8 @@ def _lc_word_models() -> tuple[Any, Any]:
             for word in _TOKEN_WORDS.findall(self.text):
                 run_manager.on_llm_new_token(word, chunk=outputs.GenerationChunk(text=word))
                 yield outputs.GenerationChunk(text=word)
+                if self.fail:
+                    raise ValueError("cut")
 
         async def _astream(
             self, prompt: str, stop: Any = None, run_manager: Any = None, **kw: Any
@@ -7934,6 +7942,8 @@ def _lc_word_models() -> tuple[Any, Any]:
             for word in _TOKEN_WORDS.findall(self.text):
                 await run_manager.on_llm_new_token(word, chunk=outputs.GenerationChunk(text=word))
                 yield outputs.GenerationChunk(text=word)
+                if self.fail:
+                    raise ValueError("cut")
 
     class WordChat(chat_models.BaseChatModel):  # type: ignore[misc,name-defined]
         text: str
@@ -7941,6 +7951,10 @@ def _lc_word_models() -> tuple[Any, Any]:
         @property
         def _llm_type(self) -> str:
             return "words"
+
+        def _convert_input(self, model_input: Any) -> Any:  # a message, as the toy takes
+            message = hasattr(model_input, "content")
+            return super()._convert_input([model_input] if message else model_input)
 
         def _generate(
             self, messages_: Any, stop: Any = None, run_manager: Any = None, **kw: Any
@@ -8031,6 +8045,86 @@ def test_R3_R4_langchain_core_names_tags_tokens_and_batch_differ_as_documented(
         lc_chain.batch([1, 2])
     with pytest.raises(ValueError, match="step 2 fails on 1"):
         Chain(step1, step2).batch([1, 2])
+
+
+# Random streamed chains, built twice: of the toys and of langchain_core's runnables. A node is
+# ``("llm" | "chat" | "lam" | "gen", text, fails)`` (``fails``: a completion model's error after
+# its first token) or ``("chain", children)``; names are given in preorder (n0, n1, ...), and a
+# nested chain keeps its name in both (not spliced).
+_stream_leaves = st.tuples(
+    st.sampled_from(["llm", "chat", "lam", "gen"]),
+    st.sampled_from(["a", "a b", "a b c"]),
+    st.booleans(),
+)
+_stream_trees = st.recursive(
+    _stream_leaves,
+    lambda kids: st.tuples(st.just("chain"), st.lists(kids, min_size=2, max_size=3)),
+    max_leaves=6,
+).filter(lambda node: node[0] == "chain")
+
+
+def _text_of(value: Any) -> Any:
+    return value.content if hasattr(value, "content") else value
+
+
+def _build_streamed(node: Any, lc: dict[str, Any] | None, counter: Iterator[int]) -> Any:
+    """The toy tree (``lc`` None) or langchain_core's (``lc``: its classes) for ``node``."""
+    name = f"n{next(counter)}"
+    if node[0] == "chain":
+        steps = [_build_streamed(child, lc, counter) for child in node[1]]
+        if lc is None:
+            return Chain(*steps, name=name)
+        return lc["sequence"](*steps).with_config(run_name=name)
+    kind, text, fails = node
+    error = ValueError("cut") if fails else None
+    if lc is None:
+        if kind == "lam":
+            return Lambda(_text_of, name=name)
+        if kind == "gen":
+            return Lambda(_words, name=name)
+        if kind == "llm":
+            return LLM(text, name=name, error=error)
+        return ChatModel(text, name=name)
+    if kind == "lam":
+        return lc["lambda"](_text_of, name=name)
+
+    async def awords(x: Any) -> AsyncGenerator[str, None]:
+        for word in _words(x):
+            yield word
+
+    if kind == "gen":
+        return lc["lambda"](_words, afunc=awords, name=name)
+    if kind == "llm":
+        return lc["llm"](text=text, fail=fails, name=name)
+    return lc["chat"](text=text, name=name)
+
+
+@settings(max_examples=60, deadline=None)
+@given(tree=_stream_trees, mode=st.sampled_from(["stream", "astream"]))
+def test_R7_langchain_core_streams_random_chains_alike(tree: Any, mode: str) -> None:
+    """Random nested chains of models (a completion model may fail after its first token),
+    lambdas and generator lambdas, streamed through both libraries: the same events in the same
+    order, the same chunks, the same failure."""
+    runnables = _lc_import("langchain_core.runnables")
+    word_llm, word_chat = _lc_word_models()
+    lc = {
+        "sequence": runnables.RunnableSequence,
+        "lambda": runnables.RunnableLambda,
+        "llm": word_llm,
+        "chat": word_chat,
+    }
+    outcomes = []
+    for classes in (None, lc):
+        rec = Recorder()
+        runnable = _build_streamed(tree, classes, itertools.count())
+        try:
+            chunks = [_text_of(c) for c in _streamed(runnable, {"callbacks": [rec]}, mode)]
+            chunks = [chunk for chunk in chunks if chunk != ""]  # langchain_core's last, empty
+        except ValueError as error:
+            chunks = [f"raised {error}"]
+        flow = [step for step in _flow(rec) if not re.fullmatch(r"~n\d+:", step)]
+        outcomes.append((flow, chunks))
+    assert outcomes[0] == outcomes[1]
 
 
 def test_X1_langchain_core_a_reused_run_id_is_caught() -> None:
