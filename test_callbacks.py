@@ -7708,6 +7708,38 @@ def test_S12_langchain_core_managers_run_the_script_alike_and_differ_only_as_doc
     }
 
 
+def test_R5_R8_langchain_core_astream_log_records_a_toys_runs_but_a_chat_models_end(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``astream_log`` (deprecated in langchain_core 1.7, still shipped) on a LangChain runnable
+    that calls a toy chain: every toy run is in the log, ended, but the chat model's, whose
+    end its handler cannot re-load (the limit documented under R5), logged as its failure."""
+    runnables = _lc_import("langchain_core.runnables")
+
+    async def call(x: Any, config: Any) -> Any:
+        toy = Chain(
+            Lambda(_ident, name="first"),
+            LLM("hi you", name="llm"),
+            ChatModel("ok", name="chat"),
+            name="toy",
+        )
+        return await toy.ainvoke(x, config)
+
+    async def main() -> Any:
+        state: Any = None
+        async for state in runnables.RunnableLambda(call, name="app").astream_log("q", diff=False):
+            pass
+        return state.state
+
+    with caplog.at_level(logging.WARNING, logger="callbacks"):
+        state = asyncio.run(main())
+    ended = {key: log["end_time"] is not None for key, log in state["logs"].items()}
+    assert ended == {"toy": True, "first": True, "llm": True, "chat": False}
+    assert state["final_output"] == AIMessage("ok")
+    (failure,) = caplog.records
+    assert failure.getMessage().startswith("error in LogStreamCallbackHandler.on_llm_end callback")
+
+
 # langchain_core's shipped handlers and tracers on the toys (R5): attached as request handlers to a
 # chain of every toy kind, they record complete runs in every call mode, and log no error.
 
