@@ -7726,10 +7726,9 @@ def test_R5_R8_langchain_core_astream_log_records_a_toys_runs_but_a_chat_models_
         return await toy.ainvoke(x, config)
 
     async def main() -> Any:
-        state: Any = None
-        async for state in runnables.RunnableLambda(call, name="app").astream_log("q", diff=False):
-            pass
-        return state.state
+        app = runnables.RunnableLambda(call, name="app")
+        patches = [patch async for patch in app.astream_log("q", diff=False)]
+        return patches[-1].state  # without diffs, each patch holds the whole state so far
 
     with caplog.at_level(logging.WARNING, logger="callbacks"):
         state = asyncio.run(main())
