@@ -2450,7 +2450,9 @@ def _advance(stream: Generator[Any, None, Any]) -> tuple[Any, bool]:
 def _close_all(streams: list[Generator[Any, None, Any]]) -> None:
     """Close each of ``streams`` in turn, so that the runs each left open close (D3). A failure
     to close one, or an interrupt meanwhile, is held until all are closed, then raised
-    (`_keep`); closing one twice changes nothing, so an interrupt makes no stream skipped."""
+    (`_keep`). After an interrupt the same stream is closed again (closing twice changes
+    nothing, so none is skipped); after a failure (an `Exception`: its closing failed, or it is
+    running in a thread an interrupt cut loose), it is left as it is."""
     held: BaseException | None = None
     while streams:
         try:
@@ -2459,6 +2461,24 @@ def _close_all(streams: list[Generator[Any, None, Any]]) -> None:
                 del streams[0]
         except BaseException as error:
             held = _keep(held, error)
+            if isinstance(error, Exception):
+                del streams[0]
+    if held is not None:
+        raise held
+
+
+async def _aclose_all(streams: list[AsyncGenerator[Any, None]]) -> None:
+    """`_close_all` for async generators: a cancellation meanwhile is held alike (D3)."""
+    held: BaseException | None = None
+    while streams:
+        try:
+            while streams:
+                await streams[0].aclose()
+                del streams[0]
+        except BaseException as error:
+            held = _keep(held, error)
+            if isinstance(error, Exception):
+                del streams[0]
     if held is not None:
         raise held
 
@@ -2612,8 +2632,9 @@ class Runnable:
     def astream(self, input: Any, config: RunnableConfig | None = None) -> AsyncIterator[Any]:
         """`stream` under asyncio; ``aclose()`` on it closes the open runs innermost first.
 
-        Leaving an ``async for`` early does not close the iterator: its runs then close only
-        when asyncio finalizes it. Close it (``contextlib.aclosing``) to close them at once.
+        Leaving an ``async for`` early does not close the iterator: asyncio's finalizer then
+        closes it and the streams nested in it at once, in no order, so runs may close before
+        their children (D3 holds only for a closed stream). Close it (``contextlib.aclosing``).
         """
         return self._astream(input, _check_config(config), None, [])
 
@@ -3108,8 +3129,7 @@ class Chain(Runnable):
                 yield chunk
             out.append(output[-1])
         finally:
-            for stream in reversed(streams):
-                await stream.aclose()
+            await _aclose_all(streams[::-1])
 
 
 class Parallel(Runnable):
@@ -3167,20 +3187,27 @@ class Parallel(Runnable):
         return {key: output for (key, _, _), output in zip(branches, outputs, strict=True)}
 
     def _stream_body(self, input: Any, run: _Run, limit: int | None) -> Generator[Any, None, Any]:
-        tee = _Tee(input) if type(input) is _Upstream else None  # each branch reads it (R7)
         limit = limit or _MAX_CONCURRENCY.get()
         config = {"max_concurrency": limit} if limit else _NO_CONFIG
         # Each branch is a stream advanced one chunk at a time in a worker thread, in a copy
         # of the context of its own (S11); a chunk is handed on as soon as any branch has one.
         # At most ``limit`` branches make a chunk at once; the others wait their turn, first
         # come first served (so 1 makes the order of chunks that of the keys, round after round).
-        inputs = {key: tee.branch() if tee else input for key in self.steps}
-        streams = {k: s._stream(inputs[k], config, m) for k, s, m in self._branches(run)}
-        contexts = {key: contextvars.copy_context() for key in streams}
+        readers: list[Generator[Any, None, Any]] = []  # a branch's share of a streamed input
+        streams: dict[str, Generator[Any, None, Any]] = {}
         outcomes: dict[str, tuple[Any, BaseException | None]] = {}
-        pool = ThreadPoolExecutor(max_workers=min(len(streams), limit or 32))
-        waiting, pending = list(streams), dict[concurrent.futures.Future[Any], str]()
-        try:
+        pending: dict[concurrent.futures.Future[Any], str] = {}
+        pool = None
+        try:  # everything made here is closed below, whatever interrupts the making (D3)
+            tee = _Tee(input) if type(input) is _Upstream else None  # each branch reads it (R7)
+            for key, step, manager in self._branches(run):
+                reader = tee.branch() if tee else input
+                if tee:
+                    readers.append(reader._chunks)
+                streams[key] = step._stream(reader, config, manager)
+            contexts = {key: contextvars.copy_context() for key in streams}
+            pool = ThreadPoolExecutor(max_workers=min(len(streams), limit or 32))
+            waiting = list(streams)
             while waiting or pending:
                 while waiting and len(pending) < (limit or len(streams)):
                     key = waiting.pop(0)
@@ -3197,8 +3224,8 @@ class Parallel(Runnable):
                         yield {key: advanced[0]}
                         waiting.append(key)
         finally:  # a branch being advanced finishes its chunk; then every one is closed (D3)
-            pool.shutdown(cancel_futures=True)
-            readers = [i._chunks for i in inputs.values() if type(i) is _Upstream]
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
             _close_all([*streams.values(), *readers])
         outputs = _collect([outcomes[key] for key in streams], False)
         return dict(zip(streams, outputs, strict=True))
@@ -3206,21 +3233,24 @@ class Parallel(Runnable):
     async def _astream_body(
         self, input: Any, run: AsyncRunManager, limit: int | None, out: list[Any]
     ) -> AsyncGenerator[Any, None]:
-        tee = _ATee(input) if type(input) is _AUpstream else None
         limit = limit or _MAX_CONCURRENCY.get()
         config = {"max_concurrency": limit} if limit else _NO_CONFIG
         outputs: dict[str, list[Any]] = {key: [] for key in self.steps}
-        inputs = {key: tee.branch() if tee else input for key in self.steps}
-        streams = {
-            k: s._astream(inputs[k], config, m, outputs[k]) for k, s, m in self._branches(run)
-        }
-        loop = asyncio.get_running_loop()
-        # As the threads of a pool: at most ``limit`` branches make a chunk at once, the
-        # others wait their turn, first come first served.
-        waiting = list(streams)
-        pending: dict[asyncio.Future[Any], str] = {}
+        readers: list[AsyncGenerator[Any, None]] = []
+        streams: dict[str, AsyncGenerator[Any, None]] = {}
         outcomes: dict[str, tuple[Any, BaseException | None]] = {}
-        try:
+        pending: dict[asyncio.Future[Any], str] = {}
+        try:  # as under `stream`: everything made here is closed below
+            tee = _ATee(input) if type(input) is _AUpstream else None
+            for key, step, manager in self._branches(run):
+                reader = tee.branch() if tee else input
+                if tee:
+                    readers.append(reader._chunks)
+                streams[key] = step._astream(reader, config, manager, outputs[key])
+            loop = asyncio.get_running_loop()
+            # As the threads of a pool: at most ``limit`` branches make a chunk at once, the
+            # others wait their turn, first come first served.
+            waiting = list(streams)
             while waiting or pending:
                 while waiting and len(pending) < (limit or len(streams)):
                     key = waiting.pop(0)
@@ -3238,15 +3268,11 @@ class Parallel(Runnable):
                         waiting.append(key)
             outputs_in_order = _collect([outcomes[key] for key in streams], False)
             out.append(dict(zip(streams, outputs_in_order, strict=True)))
-        finally:  # as under `stream`: a branch being advanced is cancelled, waited for, closed
+        finally:  # a branch being advanced is cancelled and waited for; then all are closed
             for task in pending:
                 task.cancel()
             cancelled = await _complete(list(pending)) if pending else None
-            for stream in streams.values():
-                await stream.aclose()
-            for reader in inputs.values():
-                if type(reader) is _AUpstream:
-                    await reader._chunks.aclose()
+            await _aclose_all([*streams.values(), *readers])
             if cancelled is not None:
                 raise cancelled
 

@@ -2894,6 +2894,70 @@ def test_R7_D3_closing_a_parallel_stream_early_closes_every_branch(mode: str) ->
     assert all(isinstance(error, closings) for error in _errors(rec))
 
 
+def test_R7_D3_a_cancellation_while_a_parallel_astream_closes_still_closes_every_branch() -> None:
+    """The consumer takes one chunk and closes the stream; a handler cancels it while the first
+    branch's error event is being delivered (as a timeout would): the cancellation waits until
+    every branch is closed, then the parallel's run closes, then it is raised."""
+    cancel: list[asyncio.Task[Any]] = []
+
+    class CancelOnce(AsyncCallbackHandler):
+        async def on_llm_error(self, error: BaseException, **kwargs: Any) -> None:
+            if cancel:
+                cancel.pop().cancel()
+
+    rec, checker = Recorder(), TraceChecker(strict=True)
+    fan = Parallel(a=LLM("1 2 3", name="a"), b=LLM("4 5 6", name="b"), name="fan")
+
+    async def main() -> None:
+        config: RunnableConfig = {"callbacks": [rec, checker, CancelOnce()], "max_concurrency": 1}
+        stream: Any = fan.astream("q", config)
+
+        async def consume() -> None:
+            assert [await anext(stream), await anext(stream)] == [{"a": "1 "}, {"b": "4 "}]
+            cancel.append(asyncio.current_task())  # type: ignore[arg-type]
+            await stream.aclose()  # no branch is being advanced: both are closed here
+
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.create_task(consume())
+
+    asyncio.run(main())
+    checker.check()
+    assert not cancel and _flow(rec)[-1] == "!fan"
+    assert sorted(step for step in _flow(rec) if step.startswith("!")) == ["!a", "!b", "!fan"]
+
+
+@pytest.mark.parametrize("mode", ["stream", "astream"])
+def test_R7_D3_a_branch_failing_to_close_does_not_keep_the_others_open(mode: str) -> None:
+    """A generator function that raises while being closed (in its ``finally``), the first
+    branch closed: its failure is raised once the other branch has closed too."""
+
+    def stubborn(x: Any) -> Generator[str, None, None]:
+        try:
+            yield "a"
+            yield "b"
+        finally:
+            raise ValueError("will not close")
+
+    rec, checker = Recorder(), TraceChecker(strict=True)
+    fan = Parallel(g=Lambda(stubborn, name="g"), m=LLM("1 2 3", name="m"), name="fan")
+    config: RunnableConfig = {"callbacks": [rec, checker], "max_concurrency": 1}
+    with pytest.raises(ValueError, match="will not close"):
+        if mode == "stream":
+            stream: Any = fan.stream("q", config)
+            assert [next(stream), next(stream)] == [{"g": "a"}, {"m": "1 "}]  # both started
+            stream.close()
+        else:
+
+            async def main() -> None:
+                stream: Any = fan.astream("q", config)
+                assert [await anext(stream), await anext(stream)] == [{"g": "a"}, {"m": "1 "}]
+                await stream.aclose()
+
+            asyncio.run(main())
+    checker.check()
+    assert sorted(step for step in _flow(rec) if step.startswith("!")) == ["!fan", "!g", "!m"]
+
+
 def test_R7_a_generator_lambda_streams_its_chunks_and_returns_them_added_up() -> None:
     """Under ``invoke`` its output is its chunks added with ``+`` (where they do not add, the
     last one), as LangChain's; under ``stream`` each chunk is yielded as it comes. An async
