@@ -80,6 +80,7 @@ import re
 import reprlib
 import sys
 import threading
+import time
 import types
 import uuid
 import weakref
@@ -2447,29 +2448,38 @@ def _advance(stream: Generator[Any, None, Any]) -> tuple[Any, bool]:
         return stop.value, True
 
 
-def _close_all(streams: list[Generator[Any, None, Any]]) -> None:
-    """Close each of ``streams`` in turn, so that the runs each left open close (D3). A failure
-    to close one, or an interrupt meanwhile, is held until all are closed, then raised
-    (`_keep`). After an interrupt the same stream is closed again (closing twice changes
-    nothing, so none is skipped); after a failure (an `Exception`: its closing failed, or it is
-    running in a thread an interrupt cut loose), it is left as it is."""
-    held: BaseException | None = None
+def _close_all(
+    streams: list[Generator[Any, None, Any]], leaving: BaseException | None = None
+) -> None:
+    """Close each of ``streams`` in turn, so that the runs each left open close (D3).
+
+    A failure to close one, or an interrupt meanwhile, is held until all are closed, then
+    raised if it outranks ``leaving``, the exception the caller's ``finally`` is leaving with
+    (`_keep`: an interrupt outranks an ordinary failure, else the first stands). After an
+    interrupt the same stream is closed again (closing twice changes nothing, so none is
+    skipped); after a failure (an `Exception`: its closing failed), it is left as it is.
+    """
+    held = leaving
     while streams:
         try:
             while streams:
+                while inspect.getgeneratorstate(streams[0]) == "GEN_RUNNING":
+                    time.sleep(0.001)  # in a thread an interrupt cut loose from its pool
                 streams[0].close()
                 del streams[0]
         except BaseException as error:
             held = _keep(held, error)
             if isinstance(error, Exception):
                 del streams[0]
-    if held is not None:
+    if held is not leaving and held is not None:
         raise held
 
 
-async def _aclose_all(streams: list[AsyncGenerator[Any, None]]) -> None:
+async def _aclose_all(
+    streams: list[AsyncGenerator[Any, None]], leaving: BaseException | None = None
+) -> None:
     """`_close_all` for async generators: a cancellation meanwhile is held alike (D3)."""
-    held: BaseException | None = None
+    held = leaving
     while streams:
         try:
             while streams:
@@ -2479,8 +2489,14 @@ async def _aclose_all(streams: list[AsyncGenerator[Any, None]]) -> None:
             held = _keep(held, error)
             if isinstance(error, Exception):
                 del streams[0]
-    if held is not None:
+    if held is not leaving and held is not None:
         raise held
+
+
+def _leaving(error: BaseException) -> BaseException | None:
+    """What a stream body's ``finally`` is leaving with, for `_close_all`: nothing for an early
+    close (`GeneratorExit`), where a failure to close what it holds is news."""
+    return None if isinstance(error, GeneratorExit) else error
 
 
 def _add(total: Any, chunk: Any) -> Any:
@@ -3105,13 +3121,17 @@ class Chain(Runnable):
         limit = limit or _MAX_CONCURRENCY.get()  # this generator holds no context across yields
         config = {"max_concurrency": limit} if limit else _NO_CONFIG
         streams: list[Generator[Any, None, Any]] = []
+        leaving = None
         try:
             for step, tag in self._steps:  # each step reads the one before as it streams (R7)
                 streams.append(step._stream(input, config, run._child(tag, CallbackManager)))
                 input = _Upstream(streams[-1])
             return (yield from streams[-1])
+        except BaseException as error:
+            leaving = _leaving(error)
+            raise
         finally:  # a step left open (the consumer stopped, a later step failed) closes (D3)
-            _close_all(streams[::-1])
+            _close_all(streams[::-1], leaving)
 
     async def _astream_body(
         self, input: Any, run: AsyncRunManager, limit: int | None, out: list[Any]
@@ -3119,6 +3139,7 @@ class Chain(Runnable):
         limit = limit or _MAX_CONCURRENCY.get()
         config = {"max_concurrency": limit} if limit else _NO_CONFIG
         streams: list[AsyncGenerator[Any, None]] = []
+        leaving = None
         try:
             for step, tag in self._steps:
                 output: list[Any] = []
@@ -3128,8 +3149,11 @@ class Chain(Runnable):
             async for chunk in streams[-1]:
                 yield chunk
             out.append(output[-1])
+        except BaseException as error:
+            leaving = _leaving(error)
+            raise
         finally:
-            await _aclose_all(streams[::-1])
+            await _aclose_all(streams[::-1], leaving)
 
 
 class Parallel(Runnable):
@@ -3197,7 +3221,7 @@ class Parallel(Runnable):
         streams: dict[str, Generator[Any, None, Any]] = {}
         outcomes: dict[str, tuple[Any, BaseException | None]] = {}
         pending: dict[concurrent.futures.Future[Any], str] = {}
-        pool = None
+        pool, leaving = None, None
         try:  # everything made here is closed below, whatever interrupts the making (D3)
             tee = _Tee(input) if type(input) is _Upstream else None  # each branch reads it (R7)
             for key, step, manager in self._branches(run):
@@ -3223,10 +3247,13 @@ class Parallel(Runnable):
                     else:
                         yield {key: advanced[0]}
                         waiting.append(key)
+        except BaseException as error:
+            leaving = _leaving(error)
+            raise
         finally:  # a branch being advanced finishes its chunk; then every one is closed (D3)
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
-            _close_all([*streams.values(), *readers])
+            _close_all([*streams.values(), *readers], leaving)
         outputs = _collect([outcomes[key] for key in streams], False)
         return dict(zip(streams, outputs, strict=True))
 
@@ -3240,6 +3267,7 @@ class Parallel(Runnable):
         streams: dict[str, AsyncGenerator[Any, None]] = {}
         outcomes: dict[str, tuple[Any, BaseException | None]] = {}
         pending: dict[asyncio.Future[Any], str] = {}
+        leaving = None
         try:  # as under `stream`: everything made here is closed below
             tee = _ATee(input) if type(input) is _AUpstream else None
             for key, step, manager in self._branches(run):
@@ -3268,13 +3296,17 @@ class Parallel(Runnable):
                         waiting.append(key)
             outputs_in_order = _collect([outcomes[key] for key in streams], False)
             out.append(dict(zip(streams, outputs_in_order, strict=True)))
+        except BaseException as error:
+            leaving = _leaving(error)
+            raise
         finally:  # a branch being advanced is cancelled and waited for; then all are closed
             for task in pending:
                 task.cancel()
             cancelled = await _complete(list(pending)) if pending else None
-            await _aclose_all([*streams.values(), *readers])
-            if cancelled is not None:
-                raise cancelled
+            now = _keep(leaving, cancelled)  # a cancellation meanwhile outranks a failure
+            await _aclose_all([*streams.values(), *readers], now)
+            if now is not leaving and now is not None:
+                raise now
 
 
 def _check_error(error: BaseException | None) -> BaseException | None:

@@ -2958,6 +2958,35 @@ def test_R7_D3_a_branch_failing_to_close_does_not_keep_the_others_open(mode: str
     assert sorted(step for step in _flow(rec) if step.startswith("!")) == ["!fan", "!g", "!m"]
 
 
+def test_R7_D3_a_branch_still_making_a_chunk_when_the_stream_closes_is_waited_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Ctrl-C landing inside the thread pool's own code can cut a worker loose from the pool,
+    whose shutdown then does not wait for it. Simulated here with a pool that never waits: the
+    branch that is still making its chunk is waited for all the same, then closed (D3)."""
+
+    class Forgetful(concurrent.futures.ThreadPoolExecutor):  # as if its workers were cut loose
+        def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+            super().shutdown(wait=False, cancel_futures=cancel_futures)
+
+    monkeypatch.setattr(callbacks, "ThreadPoolExecutor", Forgetful)
+    started = threading.Event()
+
+    def slow(x: Any) -> Any:
+        started.set()
+        time.sleep(0.2)
+        return x
+
+    rec, checker = Recorder(), TraceChecker(strict=True)
+    fan = Parallel(fast=LLM("1 2 3", name="fast"), slow=Lambda(slow, name="slow"), name="fan")
+    stream: Any = fan.stream("q", {"callbacks": [rec, checker]})
+    assert next(stream) == {"fast": "1 "}
+    assert started.wait(5)
+    stream.close()  # the slow branch is still making its chunk in its thread
+    checker.check()
+    assert _flow(rec)[-1] == "!fan" and "!slow" in _flow(rec)
+
+
 def test_R7_a_generator_lambda_streams_its_chunks_and_returns_them_added_up() -> None:
     """Under ``invoke`` its output is its chunks added with ``+`` (where they do not add, the
     last one), as LangChain's; under ``stream`` each chunk is yielded as it comes. An async
