@@ -7808,6 +7808,7 @@ def test_R5_R8_langchain_core_astream_log_records_a_toys_runs_but_a_chat_models_
     that calls a toy chain: every toy run is in the log, ended, but the chat model's, whose
     end its handler cannot re-load (the limit documented under R5), logged as its failure."""
     runnables = _lc_import("langchain_core.runnables")
+    deprecation = _lc_import("langchain_core._api.deprecation")
 
     async def call(x: Any, config: Any) -> Any:
         toy = Chain(
@@ -7820,7 +7821,8 @@ def test_R5_R8_langchain_core_astream_log_records_a_toys_runs_but_a_chat_models_
 
     async def main() -> Any:
         app = runnables.RunnableLambda(call, name="app")
-        patches = [patch async for patch in app.astream_log("q", diff=False)]
+        with deprecation.suppress_langchain_deprecation_warning():  # astream_log is deprecated
+            patches = [patch async for patch in app.astream_log("q", diff=False)]
         return patches[-1].state  # without diffs, each patch holds the whole state so far
 
     with caplog.at_level(logging.WARNING, logger="callbacks"):
