@@ -2372,63 +2372,58 @@ class _AUpstream:
 
 @final
 class _Tee:
-    """One `_Upstream` read by every branch of a `Parallel`, each at its own pace in its own
-    thread (R7): a chunk is read once, under a lock, and kept for the branches yet to read it;
-    a failure to read one is every branch's. The `Parallel` closes the branches' readers."""
+    """One upstream read by every branch of a `Parallel`, each at its own pace (R7): a chunk is
+    read once, under a lock, and kept for the branches yet to read it; a failure to read one
+    is every branch's. The `Parallel` closes the branches' readers. Under ``stream()`` the
+    branches are threads (`branch`), under ``astream()`` tasks of one loop (`abranch`): the
+    two readers differ only in how they wait and read."""
 
     __slots__ = ("_chunks", "_failure", "_lock", "_upstream")
 
-    def __init__(self, upstream: _Upstream) -> None:
+    def __init__(self, upstream: _Upstream | _AUpstream) -> None:
         self._upstream, self._chunks = upstream, list[Any]()
         self._failure: BaseException | None = None
-        self._lock = threading.Lock()
+        self._lock: Any = threading.Lock() if type(upstream) is _Upstream else asyncio.Lock()
+
+    def _have(self, i: int) -> bool:
+        """Whether chunk ``i`` was read already; if it could not be, that failure again."""
+        if i == len(self._chunks) and self._failure is not None:
+            raise self._failure
+        return i < len(self._chunks)
 
     def branch(self) -> _Upstream:
         return _Upstream(self._read())
 
+    def abranch(self) -> _AUpstream:
+        upstream: Any = self._upstream
+        return _AUpstream(self._aread(), upstream._output)
+
     def _read(self) -> Generator[Any, None, Any]:
+        upstream: Any = self._upstream
         i = 0
         while True:
             with self._lock:
-                if i == len(self._chunks):
-                    if self._failure is not None:
-                        raise self._failure
+                if not self._have(i):
                     try:
-                        chunk = self._upstream.take()
+                        chunk = upstream.take()
                     except BaseException as error:
                         self._failure = error
                         raise
                     if chunk is _NOTHING:
-                        return self._upstream.value
+                        return upstream.value
                     self._chunks.append(chunk)
                 chunk = self._chunks[i]
             yield chunk
             i += 1
 
-
-@final
-class _ATee:
-    """`_Tee` for ``astream()``: the branches are tasks on one loop."""
-
-    __slots__ = ("_chunks", "_failure", "_lock", "_upstream")
-
-    def __init__(self, upstream: _AUpstream) -> None:
-        self._upstream, self._chunks = upstream, list[Any]()
-        self._failure: BaseException | None = None
-        self._lock = asyncio.Lock()
-
-    def branch(self) -> _AUpstream:
-        return _AUpstream(self._read(), self._upstream._output)
-
-    async def _read(self) -> AsyncGenerator[Any, None]:
+    async def _aread(self) -> AsyncGenerator[Any, None]:
+        upstream: Any = self._upstream
         i = 0
         while True:
             async with self._lock:
-                if i == len(self._chunks):
-                    if self._failure is not None:
-                        raise self._failure
+                if not self._have(i):
                     try:
-                        chunk = await self._upstream.take()
+                        chunk = await upstream.take()
                     except BaseException as error:
                         self._failure = error
                         raise
@@ -3269,9 +3264,9 @@ class Parallel(Runnable):
         pending: dict[asyncio.Future[Any], str] = {}
         leaving = None
         try:  # as under `stream`: everything made here is closed below
-            tee = _ATee(input) if type(input) is _AUpstream else None
+            tee = _Tee(input) if type(input) is _AUpstream else None
             for key, step, manager in self._branches(run):
-                reader = tee.branch() if tee else input
+                reader = tee.abranch() if tee else input
                 if tee:
                     readers.append(reader._chunks)
                 streams[key] = step._astream(reader, config, manager, outputs[key])
