@@ -56,6 +56,12 @@ its turn. Who is called, with what and what a failure means is decided in one pl
 Every event reaches every handler before the run goes on, even when the awaiting task is being
 cancelled, so that each handler always sees one end or error for each start.
 
+Streaming is a pipeline. Under ``stream()`` each step of a chain is a generator reading the
+step before as it streams: a model anywhere in the chain fires its tokens as it makes them; a
+step that pipelines (a lambda, a chain, a parallel) starts its run at the first chunk it reads,
+any other once its input is whole; a parallel hands on each branch's chunks as they come.
+Closing a stream early closes every run it left open, children before parents.
+
 The file reads top to bottom: events, payloads, handlers, dispatch, managers, runnables, extras
 (recorder, trace checker, deterministic ids) and a demo (``python callbacks.py``). Rule ids in
 comments (``S2``, ``D3``, ``R1``...) refer to the project's SPEC; the README lists them all.
