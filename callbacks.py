@@ -79,6 +79,7 @@ import enum
 import functools
 import inspect
 import itertools
+import json
 import logging
 import os
 import random
@@ -3678,6 +3679,11 @@ class Recorder(BaseCallbackHandler):
         """The method names of the recorded events, in order."""
         return [r.event.method for r in self.records]
 
+    def jsonl(self) -> str:
+        """The recorded events as a trace in JSON lines (X5), one event per line: what
+        ``python -m callbacks check`` reads (see `_trace_line`)."""
+        return "".join(_trace_line(r) + "\n" for r in self.records)
+
     def tree(self) -> str:
         """The recorded runs as an indented tree, one line per run, children under parents.
 
@@ -3782,13 +3788,16 @@ class TraceChecker(BaseCallbackHandler):
     def check(self) -> None:
         """Raise `AssertionError` if a rule was broken or a run is still open (D3)."""
         with self._lock:
-            violations = self.violations + [
-                Violation("D3", i, s.start, "never closed by an end or error event")
-                for i, s in self._runs.items()
-                if s.open and s.must_close
-            ]
+            violations = self.violations + self._unclosed()
         if violations:
             raise AssertionError("trace breaks the rules:\n" + "\n".join(map(str, violations)))
+
+    def _unclosed(self) -> list[Violation]:
+        return [
+            Violation("D3", i, s.start, "never closed by an end or error event")
+            for i, s in self._runs.items()
+            if s.open and s.must_close
+        ]
 
     def _flag(self, rule: str, run_id: Any, event: Event, message: str) -> None:
         self.violations.append(Violation(rule, run_id, event.method, message))
@@ -3906,6 +3915,96 @@ def sequential_run_ids(start: int = 1) -> Iterator[None]:
         _ID_FACTORY.reset(token)
 
 
+# Traces as JSON lines (X5): how a trace travels between this module, an implementation of the
+# rules in another language and ``python -m callbacks check``. One event per line, an object:
+# ``event`` (the handler method, Python's name or JavaScript's, from the `Event` table),
+# ``run_id``, ``parent_run_id`` (null for a root), ``tags`` and ``metadata`` (null where the
+# event has none), and what a trace may keep of the payload: a start's ``name``, a token's
+# ``token``, an error's ``error`` (``type`` and ``message``). Inputs and outputs are left out:
+# no rule reads them, and they may hold secrets.
+_EVENT_NAMES: Final = {name: e for e in Event for name in (e.method, e.js_name) if name}
+
+
+def _trace_line(record: Record) -> str:
+    """One recorded event as a line of a JSON-lines trace (without the newline)."""
+    line: dict[str, Any] = {
+        "event": record.event.method,
+        "run_id": None if record.run_id is None else str(record.run_id),
+        "parent_run_id": None if record.parent_run_id is None else str(record.parent_run_id),
+        "tags": record.tags,
+        "metadata": record.metadata,
+    }
+    if record.event.phase == "start":
+        line["name"] = record.kwargs.get("name")
+    elif record.event is Event.LLM_NEW_TOKEN and record.args:
+        line["token"] = record.args[0]
+    elif record.event.phase == "error" and record.args:
+        error = record.args[0]
+        line["error"] = {"type": type(error).__name__, "message": _text(error)[:200]}
+    return json.dumps(line, default=_brief)  # a value JSON cannot hold: its short repr
+
+
+def _read_trace(lines: Iterable[str]) -> Iterator[tuple[int, Event, dict[str, Any]]]:
+    """``(line number, event, keywords)`` for each event of a JSON-lines trace (blank lines
+    skipped); `ValueError` naming the line that is not JSON or names no known event."""
+    for number, text in enumerate(lines, 1):
+        if not text.strip():
+            continue
+        try:
+            line = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"line {number} is not JSON: {error.msg}") from None
+        name = line.get("event") if isinstance(line, dict) else None
+        event = _EVENT_NAMES.get(name) if isinstance(name, str) else None
+        if event is None:
+            raise ValueError(f"line {number} names no known event: {_REPR.repr(text.strip())}")
+        keywords = {key: line.get(key) for key in ("run_id", "parent_run_id", "tags", "metadata")}
+        for key in ("run_id", "parent_run_id"):  # as received if not a UUID: the checker says so
+            with contextlib.suppress(TypeError, ValueError, AttributeError):
+                keywords[key] = uuid.UUID(keywords[key])
+        yield number, event, keywords
+
+
+def _check_command(path: str) -> int:
+    """``python -m callbacks check PATH`` (``-``: standard input): each broken rule with its
+    id and line, then a summary. Exit status 0 if the trace keeps the rules, 1 if it breaks
+    one, 2 if it cannot be read."""
+    try:
+        with (
+            contextlib.nullcontext(sys.stdin) if path == "-" else open(path, encoding="utf-8") as f
+        ):
+            events = list(_read_trace(f))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        print(f"{path}: cannot read the trace: {error}", file=sys.stderr)
+        return 2
+    checker, found = TraceChecker(), list[tuple[int, Violation]]()
+    started: dict[Any, int] = {}  # run id: the line of its start
+    for number, event, keywords in events:
+        seen = len(checker.violations)
+        getattr(checker, event.method)(**keywords)
+        found += [(number, violation) for violation in checker.violations[seen:]]
+        if event.phase == "start":
+            started.setdefault(keywords["run_id"], number)
+    found += [(started.get(v.run_id, 0), v) for v in checker._unclosed()]  # at their start
+    for number, violation in sorted(found, key=lambda item: item[0]):
+        print(f"{path}:{number}: {violation}")
+    verdict = f"{len(found)} broken rule(s)" if found else "keeps the rules"
+    print(f"{path}: {len(events)} events, {len(started)} runs: {verdict}")
+    return 1 if found else 0
+
+
+def _main(argv: Sequence[str]) -> int:
+    """``python callbacks.py`` (or ``python -m callbacks``): the demo; with ``check PATH``,
+    `_check_command`. Anything else: the usage, exit status 2."""
+    if not argv:
+        _demo()
+        return 0
+    if len(argv) == 2 and argv[0] == "check":
+        return _check_command(argv[1])
+    print("usage: python -m callbacks [check TRACE.jsonl | check -]", file=sys.stderr)
+    return 2
+
+
 # =================================================================================================
 # Demo: python callbacks.py
 # =================================================================================================
@@ -3951,4 +4050,4 @@ def _demo() -> None:
 
 
 if __name__ == "__main__":
-    _demo()
+    sys.exit(_main(sys.argv[1:]))

@@ -18,7 +18,9 @@ import functools
 import gc
 import importlib
 import inspect
+import io
 import itertools
+import json
 import logging
 import os
 import pathlib
@@ -27,6 +29,7 @@ import random
 import re
 import runpy
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -8253,6 +8256,24 @@ def test_R7_langchain_core_streams_random_chains_alike(tree: Any, mode: str) -> 
     assert outcomes[0] == outcomes[1]
 
 
+@pytest.mark.parametrize("mode", _LC_MODES)
+def test_X5_langchain_core_trace_passes_check_and_fails_once_an_end_is_removed(
+    mode: str, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A trace of a real langchain_core app (a lambda, a chat model streaming or not, a tool),
+    written by a `Recorder` as JSON lines, keeps the rules under ``check``; without its last
+    end event, the root run is reported never closed."""
+    app, _ = _lc_app("hi", stream_model=mode.endswith("stream"))
+    recorder, checker = _lc_handlers()
+    _lc_drive(app, {"callbacks": [recorder, checker]}, mode)
+    lines = recorder.jsonl().splitlines()
+    status, out = _check(lines, tmp_path, capsys)
+    assert (status, out[-1]) == (0, f"T: {len(lines)} events, 3 runs: keeps the rules")
+    status, out = _check(lines[:-1], tmp_path, capsys)
+    assert status == 1 and out[0].startswith("T:1: D3 on_chain_start(")
+    assert out[0].endswith("never closed by an end or error event")
+
+
 def test_X1_langchain_core_a_reused_run_id_is_caught() -> None:
     """The checker is not blind to real streams: a caller that gives langchain_core the same
     ``run_id`` twice gets a second start of a run id already used (R6) and an end after the run
@@ -8266,6 +8287,130 @@ def test_X1_langchain_core_a_reused_run_id_is_caught() -> None:
         f"R6 on_chat_model_start(run_id={run_id}): run id used twice",
         f"D3 on_llm_end(run_id={run_id}): after the run's end or error",
     ]
+
+
+# ===============================================================================================
+# X5: traces as JSON lines, and the check command
+# ===============================================================================================
+
+
+def _sample_trace() -> list[str]:
+    """The lines of a small trace: a chain (a lambda, a streaming model), then a failing lambda."""
+    rec = Recorder()
+    chain = Chain(Lambda(_ident, name="a"), LLM("x y", name="llm", streaming=True), name="c")
+    with sequential_run_ids():
+        chain.invoke("q", {"callbacks": [rec], "tags": ["t"], "metadata": {"k": 1}})
+        with pytest.raises(ZeroDivisionError):
+            Lambda(lambda x: 1 / x, name="bad").invoke(0, {"callbacks": [rec]})
+    return rec.jsonl().splitlines()
+
+
+def _check(lines: list[str], tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> Any:
+    """``check`` run on ``lines`` written to a file: (exit status, standard output lines)."""
+    path = tmp_path / "trace.jsonl"
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    status = callbacks._main(["check", str(path)])
+    out = capsys.readouterr().out.replace(str(path), "T")
+    return status, out.splitlines()
+
+
+def test_X5_a_recorder_writes_one_json_object_per_event_from_the_event_table() -> None:
+    lines = [json.loads(line) for line in _sample_trace()]
+    assert [line["event"] for line in lines] == [
+        "on_chain_start", "on_chain_start", "on_chain_end", "on_llm_start", "on_llm_new_token",
+        "on_llm_new_token", "on_llm_end", "on_chain_end", "on_chain_start", "on_chain_error",
+    ]  # fmt: skip
+    one = str(_U(1))
+    assert lines[0] == {"event": "on_chain_start", "run_id": one, "parent_run_id": None,
+                        "tags": ["t"], "metadata": {"k": 1}, "name": "c"}  # fmt: skip
+    assert lines[4]["token"] == "x " and lines[4]["parent_run_id"] == one
+    assert lines[2]["metadata"] is None and "name" not in lines[2]
+    assert lines[9]["error"] == {"type": "ZeroDivisionError", "message": "division by zero"}
+    assert all("inputs" not in line and "outputs" not in line for line in lines)
+
+
+def test_X5_check_accepts_a_trace_that_keeps_the_rules_in_either_spelling(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``check`` reads the Python names of the events or the JavaScript ones (the `Event`
+    table's): a trace written by @langchain/core's handlers reads alike."""
+    lines = _sample_trace()
+    assert _check(lines, tmp_path, capsys) == (0, ["T: 10 events, 4 runs: keeps the rules"])
+    spaced = [*lines[:3], "", "  ", *lines[3:]]  # blank lines are skipped
+    assert _check(spaced, tmp_path, capsys) == (0, ["T: 10 events, 4 runs: keeps the rules"])
+    js = [line.replace('"on_chain_start"', '"handleChainStart"') for line in lines]
+    js = [line.replace('"on_llm_new_token"', '"handleLLMNewToken"') for line in js]
+    assert _check(js, tmp_path, capsys) == (0, ["T: 10 events, 4 runs: keeps the rules"])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(line + "\n" for line in lines)))
+    assert callbacks._main(["check", "-"]) == 0  # "-": standard input
+    assert capsys.readouterr().out == "-: 10 events, 4 runs: keeps the rules\n"
+
+
+def test_X5_check_names_the_rule_and_the_line_a_trace_breaks(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One end removed, a token after its run's end, an end for a run that never started: each
+    is reported with its rule id and line, and the exit status is 1."""
+    lines = _sample_trace()
+    llm, root = _U(3), _U(1)
+    assert _check(lines[:6] + lines[7:], tmp_path, capsys) == (1, [
+        f"T:4: D3 on_llm_start(run_id={llm}): never closed by an end or error event",
+        f"T:7: D3 on_chain_end(run_id={root}): closed before its children ['{llm}']",
+        "T: 9 events, 4 runs: 2 broken rule(s)",
+    ])  # fmt: skip
+    assert _check([*lines[:8], lines[5], *lines[8:]], tmp_path, capsys) == (1, [
+        f"T:9: D3 on_llm_new_token(run_id={llm}): after the run's end or error",
+        "T: 11 events, 4 runs: 1 broken rule(s)",
+    ])  # fmt: skip
+    stray = json.dumps({"event": "on_chain_end", "run_id": str(_U(99)), "parent_run_id": None})
+    assert _check([*lines, stray], tmp_path, capsys) == (1, [
+        f"T:11: D3 on_chain_end(run_id={_U(99)}): no run with this id has started",
+        "T: 11 events, 4 runs: 1 broken rule(s)",
+    ])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json\n", "line 2 is not JSON: Expecting property name enclosed in double quotes"),
+        ('{"event": "on_nothing"}\n', """line 2 names no known event: '{"event": "on_nothing"}'"""),
+        ('["on_chain_start"]\n', """line 2 names no known event: '["on_chain_start"]'"""),
+    ],
+)
+def test_X5_check_exits_2_naming_the_line_it_cannot_read(
+    content: str, message: str, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "trace.jsonl"
+    path.write_text(_sample_trace()[0] + "\n" + content, encoding="utf-8")
+    assert callbacks._main(["check", str(path)]) == 2
+    assert capsys.readouterr().err == f"{path}: cannot read the trace: {message}\n"
+    assert callbacks._main(["check", str(tmp_path / "missing.jsonl")]) == 2
+    assert "cannot read the trace: [Errno 2]" in capsys.readouterr().err
+    assert callbacks._main(["check"]) == callbacks._main(["lint", "x"]) == 2
+    assert capsys.readouterr().err.count("usage: python -m callbacks [check TRACE.jsonl") == 2
+
+
+def test_X5_python_m_callbacks_check_reads_a_file_or_standard_input(tmp_path: pathlib.Path) -> None:
+    """The command itself, as a user runs it, in a fresh interpreter (the stdlib alone)."""
+    path = tmp_path / "trace.jsonl"
+    trace = "".join(line + "\n" for line in _sample_trace())
+    path.write_text(trace, encoding="utf-8")
+    here = pathlib.Path(__file__).parent
+    for command, stdin in (
+        ([sys.executable, "-m", "callbacks", "check", str(path)], None),
+        ([sys.executable, str(here / "callbacks.py"), "check", "-"], trace),
+    ):
+        done = subprocess.run(command, input=stdin, capture_output=True, text=True, cwd=here)
+        assert (done.returncode, done.stderr) == (0, "")
+        assert done.stdout.endswith("10 events, 4 runs: keeps the rules\n")
+    broken = subprocess.run(
+        [sys.executable, "-m", "callbacks", "check", "-"],
+        input=trace.replace('"on_chain_end"', '"on_chain_start"', 1),
+        capture_output=True,
+        text=True,
+        cwd=here,
+    )
+    assert broken.returncode == 1 and "broken rule(s)" in broken.stdout
 
 
 # ===============================================================================================
@@ -8351,12 +8496,15 @@ def test_X4_readme_example_prints_what_the_readme_shows(capsys: pytest.CaptureFi
 
 
 def test_X2_X4_readme_demo_output_is_what_python_callbacks_py_prints(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     demo = next(b for b in _readme_blocks("console") if b.startswith("$ python callbacks.py"))
     callbacks._demo()
     assert capsys.readouterr().out == demo.split("\n", 1)[1]
-    runpy.run_path(str(_README.with_name("callbacks.py")), run_name="__main__")  # the script
+    monkeypatch.setattr(sys, "argv", ["callbacks.py"])  # the script, with no argument
+    with pytest.raises(SystemExit) as exit_status:
+        runpy.run_path(str(_README.with_name("callbacks.py")), run_name="__main__")
+    assert exit_status.value.code == 0
     assert capsys.readouterr().out == demo.split("\n", 1)[1]
 
 
