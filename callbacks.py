@@ -1851,6 +1851,17 @@ class _Run(_Scope):
         error path where an interrupt cannot be held, the entry of `_fail` (D3)."""
         self._fail(sys.exc_info()[1] or RuntimeError("the run was left open"))
 
+    def _closing(
+        self, event: Event, args: tuple[Any, ...], extra: dict[str, Any]
+    ) -> tuple[Any, ...]:
+        """Choose the run's one closing event (D3), for `_finish` and `_afinish` alike: kept in
+        ``_end`` from here on, so that a delivery cut short is finished, never replaced."""
+        listeners, kw = self._listeners, self._kw  # (D7: nobody to tell, no keywords)
+        kw = kw if listeners and kw is not None and not extra else None
+        kw = kw or (self._kwargs(event, extra) if listeners else {})
+        self._end = (listeners, event, args, kw)
+        return self._end
+
     def _finish(self, event: Event, args: tuple[Any, ...], extra: dict[str, Any]) -> None:
         """Deliver the run's closing event: ``event``, or the one chosen before if its delivery
         was cut short; first the closing events of children left open (D3)."""
@@ -1858,10 +1869,7 @@ class _Run(_Scope):
         try:
             end = self._end
             if end is None:  # from here on, this is the run's one closing event (D3)
-                listeners, kw = self._listeners, self._kw  # (D7: nobody to tell, no keywords)
-                kw = kw if listeners and kw is not None and not extra else None
-                kw = kw or (self._kwargs(event, extra) if listeners else {})
-                end = self._end = (listeners, event, args, kw)
+                end = self._closing(event, args, extra)
             while self._orphans:
                 if (target := self._orphans[0])._end:
                     _dispatch(target, *target._end)
@@ -1994,10 +2002,7 @@ class AsyncRunManager(_Run):
         try:
             end = self._end
             if end is None:  # from here on, this is the run's one closing event (D3)
-                listeners, kw = self._listeners, self._kw  # (D7: nobody to tell, no keywords)
-                kw = kw if listeners and kw is not None and not extra else None
-                kw = kw or (self._kwargs(event, extra) if listeners else {})
-                end = self._end = (listeners, event, args, kw)
+                end = self._closing(event, args, extra)
             while self._orphans:
                 if (target := self._orphans[0])._end:
                     await _adispatch(target, *target._end)
