@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import builtins
 import concurrent.futures
 import contextlib
 import contextvars
@@ -117,6 +118,7 @@ from typing import (
     TypedDict,
     TypeVar,
     Unpack,
+    cast,
     final,
     overload,
 )
@@ -3664,7 +3666,7 @@ class Recorder(BaseCallbackHandler):
         self.records: list[Record] = []
         self._lock = threading.Lock()
 
-    def _record(self, event: Event, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def _record(self, event: Event, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Record:
         if len(args) < len(event.payload):  # a payload argument passed by keyword (LangChain's
             rest = event.payload[len(args) :]  # sync on_llm_new_token passes token=...)
             args = (*args, *(kwargs.pop(name) for name in rest if name in kwargs))
@@ -3679,6 +3681,7 @@ class Recorder(BaseCallbackHandler):
         )
         with self._lock:
             self.records.append(record)
+        return record
 
     def events(self) -> list[str]:
         """The method names of the recorded events, in order."""
@@ -3932,6 +3935,11 @@ _EVENT_NAMES: Final = {name: e for e in Event for name in (e.method, e.js_name) 
 
 def _trace_line(record: Record) -> str:
     """One recorded event as a line of a JSON-lines trace (without the newline)."""
+    return json.dumps(_trace_fields(record), default=_brief)  # a value JSON cannot hold: its repr
+
+
+def _trace_fields(record: Record) -> dict[str, Any]:
+    """One recorded event as the fields of a trace line."""
     line: dict[str, Any] = {
         "event": record.event.method,
         "run_id": None if record.run_id is None else str(record.run_id),
@@ -3940,13 +3948,15 @@ def _trace_line(record: Record) -> str:
         "metadata": record.metadata,
     }
     if record.event.phase == "start":
-        line["name"] = record.kwargs.get("name")
+        serialized = record.args[0] if record.args and isinstance(record.args[0], dict) else {}
+        line["name"] = record.kwargs.get("name") or serialized.get("name")  # langchain_core's
+        # models send name=None and their name in ``serialized``
     elif record.event is Event.LLM_NEW_TOKEN and record.args:
         line["token"] = record.args[0]
     elif record.event.phase == "error" and record.args:
         error = record.args[0]
         line["error"] = {"type": type(error).__name__, "message": _text(error)[:200]}
-    return json.dumps(line, default=_brief)  # a value JSON cannot hold: its short repr
+    return line
 
 
 def _read_trace(lines: Iterable[str]) -> Iterator[tuple[int, Event, dict[str, Any]]]:
@@ -3998,15 +4008,822 @@ def _check_command(path: str) -> int:
     return 1 if found else 0
 
 
+# =================================================================================================
+# Scenarios: the rules as data, for any implementation (X5)
+# =================================================================================================
+
+# A scenario is a small program, in JSON, that an implementation of these rules in any language
+# can run: handlers by label, a tree of runnables by kind, one call, and what each handler must
+# hear. `_SCENARIOS` below is the only description; ``python -m callbacks scenarios`` plays each
+# on the toys and writes the corpus: the descriptions with the outcome and the trace each gave.
+# The interpreter (`_Play`) takes the classes to build with as a *kit*: given langchain_core's,
+# it builds that library's tree (the suite does), and the scenarios whose traces differ there
+# must be exactly those marked ``differs``, the README's list of differences made executable.
+#
+# A node is ``{"kind": K, ...}``. ``chain`` has ``steps`` (a list of nodes), ``parallel`` has
+# ``steps`` (a dict of nodes); ``llm`` and ``chat_model`` have ``text`` (the reply; streamed as
+# tokens of one word with the spaces after it) and ``streaming``; ``retriever`` has
+# ``documents`` (strings; it returns those containing every word of the query); models and
+# retrievers take ``error`` (raised inside the run, after the first token when streaming).
+# ``lambda`` and ``tool`` run a function that calls each of its ``calls`` in turn with its own
+# input (``{"runnable": node}``, plus ``config``, an explicit config, or ``pass_config``, the
+# config the lambda received), then raises ``error`` if given, else returns ``returns`` if
+# given, else the last call's output, else its input; a lambda's ``add_handler`` adds that
+# handler to the manager in its config (S12) before its calls. Every node takes ``name``
+# (required for lambdas and tools, whose function is the interpreter's) and ``bind`` (the
+# config of `Runnable.with_config`); models, tools and retrievers take constructor
+# ``callbacks`` (handler labels), ``tags`` and ``metadata``, as LangChain's do. An error is
+# ``{"type": <a Python builtin exception>, "message": ...}``.
+#
+# A handler is ``{label: {...}}``: the ``ignore_*``, ``raise_error`` and ``run_inline`` flags;
+# ``async`` (its methods are coroutines); ``fails_on`` (event methods in which it raises
+# ``fails_with``, a RuntimeError unless given, after recording the event); ``chat_start``:
+# false (it has no ``on_chat_model_start``: D4); ``flag_raises`` (a flag that raises when read:
+# D8). The call has ``mode`` (``invoke``, ``ainvoke``, ``stream``, ``astream``, ``batch``,
+# ``abatch``), ``input`` (a list for the batch modes), ``config`` (handlers by label) and, for
+# the stream modes, ``take`` (stop after that many chunks). In the corpus, ``outcome`` is
+# ``{"returns": value}`` (messages as ``{"type", "content"}``, documents as
+# ``{"page_content"}``) or ``{"raises": error}``, and ``trace`` lists every event in the order
+# heard, each line in the JSON-lines trace format plus ``handler``, its run ids renumbered in
+# order of first appearance, handler after handler in the order they are listed (so the ids
+# are the same however an implementation makes them). ``ordered`` says whether the order
+# between handlers is part of what is expected (it is not where sync handlers run concurrently
+# under async dispatch, D5); the order of each handler's own events always is.
+
+_HANDLER_FLAGS: Final = (
+    "raise_error",
+    "run_inline",
+    *sorted({e.ignore_flag for e in Event if e.ignore_flag}),
+)
+_HANDLER_KEYS: Final = frozenset({*_HANDLER_FLAGS, "async", "fails_on", "fails_with"}) | {
+    "chat_start",
+    "flag_raises",
+}
+_NODE_KEYS: Final = {  # what each kind of node takes besides kind, name and bind
+    "chain": {"steps"},
+    "parallel": {"steps"},
+    "lambda": {"calls", "returns", "error", "add_handler"},
+    "tool": {"calls", "returns", "error", "callbacks", "tags", "metadata"},
+    "llm": {"text", "streaming", "error", "callbacks", "tags", "metadata"},
+    "chat_model": {"text", "streaming", "error", "callbacks", "tags", "metadata"},
+    "retriever": {"documents", "error", "callbacks", "tags", "metadata"},
+}
+_MODES: Final = ("invoke", "ainvoke", "stream", "astream", "batch", "abatch")
+
+# The toys as a kit: each kind's constructor, called with the node's first value (steps, a
+# function, a text, documents) and its options by keyword.
+_TOY_KIT: Final[Mapping[str, Callable[..., Any]]] = {
+    "chain": lambda steps, **options: Chain(*steps, **options),
+    "parallel": Parallel,
+    "lambda": Lambda,
+    "tool": Tool,
+    "llm": LLM,
+    "chat_model": ChatModel,
+    "retriever": Retriever,
+}
+
+
+class _Actor(Recorder):
+    """A scenario's handler: records each event into the scenario's log, in arrival order, then
+    fails where its description says."""
+
+    def __init__(self, label: str, spec: Mapping[str, Any], log: list[tuple[str, Record]]) -> None:
+        super().__init__(label)
+        self.log = log
+        self.fails_on = frozenset(spec.get("fails_on", ()))
+        self.fails_with = spec.get("fails_with", {"type": "RuntimeError", "message": label})
+        self.chat_start = spec.get("chat_start", True)
+        for flag in _HANDLER_FLAGS:
+            if flag in spec and flag != spec.get("flag_raises"):
+                setattr(self, flag, bool(spec[flag]))
+
+    def _record(self, event: Event, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Record:
+        if event is Event.CHAT_MODEL_START and not self.chat_start:
+            raise NotImplementedError(event.method)  # the manager falls back (D4)
+        record = super()._record(event, args, kwargs)
+        self.log.append((self.label, record))
+        if event.method in self.fails_on:
+            raise _scenario_error(self.fails_with)
+        return record
+
+
+class _AsyncActor(_Actor):
+    """A scenario's handler whose methods are coroutines."""
+
+
+def _async_actor_method(event: Event) -> Callable[..., Any]:
+    async def record(self: _AsyncActor, *args: Any, **kwargs: Any) -> None:
+        self._record(event, args, kwargs)
+
+    return record
+
+
+_install_event_methods(_AsyncActor, _async_actor_method)
+
+
+def _scenario_error(spec: Mapping[str, Any]) -> BaseException:
+    """The exception an error description names: a builtin exception class and its message."""
+    kind = getattr(builtins, str(spec.get("type")), None)
+    if not (isinstance(kind, type) and issubclass(kind, BaseException)):
+        raise ValueError(
+            f"an error's type must name a builtin exception, got {_brief(spec.get('type'))}"
+        )
+    return kind(spec["message"]) if "message" in spec else kind()
+
+
+def _unknown_keys(what: str, given: Iterable[str], known: Iterable[str]) -> None:
+    extra = sorted(set(given) - set(known))
+    if extra:
+        raise ValueError(f"{what} has unknown keys {extra}: expected some of {sorted(known)}")
+
+
+def _plain(value: Any) -> Any:
+    """An output as JSON data: messages by type and content, documents by their text."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if hasattr(value, "page_content"):
+        return {"page_content": value.page_content}
+    if hasattr(value, "content"):
+        return {"type": getattr(value, "type", None), "content": _plain(value.content)}
+    return _brief(value)
+
+
+@final
+class _Play:
+    """One scenario played once: its handlers, the tree built with ``kit``, the call, and the
+    log of what every handler heard.
+
+    ``outcome()`` makes the call and returns ``{"returns": ...}`` or ``{"raises": ...}``;
+    ``trace()`` then gives the log as numbered trace lines. A bad description is a
+    `ValueError` naming what is wrong.
+    """
+
+    __slots__ = ("asynchronous", "call", "handlers", "kit", "log", "raised", "runnable")
+
+    def __init__(
+        self, scenario: Mapping[str, Any], kit: Mapping[str, Callable[..., Any]] = _TOY_KIT
+    ) -> None:
+        self.kit = kit
+        self.call = scenario["call"]
+        if self.call.get("mode") not in _MODES:
+            raise ValueError(f"a call's mode must be one of {_MODES}, got {_brief(self.call)}")
+        self.asynchronous = self.call["mode"].startswith("a")
+        self.log: list[tuple[str, Record]] = []
+        self.raised: list[BaseException] = []  # the errors the scenario's functions raised
+        self.handlers: dict[str, _Actor] = {}
+        for label, spec in scenario.get("handlers", {}).items():
+            _unknown_keys(f"handler {label!r}", spec, _HANDLER_KEYS)
+            cls: type[_Actor] = _AsyncActor if spec.get("async") else _Actor
+            if "flag_raises" in spec:  # a flag whose reading raises (D8)
+                flag, message = spec["flag_raises"], f"{label}.{spec['flag_raises']}"
+
+                def fails(self: _Actor, message: str = message) -> bool:
+                    raise RuntimeError(message)
+
+                cls = cast("type[_Actor]", type(cls.__name__, (cls,), {flag: property(fails)}))
+            self.handlers[label] = cls(label, spec, self.log)
+        self.runnable = self.build(scenario["runnable"])
+
+    def labelled(self, labels: Iterable[str]) -> list[_Actor]:
+        try:
+            return [self.handlers[label] for label in labels]
+        except KeyError as error:
+            raise ValueError(f"no handler is labelled {error.args[0]!r}") from None
+
+    def config(self, spec: Mapping[str, Any] | None) -> dict[str, Any] | None:
+        """A config from its description: handlers by label."""
+        if spec is None:
+            return None
+        config = dict(spec)
+        if "callbacks" in config:
+            config["callbacks"] = self.labelled(config["callbacks"])
+        return config
+
+    def build(self, node: Mapping[str, Any]) -> Any:
+        """The runnable a node describes, built with the kit (each kind's constructor)."""
+        kind = node.get("kind")
+        if kind not in _NODE_KEYS:
+            raise ValueError(f"a node's kind must be one of {list(_NODE_KEYS)}, got {_brief(kind)}")
+        _unknown_keys(f"a {kind} node", node, {"kind", "name", "bind", *_NODE_KEYS[kind]})
+        options = {
+            key: node[key] for key in ("name", "tags", "metadata", "streaming") if key in node
+        }
+        if "callbacks" in node:
+            options["callbacks"] = self.labelled(node["callbacks"])
+        first: Any
+        if kind == "chain":
+            first = [self.build(step) for step in node["steps"]]
+        elif kind == "parallel":
+            first = {key: self.build(step) for key, step in node["steps"].items()}
+        elif kind in ("lambda", "tool"):
+            if "name" not in node:
+                raise ValueError(f"a {kind} node needs a name: {_brief(node)}")
+            first = self.function(node)
+        else:
+            first = node["text"] if kind != "retriever" else node["documents"]
+            if "error" in node:
+                options["error"] = _scenario_error(node["error"])
+        runnable = self.kit[kind](first, **options)
+        if "bind" in node:
+            runnable = runnable.with_config(**self.config(node["bind"]) or {})
+        return runnable
+
+    def function(self, node: Mapping[str, Any]) -> Callable[..., Any]:
+        """A lambda's or tool's function: its calls in turn, then its error or its output.
+        Async under the async modes, so that nested calls are ``ainvoke``s."""
+        calls = [(self.build(call["runnable"]), call) for call in node.get("calls", ())]
+        adds = self.labelled([node["add_handler"]]) if "add_handler" in node else []
+
+        def config_for(call: Mapping[str, Any], config: Any) -> Any:
+            return config if call.get("pass_config") else self.config(call.get("config"))
+
+        def start(config: Any) -> None:
+            for handler in adds:
+                config["callbacks"].add_handler(handler)
+
+        def finish(output: Any) -> Any:
+            if "error" in node:
+                self.raised.append(_scenario_error(node["error"]))
+                raise self.raised[-1]
+            return node.get("returns", output)
+
+        def function(input: Any, config: Any = None) -> Any:
+            start(config)
+            output = input
+            for runnable, call in calls:
+                output = runnable.invoke(input, config_for(call, config))
+            return finish(output)
+
+        async def afunction(input: Any, config: Any = None) -> Any:
+            start(config)
+            output = input
+            for runnable, call in calls:
+                output = await runnable.ainvoke(input, config_for(call, config))
+            return finish(output)
+
+        if node["kind"] == "lambda":  # it takes a config, so the toy passes it one
+            return afunction if self.asynchronous else function
+
+        async def atool(input: Any) -> Any:  # a tool's function takes its input alone
+            return await afunction(input)
+
+        def tool(input: Any) -> Any:
+            return function(input)
+
+        return atool if self.asynchronous else tool
+
+    def outcome(self, timeout: float | None = None) -> dict[str, Any]:
+        """Make the call: ``{"returns": output}``, or ``{"raises": error}`` for an exception
+        or one the scenario raised on purpose (a real interrupt is not swallowed). An async
+        call still running after ``timeout`` seconds is cancelled (`TimeoutError`): for
+        implementations that hang."""
+        config = self.config(self.call.get("config"))
+        with sequential_run_ids():
+            try:
+                if self.asynchronous:
+                    output = asyncio.run(asyncio.wait_for(self._adrive(config), timeout))
+                else:
+                    output = self._drive(config)
+            except BaseException as error:
+                if not isinstance(error, Exception) and all(error is not e for e in self.raised):
+                    raise
+                return {"raises": {"type": type(error).__name__, "message": _text(error)}}
+        return {"returns": _plain(output)}
+
+    def _drive(self, config: Any) -> Any:
+        mode, value = self.call["mode"], self.call.get("input")
+        if mode == "invoke":
+            return self.runnable.invoke(value, config)
+        if mode == "batch":
+            return self.runnable.batch(list(value), config)
+        chunks: list[Any] = []
+        with contextlib.closing(self.runnable.stream(value, config)) as stream:
+            for chunk in stream:
+                chunks.append(chunk)
+                if len(chunks) == self.call.get("take"):
+                    break
+        return chunks
+
+    async def _adrive(self, config: Any) -> Any:
+        mode, value = self.call["mode"], self.call.get("input")
+        if mode == "ainvoke":
+            return await self.runnable.ainvoke(value, config)
+        if mode == "abatch":
+            return await self.runnable.abatch(list(value), config)
+        chunks: list[Any] = []
+        stream = self.runnable.astream(value, config)
+        try:
+            async for chunk in stream:
+                chunks.append(chunk)
+                if len(chunks) == self.call.get("take"):
+                    break
+        finally:
+            await stream.aclose()
+        return chunks
+
+    def trace(self) -> list[dict[str, Any]]:
+        """The log as trace lines (`_trace_fields` plus ``handler``), run ids renumbered in
+        order of first appearance, handler after handler in the order they are listed."""
+        ids: dict[Any, str] = {}
+        for label in self.handlers:
+            for heard, record in self.log:
+                if heard == label:
+                    for run_id in (record.run_id, record.parent_run_id):
+                        if run_id is not None and run_id not in ids:
+                            ids[run_id] = str(uuid.UUID(int=len(ids) + 1))
+        lines = []
+        for label, record in self.log:
+            line = {"handler": label, **_trace_fields(record)}
+            line["run_id"] = ids.get(record.run_id)
+            line["parent_run_id"] = ids.get(record.parent_run_id)
+            lines.append(line)
+        return lines
+
+
+# Nodes several scenarios share (never mutated).
+_PROMPT: Final = {"kind": "lambda", "name": "prompt"}
+_MODEL: Final = {"kind": "llm", "name": "model", "text": "a b"}
+_CHAT: Final = {"kind": "chat_model", "name": "chat", "text": "hi there"}
+_DOCS: Final = {"kind": "retriever", "name": "docs", "documents": ["a b", "b c"]}
+_TOOL: Final = {"kind": "tool", "name": "lookup"}
+_FOUR: Final = ("invoke", "ainvoke", "stream", "astream")  # batch modes: see R3's scenario
+
+
+def _chain(*steps: Mapping[str, Any], name: str = "outer", **more: Any) -> dict[str, Any]:
+    return {"kind": "chain", "name": name, "steps": list(steps), **more}
+
+
+def _calling(name: str, *calls: Mapping[str, Any], **more: Any) -> dict[str, Any]:
+    """A lambda that calls each runnable (``{"runnable": ...}`` or a bare node) in turn."""
+    listed = [call if "runnable" in call else {"runnable": call} for call in calls]
+    return {"kind": "lambda", "name": name, "calls": listed, **more}
+
+
+# The scenarios, in SPEC order: ``rules`` are the rules each shows, ``differs`` the rules on
+# which LangChain (langchain-core 1.7) gives another trace, each in the README's list of
+# differences; ``modes`` the call modes it is played in (one corpus entry each). The call's
+# input is "a b" unless given (a list of two for the batch modes).
+_SCENARIOS: Final[tuple[dict[str, Any], ...]] = (
+    {
+        "id": "request-handlers-hear-every-run",
+        "rules": ["S1", "S4"],
+        "about": "a request-time handler hears the chain and both steps, each step tagged",
+        "handlers": {"h": {}},
+        "runnable": _chain(_PROMPT, _MODEL),
+        "config": {"callbacks": ["h"]},
+        "modes": _FOUR,
+    },
+    {
+        "id": "constructor-handlers-hear-their-own-runs",
+        "rules": ["S2", "S5"],
+        "about": "a model's constructor handler hears the model's run alone, after the "
+        "request-time handlers, which hear every run in the order given",
+        "handlers": {"h": {}, "g": {}, "c": {}},
+        "runnable": _chain(_PROMPT, {**_MODEL, "callbacks": ["c"]}),
+        "config": {"callbacks": ["h", "g"]},
+        "modes": _FOUR,
+    },
+    {
+        "id": "constructor-handlers-of-a-tool-miss-its-children",
+        "rules": ["S2"],
+        "about": "a tool's constructor handler hears the tool, not the model it calls",
+        "handlers": {"h": {}, "c": {}},
+        "runnable": {**_TOOL, "callbacks": ["c"], "calls": [{"runnable": _MODEL}]},
+        "config": {"callbacks": ["h"]},
+        "modes": ("invoke", "ainvoke"),
+    },
+    {
+        "id": "request-tags-and-metadata-are-inherited-constructor-ones-are-local",
+        "rules": ["S3", "S8"],
+        "about": "request tags and metadata reach every run; a tool's own reach its run only",
+        "handlers": {"h": {}},
+        "runnable": _chain(
+            _PROMPT,
+            {**_TOOL, "tags": ["own"], "metadata": {"k": "tool"}, "calls": [{"runnable": _DOCS}]},
+        ),
+        "config": {"callbacks": ["h"], "tags": ["req"], "metadata": {"k": "req", "r": 1}},
+        "modes": ("invoke", "ainvoke"),
+    },
+    {
+        "id": "a-step-tag-marks-one-child",
+        "rules": ["S4"],
+        "about": "a nested named chain's steps carry their own seq:step tags, not its own",
+        "handlers": {"h": {}},
+        "runnable": _chain(_PROMPT, _chain({**_PROMPT, "name": "inner1"}, _MODEL, name="inner")),
+        "config": {"callbacks": ["h"]},
+        "modes": ("invoke", "stream"),
+    },
+    {
+        "id": "a-handler-listed-twice-hears-once",
+        "rules": ["S6"],
+        "differs": {"S6": ("invoke", "ainvoke")},
+        "about": "a handler listed twice in the request hears each event once",
+        "handlers": {"h": {}},
+        "runnable": _chain(_PROMPT, _MODEL),
+        "config": {"callbacks": ["h", "h"]},
+        "modes": ("invoke", "ainvoke"),
+    },
+    {
+        "id": "a-bound-handler-given-again-hears-once",
+        "differs": {"S6": ("invoke", "ainvoke")},
+        "rules": ["S6", "S9"],
+        "about": "a handler both bound and given in the request hears each event once",
+        "handlers": {"h": {}},
+        "runnable": {**_calling("outer", _MODEL), "bind": {"callbacks": ["h"]}},
+        "config": {"callbacks": ["h"]},
+        "modes": ("invoke", "ainvoke"),
+    },
+    {
+        "id": "tags-are-an-ordered-set",
+        "rules": ["S7", "S3"],
+        "differs": {"S7": ("invoke",)},
+        "about": "repeated tags are dropped, and a tool's own tag equal to an inherited one "
+        "does not stop that tag from reaching the tool's children",
+        "handlers": {"h": {}},
+        "runnable": {**_TOOL, "tags": ["x", "t"], "calls": [{"runnable": _MODEL}]},
+        "config": {"callbacks": ["h"], "tags": ["x", "y", "x"]},
+        "modes": ("invoke",),
+    },
+    {
+        "id": "metadata-merges-key-by-key",
+        "rules": ["S8", "S10"],
+        "about": "a nested call's metadata adds to the request's, a model's own beats both "
+        "for its run, and a sibling called without a config sees the request's",
+        "handlers": {"h": {}},
+        "runnable": _calling(
+            "outer",
+            {
+                "runnable": {**_MODEL, "metadata": {"k": "model"}},
+                "config": {"metadata": {"k": "nested", "n": 2}},
+            },
+            _DOCS,
+        ),
+        "config": {"callbacks": ["h"], "metadata": {"k": "req", "r": 1}},
+        "modes": ("invoke", "ainvoke"),
+    },
+    {
+        "id": "bound-handlers-are-inherited",
+        "rules": ["S9"],
+        "about": "a handler bound with with_config hears the bound lambda and its children",
+        "handlers": {"h": {}, "b": {}},
+        "runnable": _chain(
+            _PROMPT, {**_calling("user", _MODEL), "bind": {"callbacks": ["b"], "tags": ["bound"]}}
+        ),
+        "config": {"callbacks": ["h"]},
+        "modes": ("invoke", "ainvoke", "stream"),
+    },
+    {
+        "id": "a-bound-runnable-called-inside-a-run-stays-its-child",
+        "rules": ["S9", "S10"],
+        "differs": {"S9": ("invoke", "ainvoke")},
+        "about": "a bound model called without a config inside a run is that run's child, "
+        "heard by the inherited handler and the bound one",
+        "handlers": {"h": {}, "b": {}},
+        "runnable": _calling("outer", {**_MODEL, "bind": {"callbacks": ["b"]}}),
+        "config": {"callbacks": ["h"]},
+        "modes": ("invoke", "ainvoke"),
+    },
+    {
+        "id": "a-binding-beats-inherited-metadata",
+        "rules": ["S9", "S8"],
+        "differs": {"S9": ("invoke",)},
+        "about": "a step's bound metadata beats the request's for that step",
+        "handlers": {"h": {}},
+        "runnable": _chain(_PROMPT, {**_PROMPT, "name": "bound", "bind": {"metadata": {"k": "b"}}}),
+        "config": {"callbacks": ["h"], "metadata": {"k": "req"}},
+        "modes": ("invoke",),
+    },
+    {
+        "id": "nested-calls-without-a-config-are-children",
+        "rules": ["S10", "S1"],
+        "about": "a lambda's function calls a chat model and a tool without passing a config: "
+        "both are the lambda's children",
+        "handlers": {"h": {}},
+        "runnable": _calling("agent", _CHAT, _TOOL),
+        "config": {"callbacks": ["h"]},
+        "modes": _MODES,
+    },
+    {
+        "id": "a-nested-call-with-its-own-callbacks-starts-a-new-root",
+        "rules": ["S10"],
+        "differs": {"S10": ("invoke", "ainvoke")},
+        "about": "a nested call with its own callbacks is a root heard by those alone, "
+        "with no inherited tag or metadata",
+        "handlers": {"h": {}, "g": {}},
+        "runnable": _calling("outer", {"runnable": _MODEL, "config": {"callbacks": ["g"]}}),
+        "config": {"callbacks": ["h"], "tags": ["req"], "metadata": {"r": 1}},
+        "modes": ("invoke", "ainvoke"),
+    },
+    {
+        "id": "empty-callbacks-hide-a-subtree",
+        "rules": ["S10", "S2", "D7"],
+        "about": "a nested call with callbacks [] hides it and its children from the "
+        "inherited handler; a constructor handler inside still hears its run",
+        "handlers": {"h": {}, "c": {}},
+        "runnable": _calling(
+            "outer",
+            {
+                "runnable": _calling("hidden", {**_MODEL, "callbacks": ["c"]}),
+                "config": {"callbacks": []},
+            },
+        ),
+        "config": {"callbacks": ["h"]},
+        "modes": ("invoke", "ainvoke"),
+    },
+    {
+        "id": "a-nested-config-of-tags-adds-to-the-inherited-manager",
+        "rules": ["S10", "S3"],
+        "about": "a nested call with tags alone stays in the tree, with both tag sets",
+        "handlers": {"h": {}},
+        "runnable": _calling("outer", {"runnable": _MODEL, "config": {"tags": ["extra"]}}),
+        "config": {"callbacks": ["h"], "tags": ["req"]},
+        "modes": ("invoke", "ainvoke"),
+    },
+    {
+        "id": "run-name-names-the-receiving-run-only",
+        "rules": ["S10"],
+        "about": "config run_name renames the root, not its steps",
+        "handlers": {"h": {}},
+        "runnable": _chain(_PROMPT, _MODEL),
+        "config": {"callbacks": ["h"], "run_name": "renamed"},
+        "modes": ("invoke",),
+    },
+    {
+        "id": "parallel-branches-keep-the-tree-in-their-threads",
+        "rules": ["S11", "S10", "S4"],
+        "about": "each Parallel branch (tagged map:key) runs in a copy of the context, so a "
+        "model it calls without a config is its child",
+        "handlers": {"h": {}},
+        "runnable": {
+            "kind": "parallel",
+            "name": "fan",
+            "steps": {"x": _calling("left", _MODEL), "y": _calling("right", _DOCS)},
+        },
+        "config": {"callbacks": ["h"], "max_concurrency": 1},
+        "modes": ("invoke", "batch"),  # langchain_core's async Parallel ignores the bound
+    },
+    {
+        "id": "a-handler-added-to-a-lambdas-manager-hears-what-it-passes-on",
+        "rules": ["S12"],
+        "about": "a handler a function adds to its config's manager hears the call it "
+        "passes that config to",
+        "handlers": {"h": {}, "late": {}},
+        "runnable": _calling(
+            "outer", {"runnable": _MODEL, "pass_config": True}, add_handler="late"
+        ),
+        "config": {"callbacks": ["h"]},
+        "modes": ("invoke", "ainvoke"),
+    },
+    {
+        "id": "a-chain-batches-input-by-input",
+        "rules": ["S1", "R3"],
+        "differs": {"R3": ("batch", "abatch")},
+        "about": "a batched chain takes each input through every step before the next input",
+        "handlers": {"h": {}},
+        "runnable": _chain(_PROMPT, _MODEL),
+        "config": {"callbacks": ["h"]},
+        "modes": ("batch", "abatch"),
+    },
+    {
+        "id": "ignore-flags-silence-their-events",
+        "rules": ["D1"],
+        "about": "a handler ignoring LLM events misses the model's, tokens included; one "
+        "ignoring chain events hears only the model",
+        "handlers": {"h": {}, "q": {"ignore_llm": True}, "r": {"ignore_chain": True}},
+        "runnable": _chain(_PROMPT, {**_MODEL, "streaming": True}),
+        "config": {"callbacks": ["h", "q", "r"]},
+        "modes": _FOUR,
+    },
+    {
+        "id": "a-failing-handler-is-logged-and-the-run-goes-on",
+        "rules": ["D2"],
+        "about": "a handler raising in two events changes nothing for the call or the others",
+        "handlers": {"f": {"fails_on": ["on_chain_start", "on_llm_end"]}, "h": {}},
+        "runnable": _chain(_PROMPT, _MODEL),
+        "config": {"callbacks": ["f", "h"]},
+        "modes": ("invoke", "ainvoke"),
+    },
+    {
+        "id": "a-raise-error-handler-fails-the-call-after-everyone-heard",
+        "rules": ["D2", "D3"],
+        "differs": {"D2": ("invoke",)},
+        "about": "a raise_error handler failing in on_llm_end fails the call once the others "
+        "heard the event; every run closes with the error",
+        "handlers": {"f": {"fails_on": ["on_llm_end"], "raise_error": True}, "h": {}},
+        "runnable": _chain(_PROMPT, _MODEL),
+        "config": {"callbacks": ["f", "h"]},
+        "modes": ("invoke", "ainvoke"),
+    },
+    {
+        "id": "a-failing-model-closes-every-run-innermost-first",
+        "rules": ["D3", "S1"],
+        "about": "a model raising inside its run: its error, then the chain's",
+        "handlers": {"h": {}},
+        "runnable": _chain(
+            _PROMPT, {**_MODEL, "text": "a b c", "error": {"type": "ValueError", "message": "x"}}
+        ),
+        "config": {"callbacks": ["h"]},
+        "modes": _FOUR,
+    },
+    {
+        "id": "a-failing-tool-inside-a-lambda-closes-both",
+        "rules": ["D3"],
+        "about": "a tool raising inside a lambda: the tool's error, then the lambda's",
+        "handlers": {"h": {}},
+        "runnable": _calling(
+            "agent", {**_TOOL, "error": {"type": "LookupError", "message": "none"}}
+        ),
+        "config": {"callbacks": ["h"]},
+        "modes": ("invoke", "ainvoke"),
+    },
+    {
+        "id": "an-interrupt-from-a-body-closes-every-run",
+        "differs": {"D3": ("ainvoke",)},
+        "rules": ["D3"],
+        "about": "a KeyboardInterrupt raised by a step still closes both runs",
+        "handlers": {"h": {}},
+        "runnable": _chain(
+            _PROMPT, {**_PROMPT, "name": "stop", "error": {"type": "KeyboardInterrupt"}}
+        ),
+        "config": {"callbacks": ["h"]},
+        "modes": ("invoke", "ainvoke"),
+    },
+    {
+        "id": "a-raise-error-handler-failing-at-a-start-still-closes-the-run",
+        "rules": ["D3", "D2"],
+        "differs": {"D3": ("invoke", "ainvoke")},
+        "about": "a raise_error failure in on_chain_start fails the call, and the run it "
+        "started gets its error event",
+        "handlers": {"f": {"fails_on": ["on_chain_start"], "raise_error": True}},
+        "runnable": _chain(_PROMPT, _MODEL),
+        "config": {"callbacks": ["f"]},
+        "modes": ("invoke", "ainvoke"),
+    },
+    {
+        "id": "a-stream-closed-early-fails-its-runs-innermost-first",
+        "rules": ["D3"],
+        "differs": {"D3": ("stream", "astream")},
+        "about": "a consumer that stops after the first chunk: the model's run fails with "
+        "GeneratorExit, then the chain's",
+        "handlers": {"h": {}},
+        "runnable": _chain(_PROMPT, {**_MODEL, "text": "a b c"}),
+        "config": {"callbacks": ["h"]},
+        "take": 1,
+        "modes": ("stream", "astream"),
+    },
+    {
+        "id": "a-handler-without-chat-start-gets-llm-start",
+        "rules": ["D4"],
+        "about": "a handler with no on_chat_model_start hears the chat run's start as "
+        "on_llm_start; one that also ignores LLM events hears nothing of it",
+        "handlers": {"n": {"chat_start": False}, "m": {"chat_start": False, "ignore_llm": True}},
+        "runnable": _chain(_PROMPT, _CHAT),
+        "config": {"callbacks": ["n", "m"]},
+        "modes": ("invoke", "ainvoke"),
+    },
+    {
+        "id": "inline-handlers-go-first-under-async-dispatch",
+        "rules": ["D5"],
+        "about": "under async dispatch a run_inline handler hears each event before an async one "
+        "listed before it",
+        "handlers": {"a": {"async": True}, "i": {"run_inline": True}},
+        "runnable": _chain(_PROMPT, _DOCS),
+        "config": {"callbacks": ["a", "i"]},
+        "modes": ("ainvoke", "astream"),
+    },
+    {
+        "id": "every-handler-gets-llm-start-beside-an-inline-one",
+        "rules": ["D5"],
+        "differs": {"D5": ("ainvoke",)},
+        "about": "an inline handler beside an async one: both hear on_llm_start",
+        "handlers": {"a": {"async": True}, "i": {"run_inline": True}},
+        "runnable": _chain(_PROMPT, _MODEL),
+        "config": {"callbacks": ["a", "i"]},
+        "modes": ("ainvoke",),
+    },
+    {
+        "id": "async-handlers-run-in-their-turn-under-sync-dispatch",
+        "rules": ["D6"],
+        "differs": {"D6": ("invoke", "stream")},
+        "about": "under invoke an async handler listed first hears each event before the sync "
+        "one after it",
+        "handlers": {"a": {"async": True}, "h": {}},
+        "runnable": _chain(_PROMPT, _MODEL),
+        "config": {"callbacks": ["a", "h"]},
+        "modes": ("invoke", "stream"),
+    },
+    {
+        "id": "an-async-raise-error-handler-fails-a-sync-call",
+        "rules": ["D6", "D2"],
+        "differs": {"D6": ("invoke",)},
+        "about": "under invoke an async raise_error handler's failure fails the call",
+        "handlers": {"a": {"async": True, "fails_on": ["on_llm_start"], "raise_error": True}},
+        "runnable": _chain(_PROMPT, _MODEL),
+        "config": {"callbacks": ["a"]},
+        "modes": ("invoke",),
+    },
+    {
+        "id": "an-unobserved-parent-still-gives-its-id",
+        "rules": ["D7", "S2"],
+        "about": "nobody listens to the chain, yet its model's constructor handler gets the "
+        "chain's id as parent",
+        "handlers": {"c": {}},
+        "runnable": _chain(_PROMPT, {**_MODEL, "callbacks": ["c"]}),
+        "modes": ("invoke", "ainvoke", "stream"),
+    },
+    {
+        "id": "a-flag-that-raises-is-its-handlers-failure",
+        "rules": ["D8", "D2"],
+        "about": "a handler whose ignore_chain flag raises misses the chain events, logged; "
+        "the call and the other handler are unaffected",
+        "handlers": {"b": {"flag_raises": "ignore_chain"}, "h": {}},
+        "runnable": _chain(_PROMPT, _MODEL),
+        "config": {"callbacks": ["b", "h"]},
+        "modes": ("invoke", "ainvoke"),
+    },
+    {
+        "id": "stop-iteration-from-a-handler-is-an-ordinary-failure",
+        "rules": ["D8", "D2"],
+        "differs": {"D8": ("ainvoke",)},
+        "about": "a handler raising StopIteration is a logged failure in every mode",
+        "handlers": {
+            "f": {"fails_on": ["on_chain_start"], "fails_with": {"type": "StopIteration"}}
+        },
+        "runnable": _chain(_PROMPT, _MODEL),
+        "config": {"callbacks": ["f"]},
+        "modes": ("invoke", "ainvoke"),
+    },
+)
+
+
+def _corpus(kit: Mapping[str, Callable[..., Any]] = _TOY_KIT) -> dict[str, Any]:
+    """The corpus: every scenario in each of its modes, with what playing it gave."""
+    entries = []
+    for scenario in _SCENARIOS:
+        for mode in scenario["modes"]:
+            batch = mode.endswith("batch")
+            skip = ("modes", "take", "config")
+            entry = {key: value for key, value in scenario.items() if key not in skip}
+            entry["id"] = f"{scenario['id']}/{mode}"
+            differs = scenario.get("differs", {})
+            entry["differs"] = [rule for rule, modes in differs.items() if mode in modes]
+            entry["call"] = {"mode": mode, "input": ["a b", "b"] if batch else "a b"}
+            config = scenario.get("config")
+            if batch:  # one input after the other: a trace with one order
+                config = {**(config or {}), "max_concurrency": 1}
+            entry["call"]["config"] = config
+            if "take" in scenario:
+                entry["call"]["take"] = scenario["take"]
+            entries.append(_played(entry, kit))
+    return {
+        "format": "callbacks-scenarios",
+        "version": __version__,
+        "about": "see callbacks.py, section Scenarios, and its README",
+        "scenarios": entries,
+    }
+
+
+def _played(
+    scenario: Mapping[str, Any],
+    kit: Mapping[str, Callable[..., Any]] = _TOY_KIT,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """``scenario`` with ``ordered``, ``outcome`` and ``trace`` from playing it with ``kit``."""
+    play = _Play(scenario, kit)
+    outcome = play.outcome(timeout)
+    handlers = scenario["handlers"].values()  # sync ones run concurrently under async dispatch
+    ordered = not play.asynchronous or all(h.get("async") or h.get("run_inline") for h in handlers)
+    return {**scenario, "ordered": ordered, "outcome": outcome, "trace": play.trace()}
+
+
+def _scenarios_command() -> int:
+    """``python -m callbacks scenarios``: the corpus, as JSON on standard output."""
+    quiet = logging.NullHandler()  # handler failures some scenarios cause on purpose (D2)
+    _LOGGER.addHandler(quiet)
+    try:
+        corpus = _corpus()
+    finally:
+        _LOGGER.removeHandler(quiet)
+    print(json.dumps(corpus, indent=1))
+    return 0
+
+
 def _main(argv: Sequence[str]) -> int:
     """``python callbacks.py`` (or ``python -m callbacks``): the demo; with ``check PATH``,
-    `_check_command`. Anything else: the usage, exit status 2."""
+    `_check_command`; with ``scenarios``, `_scenarios_command`. Anything else: the usage, exit
+    status 2."""
     if not argv:
         _demo()
         return 0
     if len(argv) == 2 and argv[0] == "check":
         return _check_command(argv[1])
-    print("usage: python -m callbacks [check TRACE.jsonl | check -]", file=sys.stderr)
+    if list(argv) == ["scenarios"]:
+        return _scenarios_command()
+    print("usage: python -m callbacks [check TRACE.jsonl | check - | scenarios]", file=sys.stderr)
     return 2
 
 

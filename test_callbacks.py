@@ -12,6 +12,7 @@ import collections
 import concurrent.futures
 import contextlib
 import contextvars
+import copy
 import dis
 import doctest
 import functools
@@ -8411,6 +8412,298 @@ def test_X5_python_m_callbacks_check_reads_a_file_or_standard_input(tmp_path: pa
         cwd=here,
     )
     assert broken.returncode == 1 and "broken rule(s)" in broken.stdout
+
+
+# X5: the scenario corpus, replayed here and on langchain_core
+
+
+def _corpus_json(capsys: pytest.CaptureFixture[str]) -> Any:
+    """What ``python -m callbacks scenarios`` prints, read back."""
+    assert callbacks._main(["scenarios"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _bare(entry: dict[str, Any]) -> dict[str, Any]:
+    """A corpus entry as an implementation receives it: without what playing it gave."""
+    return {
+        key: value for key, value in entry.items() if key not in ("ordered", "outcome", "trace")
+    }
+
+
+def _per_handler(trace: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    heard: dict[str, list[dict[str, Any]]] = {}
+    for line in trace:
+        heard.setdefault(line["handler"], []).append(line)
+    return heard
+
+
+def _same_play(expected: dict[str, Any], got: dict[str, Any]) -> bool:
+    """The same outcome, the same trace for each handler and, where the scenario says the
+    order between handlers counts, the same order."""
+    if expected["ordered"] and [line["handler"] for line in expected["trace"]] != [
+        line["handler"] for line in got["trace"]
+    ]:
+        return False
+    return bool(
+        expected["outcome"] == got["outcome"]
+        and _per_handler(expected["trace"]) == _per_handler(got["trace"])
+    )
+
+
+def test_X5_the_scenario_corpus_replays_from_its_json_alone(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Every scenario of ``python -m callbacks scenarios``, rebuilt from its JSON description
+    alone and played again, gives the outcome and traces the corpus holds: the corpus cannot
+    drift from the module that wrote it."""
+    corpus = _corpus_json(capsys)
+    assert (corpus["format"], corpus["version"]) == ("callbacks-scenarios", callbacks.__version__)
+    entries = corpus["scenarios"]
+    assert len(entries) == len({entry["id"] for entry in entries}) == 81
+    for entry in entries:
+        assert _same_play(entry, callbacks._played(_bare(entry))), entry["id"]
+
+
+def test_X5_the_corpus_covers_every_S_and_D_rule(capsys: pytest.CaptureFixture[str]) -> None:
+    """Each S and D rule is shown by at least one scenario; a rule a scenario differs on is one
+    of the rules it shows; the README's list of differences names every scenario that differs
+    under langchain_core."""
+    entries = _corpus_json(capsys)["scenarios"]
+    shown = {rule for entry in entries for rule in entry["rules"]}
+    readme = _README.read_text(encoding="utf-8")
+    stated = set(re.findall(r"^- \*\*([SD]\d+)\*\*", readme, re.M))
+    assert len(stated) == 20 and sorted(stated - shown) == []
+    differences = readme.split("## Where this differs from LangChain", 1)[1].split("\n## ")[0]
+    for entry in entries:
+        assert set(entry["differs"]) <= set(entry["rules"]), entry["id"]
+        if entry["differs"]:
+            assert f"`{entry['id'].split('/')[0]}`" in differences, entry["id"]
+
+
+def test_X5_every_handlers_expected_trace_keeps_the_rules(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
+) -> None:
+    """Each handler's expected trace in the corpus, as JSON lines, passes ``check`` (X1): a
+    partial view, a failing handler's and an interrupted call's included."""
+    checked = 0
+    for entry in _corpus_json(capsys)["scenarios"]:
+        for label, lines in _per_handler(entry["trace"]).items():
+            status, out = _check([json.dumps(line) for line in lines], tmp_path, capsys)
+            assert status == 0, (entry["id"], label, out)
+            checked += 1
+    assert checked > 81
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"runnable": {"kind": "agent"}}, "a node's kind must be one of .* got 'agent'"),
+        (
+            {"runnable": {"kind": "llm", "text": "x", "callback": ["h"]}},
+            r"unknown keys \['callback'\]",
+        ),
+        ({"runnable": {"kind": "lambda"}}, "a lambda node needs a name"),
+        (
+            {"runnable": {"kind": "llm", "text": "x", "callbacks": ["g"]}},
+            "no handler is labelled 'g'",
+        ),
+        (
+            {"handlers": {"h": {"ignore_llms": True}}},
+            r"handler 'h' has unknown keys \['ignore_llms'\]",
+        ),
+        ({"call": {"mode": "run"}}, "a call's mode must be one of"),
+        (
+            {"runnable": {"kind": "llm", "text": "x", "error": {"type": "open"}}},
+            "an error's type must name a builtin exception, got 'open'",
+        ),
+    ],
+)
+def test_X5_a_scenario_description_that_is_not_well_formed_is_refused(
+    change: dict[str, Any], message: str
+) -> None:
+    scenario = {
+        "handlers": {"h": {}},
+        "runnable": {"kind": "llm", "text": "x"},
+        "call": {"mode": "invoke", "input": "q"},
+        **change,
+    }
+    with pytest.raises(ValueError, match=message):
+        callbacks._Play(scenario)
+
+
+def test_X5_playing_a_scenario_lets_an_interrupt_it_did_not_raise_through() -> None:
+    """A ``KeyboardInterrupt`` a scenario's function raises is its outcome; one from elsewhere
+    (here a handler's, which D2 lets out whatever the flags) leaves the play."""
+    scenario = {
+        "handlers": {
+            "h": {"fails_on": ["on_llm_start"], "fails_with": {"type": "KeyboardInterrupt"}}
+        },
+        "runnable": {"kind": "llm", "text": "x"},
+        "call": {"mode": "invoke", "input": "q", "config": {"callbacks": ["h"]}},
+    }
+    with pytest.raises(KeyboardInterrupt):
+        callbacks._Play(scenario).outcome()
+
+
+def test_X5_outcomes_are_plain_json_data() -> None:
+    value = {"m": (AIMessage("x"), Document("d")), "n": 2.5, "o": None, "p": [object]}
+    assert callbacks._plain(value) == {
+        "m": [{"type": "ai", "content": "x"}, {"page_content": "d"}],
+        "n": 2.5,
+        "o": None,
+        "p": ["<class 'object'> (type)"],
+    }
+
+
+def _lc_kit() -> dict[str, Callable[..., Any]]:
+    """langchain_core's runnables as a kit for `callbacks._Play`: its sequence, parallel,
+    lambda and structured tool, and a completion model, a chat model and a retriever that behave
+    as the toys do (replies streamed a word at a time, errors raised inside the run, after the
+    first token when streaming; documents holding every word of the query)."""
+    runnables = _lc_import("langchain_core.runnables")
+    tools = _lc_import("langchain_core.tools")
+    retrievers = _lc_import("langchain_core.retrievers")
+    documents = _lc_import("langchain_core.documents")
+    llms = _lc_import("langchain_core.language_models.llms")
+    chat_models = _lc_import("langchain_core.language_models.chat_models")
+    messages = _lc_import("langchain_core.messages")
+    outputs = _lc_import("langchain_core.outputs")
+
+    def fail(error: BaseException | None) -> None:
+        if error is not None:
+            raise copy.copy(error)
+
+    class KitLLM(llms.LLM):  # type: ignore[misc,name-defined]
+        text: str
+        streaming: bool = False
+        error: Any = None
+
+        @property
+        def _llm_type(self) -> str:
+            return "kit"
+
+        def _call(self, prompt: str, stop: Any = None, run_manager: Any = None, **kw: Any) -> str:
+            if self.streaming:  # a completion model fires its own tokens
+                return "".join(c.text for c in self._stream(prompt, stop, run_manager))
+            fail(self.error)
+            return self.text
+
+        async def _acall(
+            self, prompt: str, stop: Any = None, run_manager: Any = None, **kw: Any
+        ) -> str:
+            if self.streaming:
+                return "".join([c.text async for c in self._astream(prompt, stop, run_manager)])
+            fail(self.error)
+            return self.text
+
+        def _stream(self, prompt: str, stop: Any = None, run_manager: Any = None, **kw: Any) -> Any:
+            for word in _TOKEN_WORDS.findall(self.text):
+                run_manager.on_llm_new_token(word, chunk=outputs.GenerationChunk(text=word))
+                yield outputs.GenerationChunk(text=word)
+                fail(self.error)
+
+        async def _astream(
+            self, prompt: str, stop: Any = None, run_manager: Any = None, **kw: Any
+        ) -> Any:
+            for word in _TOKEN_WORDS.findall(self.text):
+                await run_manager.on_llm_new_token(word, chunk=outputs.GenerationChunk(text=word))
+                yield outputs.GenerationChunk(text=word)
+                fail(self.error)
+
+    class KitChat(chat_models.BaseChatModel):  # type: ignore[misc,name-defined]
+        text: str
+        streaming: bool = False
+        error: Any = None
+
+        @property
+        def _llm_type(self) -> str:
+            return "kit"
+
+        def _generate(
+            self, messages_: Any, stop: Any = None, run_manager: Any = None, **kw: Any
+        ) -> Any:
+            fail(self.error)
+            message = messages.AIMessage(self.text)
+            return outputs.ChatResult(generations=[outputs.ChatGeneration(message=message)])
+
+    class KitRetriever(retrievers.BaseRetriever):  # type: ignore[misc,name-defined]
+        documents: list[str]
+        error: Any = None
+
+        def _get_relevant_documents(self, query: str, *, run_manager: Any) -> Any:
+            fail(self.error)
+            words = query.lower().split()
+            return [
+                documents.Document(page_content=text)
+                for text in self.documents
+                if all(word in text.lower() for word in words)
+            ]
+
+    def given(runnable: Any, callbacks: Any) -> Any:
+        if callbacks is not None:  # its constructors take its own handler class alone
+            runnable.callbacks = list(callbacks)
+        return runnable
+
+    def chain(steps: list[Any], name: str | None = None) -> Any:
+        sequence = runnables.RunnableSequence(*steps)  # bound, so that it is not spliced
+        return sequence.with_config(run_name=name) if name else sequence
+
+    def parallel(steps: dict[str, Any], name: str | None = None) -> Any:
+        fan = runnables.RunnableParallel(steps)
+        fan.name = name
+        return fan
+
+    def tool(func: Any, name: str, callbacks: Any = None, **options: Any) -> Any:
+        how = {"coroutine" if inspect.iscoroutinefunction(func) else "func": func}
+        made = tools.StructuredTool.from_function(name=name, description=name, **how, **options)
+        return given(made, callbacks)
+
+    return {
+        "chain": chain,
+        "parallel": parallel,
+        "lambda": lambda func, name: runnables.RunnableLambda(func, name=name),
+        "tool": tool,
+        "llm": lambda text, callbacks=None, **o: given(KitLLM(text=text, **o), callbacks),
+        "chat_model": lambda text, callbacks=None, **o: given(KitChat(text=text, **o), callbacks),
+        "retriever": lambda documents, callbacks=None, **o: given(
+            KitRetriever(documents=documents, **o), callbacks
+        ),
+    }
+
+
+def _lc_seen(line: dict[str, Any]) -> dict[str, Any]:
+    """A trace line with what the rules leave open set aside: the order of a run's tags (the
+    README: "The `name` keyword and tag order") and the metadata langchain_core adds for its
+    tracing service (``ls_*`` keys, ``lc_versions``)."""
+    seen = dict(line)
+    if seen["tags"] is not None:
+        seen["tags"] = sorted(seen["tags"])
+    if seen["metadata"] is not None:
+        seen["metadata"] = {
+            k: v
+            for k, v in seen["metadata"].items()
+            if not k.startswith("ls_") and k != "lc_versions"
+        }
+    return seen
+
+
+def test_X5_langchain_core_differs_on_exactly_the_scenarios_marked_differs(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every scenario of the corpus, built by the same interpreter of langchain_core's own
+    runnables and played there: the scenarios whose outcome or traces differ are exactly those
+    marked ``differs``, the README's differences (a scenario that hangs there is cancelled
+    after 10 s and differs by its `TimeoutError`)."""
+    kit = _lc_kit()
+    differing, marked = [], []
+    for entry in _corpus_json(capsys)["scenarios"]:
+        got = callbacks._played(_bare(entry), kit, timeout=10)
+        seen = {**got, "trace": [_lc_seen(line) for line in got["trace"]]}
+        if not _same_play({**entry, "trace": [_lc_seen(line) for line in entry["trace"]]}, seen):
+            differing.append(entry["id"])
+        if entry["differs"]:
+            marked.append(entry["id"])
+    assert differing == marked and len(marked) == 23
 
 
 # ===============================================================================================
