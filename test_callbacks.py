@@ -8258,12 +8258,14 @@ def test_R7_langchain_core_streams_random_chains_alike(tree: Any, mode: str) -> 
 
 
 @pytest.mark.parametrize("mode", _LC_MODES)
-def test_X5_langchain_core_trace_passes_check_and_fails_once_an_end_is_removed(
+def test_X5_langchain_core_trace_passes_check_and_fails_once_broken(
     mode: str, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A trace of a real langchain_core app (a lambda, a chat model streaming or not, a tool),
-    written by a `Recorder` as JSON lines, keeps the rules under ``check``; without its last
-    end event, the root run is reported never closed."""
+    written by a `Recorder` as JSON lines, keeps the rules under ``check``. Without its last
+    end event, the root run is reported never closed; with a token repeated after every run
+    closed (streamed modes), that token is after its run's end; with an end for a run id that
+    never started, that end names no run (D3 each, exit status 1)."""
     app, _ = _lc_app("hi", stream_model=mode.endswith("stream"))
     recorder, checker = _lc_handlers()
     _lc_drive(app, {"callbacks": [recorder, checker]}, mode)
@@ -8273,6 +8275,16 @@ def test_X5_langchain_core_trace_passes_check_and_fails_once_an_end_is_removed(
     status, out = _check(lines[:-1], tmp_path, capsys)
     assert status == 1 and out[0].startswith("T:1: D3 on_chain_start(")
     assert out[0].endswith("never closed by an end or error event")
+    tokens = [line for line in lines if json.loads(line)["event"] == "on_llm_new_token"]
+    assert bool(tokens) == mode.endswith("stream")
+    for token in tokens[:1]:
+        status, out = _check([*lines, token], tmp_path, capsys)
+        assert status == 1 and out[0].startswith(f"T:{len(lines) + 1}: D3 on_llm_new_token(")
+        assert out[0].endswith("after the run's end or error")
+    stray = json.dumps({"event": "on_tool_end", "run_id": str(uuid.uuid4()), "parent_run_id": None})
+    status, out = _check([*lines, stray], tmp_path, capsys)
+    assert status == 1 and out[0].startswith(f"T:{len(lines) + 1}: D3 on_tool_end(")
+    assert out[0].endswith("no run with this id has started")
 
 
 def test_X1_langchain_core_a_reused_run_id_is_caught() -> None:
