@@ -47,7 +47,8 @@ have to thread the config through by hand (it may, by passing ``{"callbacks": ch
 Dispatch calls each handler in order, skips handlers whose ``ignore_*`` flag covers the event,
 and never lets a handler's exception break the run unless that handler sets ``raise_error``.
 The `Event` enum is the one table of events: method names, run types, phases and ignore flags
-are read from it by the handler base class, the run managers, the dispatcher and the checker.
+are read from it by the run managers, the dispatcher and the checker; the handler base classes
+spell its rows out as typed methods, for type checkers, and a test holds them to it.
 
 Async is the same system called differently. ``ainvoke`` starts runs through an
 `AsyncCallbackManager`, whose dispatcher runs ``run_inline`` handlers first and in order, then
@@ -456,26 +457,232 @@ class BaseCallbackHandler:
     ignore_retry: bool = False
     ignore_custom_event: bool = False
 
-    if TYPE_CHECKING:  # the event methods come from the Event table (_generate_event_methods)
+    # One method per row of the `Event` table, in its order, each with its real signature
+    # (`Event.signature`, typed), so that type checkers see what a subclass overrides; a test
+    # holds the two together.
 
-        def __getattr__(self, name: str) -> Callable[..., Any]: ...
+    def on_chat_model_start(
+        self,
+        serialized: dict[str, Any],
+        messages: list[list[BaseMessage]],
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """A chat model run starts. Not implemented here: on_llm_start gets its prompts (D4)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement on_chat_model_start")
 
+    def on_llm_start(
+        self,
+        serialized: dict[str, Any],
+        prompts: list[str],
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """An LLM run starts, one prompt per run (R2)."""
 
-def _no_op(event: Event) -> Callable[..., Any]:
-    if event is Event.CHAT_MODEL_START:
+    def on_llm_new_token(
+        self,
+        token: str,
+        *,
+        chunk: Any = None,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        tags: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """A streaming LLM or chat model run made a token."""
 
-        def not_implemented(self: Any, *args: Any, **kwargs: Any) -> None:
-            """Not implemented: the dispatcher falls back to ``on_llm_start`` (D4)."""
-            raise NotImplementedError(
-                f"{type(self).__name__} does not implement on_chat_model_start"
-            )
+    def on_llm_end(
+        self,
+        response: LLMResult,
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        tags: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """An LLM or chat model run ends with its result."""
 
-        return not_implemented
+    def on_llm_error(
+        self,
+        error: BaseException,
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        tags: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """An LLM or chat model run fails."""
 
-    def no_op(self: Any, *args: Any, **kwargs: Any) -> None:
-        return None
+    def on_chain_start(
+        self,
+        serialized: dict[str, Any],
+        inputs: Any,
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """A chain run (a Lambda, Chain or Parallel) starts."""
 
-    return no_op
+    def on_chain_end(
+        self,
+        outputs: Any,
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        tags: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """A chain run ends with its output."""
+
+    def on_chain_error(
+        self,
+        error: BaseException,
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        tags: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """A chain run fails."""
+
+    def on_tool_start(
+        self,
+        serialized: dict[str, Any],
+        input_str: str,
+        *,
+        inputs: dict[str, Any] | None = None,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """A tool run starts; ``input_str`` is its input as text."""
+
+    def on_tool_end(
+        self,
+        output: Any,
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        tags: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """A tool run ends with its output."""
+
+    def on_tool_error(
+        self,
+        error: BaseException,
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        tags: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """A tool run fails."""
+
+    def on_retriever_start(
+        self,
+        serialized: dict[str, Any],
+        query: str,
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """A retriever run starts with its query."""
+
+    def on_retriever_end(
+        self,
+        documents: Sequence[Document],
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        tags: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """A retriever run ends with the documents found."""
+
+    def on_retriever_error(
+        self,
+        error: BaseException,
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        tags: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """A retriever run fails."""
+
+    def on_text(
+        self,
+        text: str,
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        tags: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Any run reports a text (never ignored)."""
+
+    def on_agent_action(
+        self,
+        action: Any,
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        tags: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """An agent (a chain run) takes an action."""
+
+    def on_agent_finish(
+        self,
+        finish: Any,
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        tags: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """An agent (a chain run) finishes."""
+
+    def on_retry(
+        self,
+        retry_state: Any,
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        tags: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Any run retries."""
+
+    def on_custom_event(
+        self,
+        name: str,
+        data: Any,
+        *,
+        run_id: uuid.UUID,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """A custom event from the enclosing run (`dispatch_custom_event`)."""
 
 
 class AsyncCallbackHandler(BaseCallbackHandler):
@@ -485,15 +692,228 @@ class AsyncCallbackHandler(BaseCallbackHandler):
     each is run to completion before the next handler is called (D6).
     """
 
+    async def on_chat_model_start(
+        self,
+        serialized: dict[str, Any],
+        messages: list[list[BaseMessage]],
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """A chat model run starts. Not implemented here: on_llm_start gets its prompts (D4)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement on_chat_model_start")
 
-def _async_no_op(event: Event) -> Callable[..., Any]:
-    sync = _no_op(event)
+    async def on_llm_start(
+        self,
+        serialized: dict[str, Any],
+        prompts: list[str],
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """An LLM run starts, one prompt per run (R2)."""
 
-    async def coroutine(self: Any, *args: Any, **kwargs: Any) -> None:
-        sync(self, *args, **kwargs)
+    async def on_llm_new_token(
+        self,
+        token: str,
+        *,
+        chunk: Any = None,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        tags: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """A streaming LLM or chat model run made a token."""
 
-    coroutine.__doc__ = sync.__doc__
-    return coroutine
+    async def on_llm_end(
+        self,
+        response: LLMResult,
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        tags: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """An LLM or chat model run ends with its result."""
+
+    async def on_llm_error(
+        self,
+        error: BaseException,
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        tags: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """An LLM or chat model run fails."""
+
+    async def on_chain_start(
+        self,
+        serialized: dict[str, Any],
+        inputs: Any,
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """A chain run (a Lambda, Chain or Parallel) starts."""
+
+    async def on_chain_end(
+        self,
+        outputs: Any,
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        tags: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """A chain run ends with its output."""
+
+    async def on_chain_error(
+        self,
+        error: BaseException,
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        tags: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """A chain run fails."""
+
+    async def on_tool_start(
+        self,
+        serialized: dict[str, Any],
+        input_str: str,
+        *,
+        inputs: dict[str, Any] | None = None,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """A tool run starts; ``input_str`` is its input as text."""
+
+    async def on_tool_end(
+        self,
+        output: Any,
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        tags: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """A tool run ends with its output."""
+
+    async def on_tool_error(
+        self,
+        error: BaseException,
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        tags: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """A tool run fails."""
+
+    async def on_retriever_start(
+        self,
+        serialized: dict[str, Any],
+        query: str,
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """A retriever run starts with its query."""
+
+    async def on_retriever_end(
+        self,
+        documents: Sequence[Document],
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        tags: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """A retriever run ends with the documents found."""
+
+    async def on_retriever_error(
+        self,
+        error: BaseException,
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        tags: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """A retriever run fails."""
+
+    async def on_text(
+        self,
+        text: str,
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        tags: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Any run reports a text (never ignored)."""
+
+    async def on_agent_action(
+        self,
+        action: Any,
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        tags: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """An agent (a chain run) takes an action."""
+
+    async def on_agent_finish(
+        self,
+        finish: Any,
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        tags: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """An agent (a chain run) finishes."""
+
+    async def on_retry(
+        self,
+        retry_state: Any,
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        tags: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Any run retries."""
+
+    async def on_custom_event(
+        self,
+        name: str,
+        data: Any,
+        *,
+        run_id: uuid.UUID,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """A custom event from the enclosing run (`dispatch_custom_event`)."""
 
 
 _DUCK_HANDLERS: Final[weakref.WeakSet[type]] = weakref.WeakSet()  # classes seen to qualify
@@ -3883,14 +4303,13 @@ def _checker_method(event: Event) -> Callable[..., None]:
 
 
 def _generate_event_methods() -> None:
-    """Give each class its event methods, generated from the `Event` table: the handler bases'
-    defaults, the run managers' event methods, the recorder's and the checker's.
+    """Give each class its event methods, generated from the `Event` table: the run managers',
+    the recorder's and the checker's (the handler bases declare theirs, to be seen by type
+    checkers; a test holds them to the table).
 
     Run once, at import. Running it again rebuilds the same methods: a test does, so that
     mutation testing (which switches code at call time) reaches these generators too.
     """
-    _install_event_methods(BaseCallbackHandler, _no_op)
-    _install_event_methods(AsyncCallbackHandler, _async_no_op)
     for event in Event:
         if event.phase != "start":
             setattr(RunManager, event.method, _run_manager_method(event, False))

@@ -18,6 +18,7 @@ import doctest
 import functools
 import gc
 import importlib
+import importlib.util
 import inspect
 import io
 import itertools
@@ -273,30 +274,129 @@ def test_events_the_enum_is_the_table_of_spec_section_1() -> None:
 
 
 def test_events_handler_base_signatures_follow_langchain() -> None:
-    assert str(inspect.signature(BaseCallbackHandler().on_llm_start)) == (
+    assert str(_untyped(BaseCallbackHandler().on_llm_start)) == (
         "(serialized, prompts, *, run_id, parent_run_id=None, tags=None, metadata=None, **kwargs)"
     )
-    assert str(inspect.signature(BaseCallbackHandler().on_llm_new_token)) == (
+    assert str(_untyped(BaseCallbackHandler().on_llm_new_token)) == (
         "(token, *, chunk=None, run_id, parent_run_id=None, tags=None, **kwargs)"
     )
-    assert str(inspect.signature(BaseCallbackHandler().on_tool_start)) == (
+    assert str(_untyped(BaseCallbackHandler().on_tool_start)) == (
         "(serialized, input_str, *, inputs=None, run_id, parent_run_id=None, tags=None,"
         " metadata=None, **kwargs)"
     )
-    assert str(inspect.signature(BaseCallbackHandler().on_custom_event)) == (
+    assert str(_untyped(BaseCallbackHandler().on_custom_event)) == (
         "(name, data, *, run_id, tags=None, metadata=None, **kwargs)"
     )
     for event in Event:
-        assert inspect.signature(getattr(BaseCallbackHandler, event.method)) == event.signature
+        assert _untyped(getattr(BaseCallbackHandler, event.method)) == event.signature
         if event.phase != "start":
             assert callable(getattr(RunManager, event.method))
+
+
+def _untyped(method: Callable[..., Any]) -> inspect.Signature:
+    """``method``'s signature without its annotations: what `Event.signature` states."""
+    signature = inspect.signature(method)
+    return signature.replace(
+        parameters=[p.replace(annotation=p.empty) for p in signature.parameters.values()],
+        return_annotation=signature.empty,
+    )
+
+
+@pytest.mark.parametrize("base", [BaseCallbackHandler, AsyncCallbackHandler])
+def test_events_handler_bases_declare_every_method_in_the_table(base: type) -> None:
+    """Each base class declares one method per row of the `Event` table, in the table's order,
+    in its own body (so type checkers and IDEs see them): its signature is the row's, typed,
+    its docstring one line, and the async base's are coroutine functions."""
+    declared = [name for name in vars(base) if name.startswith("on_")]
+    assert declared == [event.method for event in Event]
+    for event in Event:
+        method = vars(base)[event.method]
+        assert _untyped(method) == event.signature
+        assert all(
+            p.annotation is not p.empty
+            for p in inspect.signature(method).parameters.values()
+            if p.name != "self"
+        )
+        assert method.__doc__ and "\n" not in method.__doc__
+        assert inspect.iscoroutinefunction(method) == (base is AsyncCallbackHandler)
+
+
+_USER_HANDLER = """
+import sys
+from typing import Any
+
+from callbacks import AsyncCallbackHandler, BaseCallbackHandler
+
+if sys.version_info >= (3, 12):
+    from typing import override
+else:
+    from typing_extensions import override
+
+
+class Tokens(BaseCallbackHandler):
+    @override
+    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        print(token)
+
+
+class AsyncTokens(AsyncCallbackHandler):
+    @override
+    async def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        print(token)
+"""
+
+
+def test_events_type_checkers_see_the_handler_methods(tmp_path: pathlib.Path) -> None:
+    """``mypy --strict`` on a user's handlers: ``@override`` on ``on_llm_new_token`` passes;
+    on a misspelt method, or with a token typed as an int, it is an error. (mypy runs in its
+    own process: in this one it would raise the recursion limit for the tests after it.)"""
+    if (
+        importlib.util.find_spec("mypy") is None
+        or importlib.util.find_spec("typing_extensions") is None
+    ):
+        pytest.skip("mypy and typing_extensions are not installed")
+    checks = {
+        "good": _USER_HANDLER,
+        "misspelt": _USER_HANDLER.replace("def on_llm_new_token", "def on_llm_new_tokens", 1),
+        "mistyped": _USER_HANDLER.replace("token: str", "token: int", 1),
+    }
+    for name, code in checks.items():
+        (tmp_path / f"{name}.py").write_text(code, encoding="utf-8")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--strict",
+            "--no-incremental",
+            *(str(tmp_path / f"{name}.py") for name in checks),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=pathlib.Path(__file__).parent,
+        check=False,
+    )
+    errors = {
+        name: [
+            line
+            for line in result.stdout.splitlines()
+            if f"{name}.py:" in line and " error: " in line
+        ]
+        for name in checks
+    }
+    assert result.returncode == 1 and errors["good"] == [], result.stdout
+    assert [e.split(" error: ")[1] for e in errors["misspelt"]] == [
+        'Method "on_llm_new_tokens" is marked as an override, but no base method was found with'
+        " this name  [misc]"
+    ]
+    assert len(errors["mistyped"]) == 1 and "incompatible with supertype" in errors["mistyped"][0]
 
 
 def test_events_handler_defaults_are_no_ops_except_chat_start() -> None:
     handler = BaseCallbackHandler()
     run_id = uuid.uuid4()
     for event in Event:
-        args = [None] * len(event.payload)
+        args: list[Any] = [None] * len(event.payload)
         if event is Event.CHAT_MODEL_START:
             with pytest.raises(NotImplementedError):
                 handler.on_chat_model_start(*args, run_id=run_id)
@@ -372,14 +472,14 @@ def _check_generated_run_manager_methods(manager_class: type[Any]) -> None:
 
 
 def test_events_generated_methods_rebuilt_from_the_table_behave_as_documented() -> None:
-    """Every event method is generated from `Event`, once at import: the handler bases'
-    defaults, the run managers' event methods, the recorder's and the checker's. Rebuilding
+    """The run managers', the recorder's and the checker's event methods are generated from
+    `Event`, once at import (the handler bases declare theirs, checked against it). Rebuilding
     them now gives methods that behave as the table says (and lets mutation testing, which
     switches code at call time, reach the generators)."""
     callbacks._generate_event_methods()
     test_events_handler_base_signatures_follow_langchain()
     test_events_handler_defaults_are_no_ops_except_chat_start()
-    for base in (BaseCallbackHandler, AsyncCallbackHandler, Recorder, TraceChecker):
+    for base in (Recorder, TraceChecker):
         for event in Event:
             method = getattr(base, event.method)
             assert (method.__name__, method.__qualname__) == (event.method, event.method)
@@ -5702,7 +5802,7 @@ def test_D2_handler_with_a_wrong_signature_is_a_handler_error_not_a_crash(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     class Narrow(BaseCallbackHandler):
-        def on_chain_start(self, serialized: Any) -> None:
+        def on_chain_start(self, serialized: Any) -> None:  # type: ignore[override]
             pass  # takes neither the inputs nor the keywords
 
     rec = Recorder()
@@ -5890,7 +5990,8 @@ def test_D3_a_run_too_deep_to_hear_its_error_is_closed_by_its_nearest_ancestor(m
 
     overflowed, depth = 0, 60
     while overflowed < 30:  # deeper, through 30 depths where the stack runs out
-        checkers, tree = [TraceChecker(), Recorder(), TraceChecker()], nested(depth)
+        first, last = TraceChecker(), TraceChecker()
+        checkers, tree = [first, Recorder(), last], nested(depth)
         config: RunnableConfig = {"callbacks": checkers}
         try:  # the error leaves `asyncio.run`, which then cancels what is left
             if mode == "invoke":
@@ -5903,8 +6004,8 @@ def test_D3_a_run_too_deep_to_hear_its_error_is_closed_by_its_nearest_ancestor(m
                 )
         except RecursionError:
             overflowed += 1
-        checkers[0].check()  # the first handler and the last alike
-        checkers[2].check()
+        first.check()  # the first handler and the last alike
+        last.check()
         depth += 3
     # A task whose creation ran out of stack is left half-built: asyncio reports it as
     # destroyed while pending once it is collected (its handler heard the event through the
@@ -6949,7 +7050,7 @@ def test_S10_custom_event_with_another_runs_config_belongs_to_that_run() -> None
 def test_X1_X2_recorder_defaults_and_checker_messages() -> None:
     rec = Recorder()
     assert repr(rec) == "Recorder('recorder')"
-    rec.on_text("note")  # no keywords at all
+    rec.on_text("note")  # type: ignore[call-arg]  # no keywords at all
     assert rec.records[0][:6] == (Event.TEXT, ("note",), None, None, None, None)
     rec.on_chain_start({}, {}, run_id=_A)
     rec.on_text("t", run_id=_A)
