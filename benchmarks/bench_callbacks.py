@@ -8,22 +8,30 @@ with a note. Scenarios, each a markdown table:
 - ``event``: one ``on_text`` to k no-op handlers: the floor (the same handlers' methods called
   in a loop with the keywords this project's run manager passes), this project's run manager,
   langchain_core's run manager, blinker ``Signal.send``, a pluggy hook call.
+- ``token``: the same for ``on_llm_new_token`` on an LLM run (no event may be special-cased).
 - ``run``: start, ``get_child()`` and end of one chain run, this project vs langchain_core.
 - ``depth``: a Lambda invoking a nested Lambda, per level, vs ``RunnableLambda`` and vs the
   same number of nested plain functions.
+- ``async``: ``ainvoke`` of an async Lambda awaiting a nested async Lambda, per level, with no
+  handler or one async handler, vs ``RunnableLambda`` (wall clock: work may leave the thread).
 - ``chain``: a Chain of Lambda steps, per step, vs ``RunnableSequence``.
 - ``flatness``: per level, a chain of child managers (start, get_child) 64 deep vs 16 deep.
 - ``memory``: tracemalloc peak per nested level, and bytes retained after 10,000 runs.
 
 Method: one process, gc enabled. Each case is a `timeit` statement whose loop count is set so
-that a sample lasts at least 0.2 s; every round times each case once, in turn, and a case
-reports the median of its rounds (7). Timings are not tests: nothing is asserted, and the
-closing ``targets`` table only reads the team's ratios off the measurements.
+that a sample lasts at least 0.2 s, timed in the thread's CPU time (`time.thread_time`: what
+other processes on a shared machine do is not counted), the async cases by wall clock. Every
+round times each case once, in turn (7 rounds); a case reports the median of its rounds, and a
+ratio between two cases is the median of their per-round ratios, so that a slow spell of the
+machine, which hits both sides of a round alike, cancels out. Every side calls the very same
+no-op handler methods. Timings are not tests: nothing is asserted, and the closing ``targets``
+table only reads the team's ratios off the measurements.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import importlib
 import importlib.metadata
@@ -32,6 +40,7 @@ import os
 import platform
 import statistics
 import sys
+import time
 import timeit
 import tracemalloc
 import uuid
@@ -66,7 +75,21 @@ Key = tuple[str, str, int, int]  # scenario, side, handlers, size (depth, steps 
 class NoOp:
     """A handler that does nothing, its methods declared with the keywords managers pass."""
 
-    raise_error = run_inline = ignore_chain = False  # the flags langchain_core reads
+    raise_error = run_inline = ignore_chain = ignore_llm = False  # the flags langchain_core reads
+
+    def on_llm_new_token(
+        self,
+        token: Any,
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: Any = None,
+        tags: Any = None,
+        **kw: Any,
+    ) -> None:
+        pass
+
+    def on_llm_start(self, serialized: Any, prompts: Any, **kw: Any) -> None:
+        pass
 
     def on_text(
         self,
@@ -115,6 +138,21 @@ class NoOp:
         pass
 
 
+class AsyncNoOp:
+    """An async handler that does nothing (a chain run's three events)."""
+
+    raise_error = run_inline = ignore_chain = False
+
+    async def on_chain_start(self, serialized: Any, inputs: Any, **kw: Any) -> None:
+        pass
+
+    async def on_chain_end(self, outputs: Any, **kw: Any) -> None:
+        pass
+
+    async def on_chain_error(self, error: Any, **kw: Any) -> None:
+        pass
+
+
 class _Recorder:
     def __init__(self) -> None:
         self.kwargs: dict[str, Any] = {}
@@ -122,12 +160,18 @@ class _Recorder:
     def on_text(self, text: Any, **kwargs: Any) -> None:
         self.kwargs = kwargs
 
+    def on_llm_new_token(self, token: Any, **kwargs: Any) -> None:
+        self.kwargs = kwargs
 
-def passed_keywords() -> dict[str, Any]:
-    """The keyword arguments this project's run manager passes with ``on_text``."""
+
+def passed_keywords() -> dict[str, dict[str, Any]]:
+    """The keyword arguments this project's run managers pass with ``on_text`` and
+    ``on_llm_new_token``: the floor passes the same."""
     recorder = _Recorder()
     CallbackManager([recorder]).on_chain_start(SERIALIZED, INPUTS).on_text("x")
-    return recorder.kwargs
+    text = recorder.kwargs
+    CallbackManager([recorder]).on_llm_start(SERIALIZED, ["p"])[0].on_llm_new_token("x")
+    return {"event": text, "token": recorder.kwargs}
 
 
 def pluggy_manager(count: int) -> Any:
@@ -170,6 +214,33 @@ def nested(wrap: Callable[[Callable[[Any], Any]], Any], depth: int) -> Any:
     return runnable
 
 
+def nested_async(lam: Any, depth: int) -> Any:
+    """``depth`` async Lambdas, each awaiting the next's ``ainvoke`` (implicit child)."""
+
+    async def leaf(x: Any) -> Any:
+        return x
+
+    runnable = lam(leaf)
+    for _ in range(depth - 1):
+
+        async def call(x: Any, inner: Any = runnable) -> Any:
+            return await inner.ainvoke(x)
+
+        runnable = lam(call)
+    return runnable
+
+
+def async_driver(runnable: Any, config: Any, times: int) -> Callable[[], None]:
+    """``times`` ``ainvoke`` calls on one event loop, made once: what a sample times."""
+    loop = asyncio.new_event_loop()
+
+    async def many() -> None:
+        for _ in range(times):
+            await runnable.ainvoke(1, config)
+
+    return lambda: loop.run_until_complete(many())
+
+
 def nested_plain(depth: int) -> Callable[[Any], Any]:
     func: Callable[[Any], Any] = identity
     for _ in range(depth - 1):
@@ -183,11 +254,14 @@ class Case:
     stmt: str
     namespace: dict[str, Any]
     units: int = 1  # events, runs, levels or steps per execution of stmt
+    clock: Callable[[], float] = time.thread_time  # wall clock for the async cases
     number: int = 0
     samples: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:  # timeit disables gc; its setup enables it again
-        self.timer = timeit.Timer(self.stmt, "gc.enable()", globals={"gc": gc, **self.namespace})
+        self.timer = timeit.Timer(
+            self.stmt, "gc.enable()", self.clock, globals={"gc": gc, **self.namespace}
+        )
 
     def calibrate(self, min_time: float) -> None:
         number = 1
@@ -205,33 +279,41 @@ class Sizes:
     events: Sequence[int] = (0, 1, 10, 100)
     runs: Sequence[int] = (0, 1, 10)
     depths: Sequence[int] = (1, 8, 32)
+    async_depths: Sequence[int] = (1, 8)
     steps: Sequence[int] = (1, 10, 100)
     flat: Sequence[int] = (16, 64)
 
 
-def build_cases(sizes: Sizes, keywords: dict[str, Any]) -> list[Case]:
+def build_cases(sizes: Sizes, keywords: dict[str, dict[str, Any]]) -> list[Case]:
     cases: list[Case] = []
 
-    def add(key: Key, stmt: str, namespace: dict[str, Any], units: int = 1) -> None:
-        cases.append(Case(key, stmt, namespace, units))
+    def add(key: Key, stmt: str, namespace: dict[str, Any], units: int = 1, **more: Any) -> None:
+        cases.append(Case(key, stmt, namespace, units, **more))
 
-    call = ", ".join(f"{name}={name}" for name in keywords)  # run_id=run_id, ...
     fixed: dict[str, Any] = {"run_id": uuid.uuid4(), "parent_run_id": None, "tags": []}
+    pairs: list[tuple[str, Any]] = [(THIS, CallbackManager)]  # each side's callback manager
+    if LC_CALLBACKS:
+        pairs.append((LC, LC_CALLBACKS.CallbackManager))
+    for scenario, method in (("event", "on_text"), ("token", "on_llm_new_token")):
+        call = ", ".join(f"{name}={name}" for name in keywords[scenario])  # run_id=run_id, ...
+        for k in sizes.events:
+            hs = [NoOp() for _ in range(k)]
+            stmt = f"for h in hs: h.{method}('x', {call})"
+            add((scenario, FLOOR, k, 1), stmt, {"hs": hs, **keywords[scenario]})
+            for side, manager in pairs:
+                if scenario == "event":
+                    run = manager(list(hs), list(hs)).on_chain_start(SERIALIZED, INPUTS)
+                else:
+                    run = manager(list(hs), list(hs)).on_llm_start(SERIALIZED, ["p"])[0]
+                add((scenario, side, k, 1), f"run.{method}('x')", {"run": run})
     for k in sizes.events:
         hs = [NoOp() for _ in range(k)]
-        add(("event", FLOOR, k, 1), f"for h in hs: h.on_text('x', {call})", {"hs": hs, **keywords})
-        run = CallbackManager(hs, hs).on_chain_start(SERIALIZED, INPUTS)
-        add(("event", THIS, k, 1), "run.on_text('x')", {"run": run})
-        if LC_CALLBACKS:
-            lc_run = LC_CALLBACKS.CallbackManager(list(hs), list(hs)).on_chain_start(
-                SERIALIZED, INPUTS
-            )
-            add(("event", LC, k, 1), "run.on_text('x')", {"run": lc_run})
         if BLINKER:
             signal = BLINKER.Signal()
             for h in hs:
                 signal.connect(h.on_text)
-            namespace = {"sig": signal, "hs": hs, **keywords}  # hs: blinker holds weak refs
+            call = ", ".join(f"{name}={name}" for name in keywords["event"])
+            namespace = {"sig": signal, "hs": hs, **keywords["event"]}  # hs: blinker: weak refs
             add(("event", "blinker", k, 1), f"sig.send('x', {call})", namespace)
         if PLUGGY:
             stmt = (
@@ -270,17 +352,31 @@ def build_cases(sizes: Sizes, keywords: dict[str, Any]) -> list[Case]:
                     continue  # a RunnableSequence needs two steps
                 namespace = {"r": sequence(*[lam(identity) for _ in range(n)]), "config": config}
                 add(("chain", side, k, n), "r.invoke(1, config)", namespace, n)
+        for k in (0, 1):
+            handlers: list[Any] = [AsyncNoOp()] if k else []
+            for depth in sizes.async_depths:
+                drive = async_driver(nested_async(lam, depth), {"callbacks": handlers}, 20)
+                key = ("async", side, k, depth)
+                add(key, "drive()", {"drive": drive}, depth * 20, clock=time.perf_counter)
     return cases
 
 
-def measure(cases: list[Case], rounds: int, min_time: float) -> dict[Key, float]:
+def measure(cases: list[Case], rounds: int, min_time: float) -> dict[Key, list[float]]:
+    """Each case's samples (ns per unit), one per round, the rounds interleaved."""
     for case in cases:
         case.calibrate(min_time)
     for i in range(rounds):
         print(f"round {i + 1}/{rounds}", file=sys.stderr, flush=True)
         for case in cases:
             case.sample()
-    return {case.key: statistics.median(case.samples) for case in cases}
+    return {case.key: case.samples for case in cases}
+
+
+def ratio(r: dict[Key, list[float]], key: Key, ref: Key) -> float | None:
+    """The median of the per-round ratios ``key / ref``, or None if either was not measured."""
+    if key not in r or ref not in r:
+        return None
+    return statistics.median(a / b for a, b in zip(r[key], r[ref], strict=True))
 
 
 def memory(runs: int, depth: int = 32) -> tuple[float, float, float]:
@@ -312,13 +408,14 @@ def memory(runs: int, depth: int = 32) -> tuple[float, float, float]:
     return peaks[0], peaks[1], float(sum(stat.size_diff for stat in diff))
 
 
-def fmt(value: float | None, ref: float | None = None) -> str:
-    if value is None:
+def fmt(samples: list[float] | None, times: float | None = None) -> str:
+    """The median of ``samples`` in ns, and ``times`` (a ratio) beside it."""
+    if samples is None:
         return "n/a"
+    value = statistics.median(samples)
     text = f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
-    if ref:
-        ratio = value / ref
-        text += f" ({ratio:.2f}x)" if ratio < 10 else f" ({ratio:.1f}x)"
+    if times is not None:
+        text += f" ({times:.2f}x)" if times < 10 else f" ({times:.1f}x)"
     return text
 
 
@@ -330,21 +427,25 @@ def table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> N
         print("| " + " | ".join(row) + " |")
 
 
-def report(r: dict[Key, float], sizes: Sizes) -> None:
+def report(r: dict[Key, list[float]], sizes: Sizes) -> None:
     def cell(key: Key, ref: Key | None = None) -> str:
-        return fmt(r.get(key), r.get(ref) if ref else None)
+        return fmt(r.get(key), ratio(r, key, ref) if ref else None)
 
-    def ev(side: str, k: int) -> Key:
-        return ("event", side, k, 1)
+    for scenario, method in (("event", "on_text"), ("token", "on_llm_new_token")):
 
-    rows = [
-        [str(k), cell(ev(FLOOR, k)), cell(ev(THIS, k), ev(FLOOR, k)), cell(ev(LC, k), ev(THIS, k))]
-        + [cell(ev(peer, k), ev(FLOOR, k)) for peer in ("blinker", "pluggy")]
-        for k in sizes.events
-    ]
-    header = ["handlers", FLOOR, "this project (x floor)", "langchain_core (x this)"]
-    header += ["blinker (x floor)", "pluggy (x floor)"]
-    table("event: one on_text to k no-op handlers, ns per event", header, rows)
+        def ev(side: str, k: int, scenario: str = scenario) -> Key:
+            return (scenario, side, k, 1)
+
+        peers = ("blinker", "pluggy") if scenario == "event" else ()  # they have no tokens
+        rows = [
+            [str(k), cell(ev(FLOOR, k)), cell(ev(THIS, k), ev(FLOOR, k))]
+            + [cell(ev(LC, k), ev(THIS, k))]
+            + [cell(ev(peer, k), ev(FLOOR, k)) for peer in peers]
+            for k in sizes.events
+        ]
+        header = ["handlers", FLOOR, "this project (x floor)", "langchain_core (x this)"]
+        header += [f"{peer} (x floor)" for peer in peers]
+        table(f"{scenario}: one {method} to k no-op handlers, ns per event", header, rows)
 
     run, lc_run = ("run", THIS), ("run", LC)
     rows = [[str(k), cell((*run, k, 1)), cell((*lc_run, k, 1), (*run, k, 1))] for k in sizes.runs]
@@ -381,6 +482,19 @@ def report(r: dict[Key, float], sizes: Sizes) -> None:
     header = ["handlers", "steps", THIS, "RunnableSequence (x this)"]
     table("chain: a Chain of Lambda steps, ns per step", header, rows)
 
+    rows = [
+        [
+            str(k),
+            str(d),
+            cell(("async", THIS, k, d)),
+            cell(("async", LC, k, d), ("async", THIS, k, d)),
+        ]
+        for k in (0, 1)
+        for d in sizes.async_depths
+    ]
+    header = ["async handlers", "depth", THIS, "RunnableLambda (x this)"]
+    table("async: ainvoke of an async Lambda awaiting a nested one, ns per level", header, rows)
+
     low = sizes.flat[0]
     rows = [
         [side, *(cell(("flatness", side, 1, d), ("flatness", side, 1, low)) for d in sizes.flat)]
@@ -390,29 +504,35 @@ def report(r: dict[Key, float], sizes: Sizes) -> None:
     table("flatness: on_chain_start + get_child per level of a chain, ns", header, rows)
 
 
-def targets(r: dict[Key, float], sizes: Sizes, retained: float, runs: int) -> None:
+def targets(r: dict[Key, list[float]], sizes: Sizes, retained: float, runs: int) -> None:
+    """Issue 15's targets, read off the measurements."""
     d, low, high = sizes.depths[-1], sizes.flat[0], sizes.flat[-1]
-    ev, run = ("event", THIS), ("run", THIS)
-    lc_ev, lc_run, floor = ("event", LC), ("run", LC), ("event", FLOOR)
-    checks: list[tuple[str, Key, Key, str, float]] = [
-        ("event, 1 handler: this / floor", (*ev, 1, 1), (*floor, 1, 1), "<=", 1.4),
-        ("event, 1 handler: langchain_core / this", (*lc_ev, 1, 1), (*ev, 1, 1), ">=", 6),
-        ("event, 10 handlers: this / floor", (*ev, 10, 1), (*floor, 10, 1), "<=", 1.25),
-        ("run, 1 handler: langchain_core / this", (*lc_run, 1, 1), (*run, 1, 1), ">=", 4),
-    ]
+    checks: list[tuple[str, Key, Key, str, float]] = []
+    for scenario in ("event", "token"):
+        this, lc, floor = (scenario, THIS), (scenario, LC), (scenario, FLOOR)
+        for k, most in ((1, 1.6), (10, 1.25)):
+            label = f"{scenario}, {k} handler(s)"
+            checks.append((f"{label}: this / floor", (*this, k, 1), (*floor, k, 1), "<=", most))
+            checks.append((f"{label}: langchain_core / this", (*lc, k, 1), (*this, k, 1), ">=", 6))
+    run, lc_run = ("run", THIS, 1, 1), ("run", LC, 1, 1)
+    checks.append(("run, 1 handler: langchain_core / this", lc_run, run, ">=", 4))
     for k, least in ((1, 30.0), (0, 100.0)):
         label = f"depth {d}, {k} handler(s): RunnableLambda / this, per level"
         checks.append((label, ("depth", LC, k, d), ("depth", THIS, k, d), ">=", least))
     label = f"depth {d}, 0 handlers: this / plain functions, per level"
     checks.append((label, ("depth", THIS, 0, d), ("depth", PLAIN, 0, d), "<=", 10))
+    a = sizes.async_depths[-1]
+    for k, least in ((0, 100.0), (1, 6.0)):
+        label = f"async depth {a}, {k} async handler(s): RunnableLambda / this, per level"
+        checks.append((label, ("async", LC, k, a), ("async", THIS, k, a), ">=", least))
     label = f"flatness, 1 handler: {high} deep / {low} deep, per level"
     checks.append((label, ("flatness", THIS, 1, high), ("flatness", THIS, 1, low), "<=", 1.25))
 
     ops = {"<=": operator.le, ">=": operator.ge}
     rows = []
     for label, key, ref, op, bound in checks:
-        if key in r and ref in r:
-            value = r[key] / r[ref]
+        value = ratio(r, key, ref)
+        if value is not None:
             verdict = "met" if ops[op](value, bound) else "NOT met"
             rows.append([label, f"{value:.2f}x", f"{op} {bound}x", verdict])
         else:
@@ -430,7 +550,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         rounds, min_time = 3, 0.02
-        sizes = Sizes(events=(0, 1, 10), depths=(1, 8), steps=(1, 10))
+        sizes = Sizes(events=(0, 1, 10), depths=(1, 8), steps=(1, 10), async_depths=(8,))
     else:
         rounds, min_time, sizes = 7, 0.2, Sizes()
     runs = 10_000
@@ -442,15 +562,17 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"Python {platform.python_version()} ({platform.python_implementation()}), "
         f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs; {versions}; "
-        f"median of {rounds} interleaved rounds, samples >= {min_time} s, gc enabled"
+        f"median of {rounds} interleaved rounds (ratios: of per-round ratios), samples >= "
+        f"{min_time} s of thread CPU time (async: wall clock), gc enabled"
         f"{'; --quick' if args.quick else ''}"
     )
     for name, module in PEERS.items():
         if module is None:
             print(f"note: {name} is not importable; its cases are skipped (n/a)")
     keywords = passed_keywords()
-    if set(keywords) != {"run_id", "parent_run_id", "tags"}:
-        print(f"note: RunManager.on_text passes {sorted(keywords)}; the floor passes the same")
+    for scenario, passed in keywords.items():
+        if set(passed) != {"run_id", "parent_run_id", "tags"}:
+            print(f"note: the {scenario} passes {sorted(passed)}; the floor passes the same")
 
     results = measure(build_cases(sizes, keywords), rounds, min_time)
     report(results, sizes)
