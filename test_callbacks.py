@@ -654,6 +654,18 @@ def test_config_and_constructor_values_out_of_range_are_clear_errors() -> None:
     assert Lambda(_ident).invoke(1, absent) == 1  # None means absent
 
 
+def test_events_a_handler_with_methods_on_the_instance_only_is_checked_each_time() -> None:
+    """A duck-typed handler qualifies by its methods; when only the instance has them, its class
+    is not remembered as a handler class, so a bare instance of it is still refused."""
+    seen: list[str] = []
+    duck = types.SimpleNamespace(on_chain_start=lambda *a, **kw: seen.append("start"))
+    for _ in range(2):
+        assert Lambda(_ident).invoke(1, {"callbacks": [duck]}) == 1
+    assert seen == ["start", "start"]
+    with pytest.raises(TypeError, match="expected a callback handler"):
+        Lambda(_ident).invoke(1, {"callbacks": [types.SimpleNamespace()]})
+
+
 # ===============================================================================================
 # Dispatch (D1-D4, D7)
 # ===============================================================================================
@@ -1297,6 +1309,56 @@ def test_D8_a_body_writing_into_its_manager_changes_no_other_call() -> None:
     Lambda(reads).invoke("q", {"callbacks": [rec]})
     assert [r.metadata for r in rec.records if r.event.phase == "start"] == [{}, {}]
     assert callbacks._EMPTY.metadata == callbacks._EMPTY.inheritable_metadata == {}
+
+
+def test_D4_a_handler_without_chat_start_gets_llm_start_under_async_dispatch() -> None:
+    duck = _PromptsDuck()
+    asyncio.run(ChatModel("ok").ainvoke("hi", {"callbacks": [duck]}))
+    assert duck.prompts == [["Human: hi"]]
+
+
+class _Bare:
+    """A duck-typed handler: no base class, no flags at all, only the methods it has."""
+
+    def __init__(self, log: list[tuple[str, Any]]) -> None:
+        self.log = log
+
+    def on_chain_start(self, serialized: Any, inputs: Any, **kw: Any) -> None:
+        self.log.append(("start", threading.current_thread() is threading.main_thread()))
+
+    def on_chain_end(self, outputs: Any, **kw: Any) -> None:
+        raise ValueError("bare handler broke")
+
+
+def test_D1_D2_D5_a_handler_without_flags_is_not_inline_and_does_not_raise() -> None:
+    """Flags default to False: a flagless handler's failure is only logged (D2), a handler
+    missing a method does not stop delivery to the next one (D1), and under ``ainvoke`` a
+    flagless sync handler runs in a worker thread, not inline (D5)."""
+    log: list[tuple[str, Any]] = []
+    rec = Recorder()
+    assert Lambda(_ident).invoke(1, {"callbacks": [_Bare(log), rec]}) == 1
+    assert rec.events() == ["on_chain_start", "on_chain_end"]
+    assert ChatModel("ok").invoke("q", {"callbacks": [_Bare(log), rec]}) == AIMessage("ok")
+    assert rec.events()[2:] == ["on_chat_model_start", "on_llm_end"]  # _Bare lacks both
+    assert asyncio.run(Lambda(_ident).ainvoke(1, {"callbacks": [_Bare(log)]})) == 1
+    assert log == [("start", True), ("start", False)]
+
+
+def test_D2_D5_under_async_dispatch_the_first_raise_error_failure_wins_and_interrupts_outrank() -> (
+    None
+):
+    first, second = ValueError("first"), ValueError("second")
+    interrupt = KeyboardInterrupt("stop")
+
+    def run(*handlers: _Shared) -> BaseException | None:
+        return _drive(Lambda(_ident, name="f"), {"callbacks": list(handlers)}, "ainvoke")
+
+    log: list[_LogEntry] = []
+    a = _Shared("a", log, fail=("on_chain_start", None, first), raise_error=True)
+    b = _Shared("b", log, fail=("on_chain_start", None, second), raise_error=True)
+    assert run(a, b) is first
+    c = _Shared("c", log, fail=("on_chain_start", None, interrupt))
+    assert run(a, c) is interrupt
 
 
 # ===============================================================================================
@@ -2092,6 +2154,298 @@ def test_S12_D6_get_sync_is_the_same_run_for_the_sync_code_it_calls() -> None:
         ("on_chain_end", 1, None),
     ]
     assert seen == ["tok"]
+
+
+def test_S1_S2_configure_takes_a_manager_for_either_half() -> None:
+    """A manager as the inheritable half is continued whole (its parent included); a manager as
+    the local half gives its current handlers, which stay local (SPEC section 3)."""
+    a, b, c = Recorder("a"), Recorder("b"), Recorder("c")
+    parent = CallbackManager([a], [a], tags=["x"], inheritable_tags=["y"])
+    run = parent.on_chain_start({}, {})
+    child = run.get_child()
+    local = CallbackManager([b, c], [c])
+    manager = CallbackManager.configure(child, local, local_tags=["z"])
+    assert manager.parent_run_id == run.run_id
+    assert (manager.handlers, manager.inheritable_handlers) == ([a, b, c], [a])
+    assert (manager.tags, manager.inheritable_tags) == (["y", "z"], ["y"])
+
+
+def test_S8_copy_and_removals_leave_the_original_alone() -> None:
+    h1, h2 = Recorder("1"), Recorder("2")
+    original = CallbackManager(
+        [h1], [h1, h2], tags=["a"], inheritable_tags=["b"], metadata={"k": 1, "j": 2},
+        inheritable_metadata={"k": 0, "i": 3},
+    )  # fmt: skip
+    copy_ = original.copy()
+    copy_.remove_metadata(["k", "absent"])
+    copy_.remove_handler(h2)
+    copy_.remove_tags(["a"])
+    assert (copy_.metadata, copy_.inheritable_metadata) == ({"j": 2, "i": 3}, {"i": 3})
+    assert (copy_.handlers, copy_.inheritable_handlers, copy_.tags) == ([h1], [h1], ["b"])
+    assert original.metadata == {"k": 1, "j": 2, "i": 3}
+    assert original.handlers == [h1, h2] and original.tags == ["a", "b"]
+    assert original.parent_run_id is None and copy_.parent_run_id is None
+
+
+def test_managers_and_run_managers_have_readable_reprs() -> None:
+    h = Recorder("h")
+    manager = CallbackManager([h], [h], tags=["t"], metadata={"k": 1})
+    assert repr(manager) == (
+        "CallbackManager(handlers=[Recorder('h')], inheritable_handlers=[Recorder('h')], "
+        "parent_run_id=None, tags=['t'], inheritable_tags=[], metadata={'k': 1}, "
+        "inheritable_metadata={})"
+    )
+    with sequential_run_ids():
+        run = manager.on_chain_start({}, {})
+    assert repr(run) == f"<RunManager chain run_id={_U(1)}>"
+    assert repr(Lambda(_ident, name="f")) == "Lambda(name='f')"
+
+
+def test_config_bad_manager_arguments_and_direct_run_managers_are_refused() -> None:
+    with pytest.raises(TypeError, match=r"parent_run_id must be a uuid\.UUID or None, got 'p'"):
+        CallbackManager(parent_run_id="p")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"RunManager is made by a manager's on_\*_start"):
+        RunManager()
+    run = CallbackManager([Recorder()]).on_chain_start({}, {})
+    with pytest.raises(TypeError, match="tag must be a string or None, got 3"):
+        run.get_child(3)  # type: ignore[arg-type]
+
+
+def test_S4_R2_sync_manager_api_starts_every_kind_of_run() -> None:
+    rec = Recorder()
+    manager = CallbackManager([rec])
+    with sequential_run_ids():
+        tool = manager.on_tool_start({"name": "t"}, "in", inputs={"x": 1})
+        tool.on_tool_end("out")
+        retriever = manager.on_retriever_start({"name": "r"}, "q")
+        retriever.on_retriever_end([Document("d")])
+        [chat] = manager.on_chat_model_start({"name": "m"}, [[HumanMessage("hi")]])
+        chat.on_llm_end(LLMResult([[Generation("ok")]]))
+    assert [(e, run) for e, run, *_ in _trace(rec)] == [
+        ("on_tool_start", 1), ("on_tool_end", 1), ("on_retriever_start", 2),
+        ("on_retriever_end", 2), ("on_chat_model_start", 3), ("on_llm_end", 3),
+    ]  # fmt: skip
+    assert rec.records[0].kwargs == {"inputs": {"x": 1}}
+
+
+def test_S4_R2_async_manager_api_starts_every_kind_of_run_and_skips_work_without_handlers() -> None:
+    rec = Recorder()
+
+    async def main() -> None:
+        manager = AsyncCallbackManager([rec])
+        retriever = await manager.on_retriever_start({"name": "r"}, "q")
+        await retriever.on_retriever_end([])
+        [chat] = await manager.on_chat_model_start({"name": "m"}, [[HumanMessage("hi")]])
+        await chat.on_llm_error(ValueError("down"))
+        silent = await AsyncCallbackManager().on_chain_start({}, {})  # D7: nobody listens
+        await silent.on_chain_end({})
+        assert silent._run_id is None
+
+    asyncio.run(main())
+    assert rec.events() == [
+        "on_retriever_start", "on_retriever_end", "on_chat_model_start", "on_llm_error",
+    ]  # fmt: skip
+
+
+def test_S9_with_config_twice_merges_the_bindings() -> None:
+    rec1, rec2 = Recorder("1"), Recorder("2")
+    bound = (
+        Lambda(_ident, name="f")
+        .with_config(callbacks=[rec1], tags=["a"], metadata={"k": 1, "j": 1})
+        .with_config(callbacks=[rec2, rec1], tags=["b", "a"], metadata={"k": 2})
+    )
+    bound.invoke(1)
+    assert rec1.records[0].tags == ["a", "b"] == rec2.records[0].tags
+    assert rec1.records[0].metadata == {"k": 2, "j": 1}
+    with pytest.raises(
+        TypeError,
+        match=r"^with_config\(callbacks=\.\.\.\) takes a list of handlers, not a manager$",
+    ):
+        Lambda(_ident).with_config(callbacks=CallbackManager())
+
+
+def test_S4_S6_S7_manager_defaults_and_values_pass_through() -> None:
+    parent = uuid.uuid4()
+    rec, other = Recorder("r"), Recorder("o")
+    manager = CallbackManager(parent_run_id=parent)
+    manager.add_handler(rec)  # inheritable by default
+    manager.add_tags(["ab"])
+    manager.add_tags(["".join(["a", "b"])])  # an equal tag, another object: kept once (S7)
+    assert manager.parent_run_id == parent
+    assert manager.inheritable_handlers == [rec] and manager.tags == ["ab"]
+    with pytest.raises(TypeError, match=r"^metadata must be a dict with string keys, got a list$"):
+        manager.add_metadata([1])  # type: ignore[arg-type]
+    with pytest.raises(
+        TypeError, match=r"^handlers must be a list of handlers, got 'abc' \(str\)$"
+    ):
+        CallbackManager("abc")
+    run_id = uuid.uuid4()
+    starts: list[tuple[str, Callable[..., Any]]] = [
+        ("on_chain_start", lambda m: m.on_chain_start({"s": 1}, {}, run_id=run_id)),
+        ("on_tool_start", lambda m: m.on_tool_start({"s": 1}, "in", run_id=run_id)),
+        ("on_retriever_start", lambda m: m.on_retriever_start({"s": 1}, "q", run_id=run_id)),
+        ("on_llm_start", lambda m: m.on_llm_start({"s": 1}, ["p"], run_id=run_id)),
+        ("on_chat_model_start", lambda m: m.on_chat_model_start({"s": 1}, [[]], run_id=run_id)),
+    ]
+    for manager_class in (CallbackManager, AsyncCallbackManager):
+        for method, start in starts:
+            log = Recorder()
+            run = asyncio.run(_started(start(manager_class([log], parent_run_id=parent))))
+            assert (run.run_id, run.parent_run_id) == (run_id, parent)
+            record = log.records[0]
+            assert (record.event.method, record.args[0], record.run_id) == (
+                method, {"s": 1}, run_id,
+            )  # fmt: skip
+    assert other.records == []
+
+
+def test_S9_bound_values_merge_with_order_and_bound_max_concurrency_holds() -> None:
+    log: list[_LogEntry] = []
+    one, two = _Shared("1", log), _Shared("2", log)
+    bound = Lambda(_ident, name="f").with_config(callbacks=[one]).with_config(callbacks=[two, one])
+    bound.invoke(1)
+    assert [label for label, method, _ in log if method == "on_chain_start"] == ["1", "2"]
+    with pytest.raises(TypeError, match=r"^run_id cannot be bound: it names one run; pass it"):
+        Lambda(_ident).with_config(run_id=uuid.uuid4())
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def slow(x: int) -> int:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.01)
+        with lock:
+            running[0] -= 1
+        return x
+
+    assert Lambda(slow).with_config(max_concurrency=1).batch([1, 2, 3]) == [1, 2, 3]
+    assert most == [1]
+
+
+def test_S4_chain_with_only_tags_metadata_or_callbacks_is_not_spliced() -> None:
+    a, b = Lambda(_ident, name="a"), Lambda(_ident, name="b")
+    for options in ({"tags": ["t"]}, {"metadata": {"k": 1}}, {"callbacks": [Recorder()]}):
+        assert len(Chain(Chain(a, b, **options), a).steps) == 2
+    assert len(Chain(Chain(a, b), a).steps) == 3
+
+
+class _Peak:
+    """Counts the branches running at once; ``peak`` is the most there ever were. With
+    ``meet=n`` each branch waits until n are running (and fails after 5 s if they cannot all
+    be): how long a start event takes to reach its handlers then no longer matters."""
+
+    def __init__(self, meet: int | None = None) -> None:
+        self.lock = threading.Lock()
+        self.active = self.peak = 0
+        self.meet = meet
+        self.barrier = threading.Barrier(meet, timeout=5) if meet else None
+
+    def _enter(self) -> None:
+        with self.lock:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+
+    def _leave(self) -> None:
+        with self.lock:
+            self.active -= 1
+
+    def branch(self, x: int) -> int:
+        self._enter()
+        if self.barrier is not None:
+            self.barrier.wait()
+        else:
+            time.sleep(0.01)
+        self._leave()
+        return x
+
+    async def abranch(self, x: int) -> int:
+        self._enter()
+        if self.meet is not None:
+            async with asyncio.timeout(5):
+                while self.peak < self.meet:  # all of them were running at once
+                    await asyncio.sleep(0.001)
+        else:
+            for _ in range(3):  # let every other ready task run meanwhile
+                await asyncio.sleep(0.001)
+        self._leave()
+        return x
+
+
+def _merged(chunks: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """A `Parallel`'s streamed ``{key: chunk}`` dicts as one (each branch makes one chunk)."""
+    return functools.reduce(lambda merged, chunk: {**merged, **chunk}, chunks, {})
+
+
+def _streamed_fan(shape: str, fan: Parallel) -> Runnable:
+    if shape == "parallel":
+        return fan
+    if shape == "fan_first":
+        return Chain(fan, Lambda(_ident, name="after"), name="c")
+    return Chain(Lambda(_ident, name="before"), fan, name="c")  # fan_last, and inherited
+
+
+@pytest.mark.parametrize("limit", [1, None])
+@pytest.mark.parametrize("shape", ["parallel", "fan_first", "fan_last", "inherited"])
+@pytest.mark.parametrize("mode", ["stream", "astream"])
+def test_S3_R3_max_concurrency_bounds_the_branches_a_stream_runs(
+    mode: str, shape: str, limit: int | None
+) -> None:
+    """``max_concurrency`` given to ``stream()``/``astream()``, or inherited from the call that
+    streams, bounds a `Parallel` anywhere in what is streamed: the first step of a streamed
+    `Chain` (run whole), its last step (streamed), or the streamed runnable itself."""
+    peak = _Peak(meet=None if limit else 3)
+    step = peak.abranch if mode == "astream" else peak.branch
+    fan = Parallel(a=Lambda(step, name="a"), b=Lambda(step, name="b"), c=Lambda(step, name="c"))
+    target = _streamed_fan(shape, fan)
+    config: RunnableConfig = {"callbacks": [TraceChecker(strict=True)]}
+    if limit is not None:
+        config["max_concurrency"] = limit
+    want = {"a": 7, "b": 7, "c": 7}  # the chunks ({key: chunk}, R7), put together
+    if mode == "stream":
+        if shape == "inherited":
+            outer = Lambda(lambda x: _merged(target.stream(x)), name="outer")
+            assert outer.invoke(7, config) == want
+        else:
+            assert _merged(target.stream(7, config)) == want
+    else:
+
+        async def drain(x: int) -> Any:
+            return _merged([chunk async for chunk in target.astream(x)])
+
+        async def main() -> Any:
+            if shape == "inherited":
+                return await Lambda(drain, name="outer").ainvoke(7, config)
+            return _merged([chunk async for chunk in target.astream(7, config)])
+
+        assert asyncio.run(main()) == want
+    assert peak.peak == (limit or 3)  # all three at once without a limit: the count is real
+
+
+def test_S6_S7_S9_binding_twice_keeps_equal_handlers_and_merges_equal_tags() -> None:
+    """Bound handlers merge as an ordered set by identity (S6): two distinct handlers that
+    compare equal both stay. Bound tags merge by equality (S7): an equal tag built at run time
+    is not added again."""
+
+    @dataclass(eq=True)
+    class Same(Recorder):  # every two compare equal; unhashable, as dataclasses with eq are
+        def __init__(self) -> None:
+            super().__init__("same")
+
+    first, second = Same(), Same()
+    assert first == second and first is not second
+    tag = "".join(["t", "ag"])  # equal to "tag", another object
+    runnable = (
+        Lambda(_ident, name="x")
+        .with_config(callbacks=[first], tags=["tag"])
+        .with_config(callbacks=[second, first], tags=[tag, "other"])
+    )
+    assert runnable.invoke(1) == 1
+    for handler in (first, second):
+        assert [(r.event.method, r.tags) for r in handler.records] == [
+            ("on_chain_start", ["tag", "other"]),
+            ("on_chain_end", ["tag", "other"]),
+        ]
 
 
 # ===============================================================================================
@@ -3826,6 +4180,305 @@ def test_D5_D6_parity_ainvoke_gives_each_handler_the_events_invoke_gives(
     assert views[0] == views[1] == per_handler
 
 
+def test_R4_constructor_arguments_are_checked() -> None:
+    three: Any = 3
+    cases: list[tuple[Callable[[], Any], type[Exception], str]] = [
+        (
+            lambda: Lambda(_ident, name=three),
+            TypeError,
+            "name must be a non-empty string or None, got 3 (int)",
+        ),
+        (
+            lambda: Lambda(_ident, name=""),
+            TypeError,
+            "name must be a non-empty string or None, got '' (str)",
+        ),
+        (lambda: Lambda(3), TypeError, "Lambda expects a function, got 3 (int)"),  # type: ignore[arg-type]
+        (lambda: Tool(3), TypeError, "Tool expects a function, got 3 (int)"),  # type: ignore[arg-type]
+        (lambda: Chain(), ValueError, "a Chain needs at least one step"),
+        (lambda: Parallel(), ValueError, "a Parallel needs at least one step"),
+        # keys that would silently drop a branch: 1 and "1", or one key given twice
+        (
+            lambda: Parallel({three: _ident, "3": _ident}),
+            TypeError,
+            "Parallel step keys must be strings, got 3 (int)",
+        ),
+        (lambda: Parallel({"a": _ident}, a=_ident), ValueError, "Parallel got the step 'a' twice"),
+    ]
+    for make, kind, message in cases:
+        with pytest.raises(kind, match=f"^{re.escape(message)}$"):
+            make()
+
+
+def test_R4_steps_are_coerced_and_builtins_without_signatures_work() -> None:
+    rec = Recorder()
+    chain = Chain(lambda x: [x, 2], {"biggest": Lambda(max), "n": len})
+    assert chain.invoke(1, {"callbacks": [rec], "max_concurrency": 1}) == {"biggest": 2, "n": 2}
+    piped = (lambda x: x + 1) | Lambda(lambda x: x * 10, name="g")  # Runnable.__ror__
+    assert isinstance(piped, Chain) and piped.invoke(1) == 20
+    names = [r.kwargs["name"] for r in rec.records if r.event.phase == "start"]
+    assert names == ["Chain", "Lambda", "Parallel", "max", "len"]
+    with pytest.raises(NotImplementedError):
+        Runnable(name="abstract").invoke(1)
+
+
+def test_R1_streams_without_handlers_and_async_tools_run_plainly() -> None:
+    async def ashout(text: str) -> str:
+        return text.upper()
+
+    chain = Lambda(_ident) | Tool(ashout)
+    assert list(chain.stream("a")) == ["A"]
+    assert asyncio.run(chain.ainvoke("b")) == "B"
+
+    async def chunks() -> list[Any]:
+        return [c async for c in chain.astream("c")]
+
+    assert asyncio.run(chunks()) == ["C"]
+
+
+def test_R1_a_retriever_streams_its_documents_as_one_chunk() -> None:
+    retriever = Retriever(["a b", "c"], name="docs")
+    rec = Recorder()
+    assert list(retriever.stream("a", {"callbacks": [rec]})) == [[Document("a b")]]
+
+    async def chunks() -> list[Any]:
+        return [c async for c in retriever.astream("c", {"callbacks": [rec]})]
+
+    assert asyncio.run(chunks()) == [[Document("c")]]
+    assert rec.events() == ["on_retriever_start", "on_retriever_end"] * 2
+
+
+def test_S10_a_streamed_lambdas_implicit_children_stay_in_the_tree() -> None:
+    child = Lambda(_ident, name="child")
+    for mode in ("stream", "astream"):
+        rec = Recorder()
+        assert (
+            _drive(Lambda(lambda x: child.invoke(x), name="body"), {"callbacks": [rec]}, mode)
+            is None
+        )
+        starts = [r for r in rec.records if r.event.phase == "start"]
+        assert [r.kwargs["name"] for r in starts] == ["body", "child"]
+        assert starts[1].parent_run_id == starts[0].run_id, mode
+
+
+def test_S11_an_async_body_run_by_invoke_inside_a_loop_keeps_the_context() -> None:
+    """``invoke`` inside a running loop runs an async body on a worker thread's own loop (D6);
+    the context goes with it, so the body's implicit children stay in the tree (S10, S11) and
+    it sees the caller's context variables."""
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+    child, seen = Lambda(_ident, name="child"), []
+
+    async def body(x: Any) -> Any:
+        seen.append(var.get())
+        return await child.ainvoke(x)
+
+    async def main() -> Any:
+        var.set("caller")
+        return Lambda(body, name="body").invoke(1, {"callbacks": [rec]})
+
+    rec = Recorder()
+    assert asyncio.run(main()) == 1
+    starts = [r for r in rec.records if r.event.phase == "start"]
+    assert [r.kwargs["name"] for r in starts] == ["body", "child"]
+    assert starts[1].parent_run_id == starts[0].run_id and seen == ["caller"]
+
+
+def test_S10_adispatch_custom_event_needs_a_string_name() -> None:
+    async def body(x: Any) -> Any:
+        await adispatch_custom_event(3, x)  # type: ignore[arg-type]
+
+    with pytest.raises(TypeError, match="custom event name must be a string, got 3"):
+        asyncio.run(Lambda(body).ainvoke(1))
+
+
+def test_R2_only_llm_runs_are_leaves_and_say_so() -> None:
+    [run] = CallbackManager([Recorder()]).on_llm_start({}, ["p"])
+    with pytest.raises(TypeError, match=r"^a llm run is a leaf and has no child runs$"):
+        run.get_child()
+
+
+def test_R3_batch_of_one_failing_input_returns_the_exception_in_place() -> None:
+    error = ValueError("only one")
+    assert Lambda(_fail("only one")).batch([1], return_exceptions=True)[0].args == error.args
+    with pytest.raises(ValueError, match=r"^batch\(\) got 2 configs for 1 inputs; pass one"):
+        Lambda(_ident).batch([1], [{}, {}])
+
+
+def test_S10_a_call_with_only_tags_or_only_metadata_adds_them_to_the_inherited_manager() -> None:
+    rec = Recorder()
+    inner = Lambda(_ident, name="inner")
+
+    def body(x: Any) -> Any:
+        inner.invoke(x, {"tags": ["only-tags"]})
+        inner.invoke(x, {"metadata": {"only": "metadata"}})
+        return x
+
+    Lambda(body, name="outer").invoke(1, {"callbacks": [rec]})
+    starts = [r for r in rec.records if r.event.phase == "start"]
+    assert [(r.tags, r.metadata) for r in starts] == [
+        ([], {}), (["only-tags"], {}), ([], {"only": "metadata"}),
+    ]  # fmt: skip
+    assert starts[1].parent_run_id == starts[0].run_id == starts[2].parent_run_id
+
+
+def test_S10_R1_streams_carry_the_input_the_output_and_the_enclosing_run() -> None:
+    """``stream`` and ``astream`` report the input on start and the whole output on end, run
+    every step of a chain before streaming the last, and keep implicit children in the tree."""
+    rec = Recorder()
+    child = Lambda(_ident, name="child")
+
+    def body(x: int) -> int:
+        return int(child.invoke(x)) * 10
+
+    chain = Chain(Lambda(lambda x: x + 1, name="a"), Lambda(body, name="b"), Lambda(str, name="c"))
+    assert list(chain.stream(1, {"callbacks": [rec]})) == ["20"]
+
+    async def achunks() -> list[Any]:
+        return [c async for c in chain.astream(1, {"callbacks": [rec]})]
+
+    assert asyncio.run(achunks()) == ["20"]
+    for records in (rec.records[: len(rec.records) // 2], rec.records[len(rec.records) // 2 :]):
+        starts = {r.kwargs["name"]: r for r in records if r.event.phase == "start"}
+        ends = [r for r in records if r.event.phase == "end"]
+        assert starts["Chain"].args[1] == 1 and ends[-1].args[0] == "20"
+        assert starts["child"].parent_run_id == starts["b"].run_id
+
+
+def test_R4_R5_names_serialized_ids_and_tool_payloads() -> None:
+    def shout(text: str) -> str:
+        """Shout the text."""
+        return text.upper()
+
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    rec = Recorder()
+    Tool(shout).invoke("hi", {"callbacks": [rec]})
+    Tool(add, description="adds").invoke({"a": 1, "b": 2}, {"callbacks": [rec]})
+    Lambda(functools.partial(_ident)).invoke(1, {"callbacks": [rec]})
+    starts = [r for r in rec.records if r.event.phase == "start"]
+    assert [r.args[0] for r in starts] == [
+        {"name": "shout", "id": ["callbacks", "Tool"], "description": "Shout the text."},
+        {"name": "add", "id": ["callbacks", "Tool"], "description": "adds"},
+        {"name": "Lambda", "id": ["callbacks", "Lambda"]},
+    ]
+    assert [r.kwargs.get("inputs") for r in starts[:2]] == [None, {"a": 1, "b": 2}]
+    assert [r.args[0] for r in rec.records if r.event.phase == "end"] == ["HI", 3, 1]
+    assert Tool(lambda x: x).description == ""
+    assert asyncio.run(Tool(shout).ainvoke("yo")) == "YO"
+
+
+def test_R0_R2_R5_models_take_any_input_cycle_responses_and_stream_chunks() -> None:
+    rec = Recorder()
+    llm = LLM(["a b", "c"], streaming=True)
+    assert [llm.invoke(5, {"callbacks": [rec]}) for _ in range(3)] == ["a b", "c", "a b"]
+    assert rec.records[0].args[1] == ["Human: 5"]
+    critic = types.SimpleNamespace(type="critic", content="fine")
+    only_content = types.SimpleNamespace(content="no type")
+    chat, chat_rec = ChatModel("ok", streaming=True), Recorder()
+    chat.invoke(critic, {"callbacks": [chat_rec]})
+    chat.invoke(only_content, {"callbacks": [chat_rec]})
+    starts = [r.args[1] for r in chat_rec.records if r.event.phase == "start"]
+    assert starts == [[[critic]], [[HumanMessage(str(only_content))]]]
+    [token] = [r for r in chat_rec.records if r.event is Event.LLM_NEW_TOKEN][:1]
+    assert token.kwargs["chunk"] == Generation("ok", AIMessage("ok"))
+    fallback = _LLMStartOnly()
+    chat.invoke([critic], {"callbacks": [fallback]})
+    assert fallback.seen[0][1] == ["critic: fine"]  # an unknown role is shown as it is (D4)
+    failing, frec = LLM("x y z", streaming=True, error=ValueError("down")), Recorder()
+    assert isinstance(_drive(failing, {"callbacks": [frec]}, "ainvoke"), ValueError)
+    assert frec.events() == ["on_llm_start", "on_llm_new_token", "on_llm_error"]
+
+
+def test_R1_async_retriever_and_sync_tool_get_their_input() -> None:
+    retriever = Retriever(["apple pie", "banana"])
+    assert asyncio.run(retriever.ainvoke("apple")) == [Document("apple pie")]
+    assert asyncio.run(Tool(str.upper).ainvoke("x")) == "X"
+
+
+def test_S10_custom_event_with_another_runs_config_belongs_to_that_run() -> None:
+    rec = Recorder()
+    saved: list[RunnableConfig] = []
+
+    def outer(x: Any, config: RunnableConfig) -> Any:
+        saved.append(config)
+        return inner.invoke(x)
+
+    def inner_body(x: Any) -> Any:
+        dispatch_custom_event("evt", x, config=saved[0])  # the outer run's config
+        return x
+
+    inner = Lambda(inner_body, name="inner")
+    Lambda(outer, name="outer").invoke(1, {"callbacks": [rec]})
+    [custom] = [r for r in rec.records if r.event is Event.CUSTOM_EVENT]
+    assert custom.run_id == rec.records[0].run_id  # the outer run, not the inner one
+    with pytest.raises(RuntimeError) as info:
+        dispatch_custom_event("evt", {})
+    assert str(info.value) == (
+        "dispatching a custom event needs an enclosing run: call it from inside a "
+        "runnable, or pass the config that runnable received"
+    )
+
+
+def test_R1_D3_a_body_that_cancels_its_own_task_gives_that_very_error() -> None:
+    """In `abatch` and in an async `Parallel`, each item or branch is a task of its own. A body
+    that cancels that task raises a `asyncio.CancelledError`: the call raises that same object
+    (R1; `return_exceptions` keeps only `Exception`), after the other runs closed (D3)."""
+    rec, checker = Recorder(), TraceChecker()
+    raised: list[BaseException] = []
+
+    async def pick(x: int) -> int:
+        if x == 1:
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()
+            try:
+                await asyncio.sleep(5)
+            except asyncio.CancelledError as error:
+                raised.append(error)
+                raise
+        for _ in range(3):
+            await asyncio.sleep(0.001)
+        return x
+
+    async def main() -> None:
+        config: RunnableConfig = {"callbacks": [rec, checker]}
+        with pytest.raises(asyncio.CancelledError) as info:
+            await Lambda(pick, name="pick").abatch([1, 2], config, return_exceptions=True)
+        assert info.value is raised[0]
+        assert len(rec.records) == 4  # the other item's run closed before abatch raised
+        fan = Parallel(a=Lambda(pick, name="pick"), b=Lambda(_ident, name="b"))
+        with pytest.raises(asyncio.CancelledError) as info:
+            await fan.ainvoke(1, config)
+        assert info.value is raised[1]
+        assert len(rec.records) == 10
+
+    asyncio.run(main())
+    checker.check()
+    errors = [r.args[0] for r in rec.records if r.event.phase == "error"]
+    assert errors == [raised[0], raised[1], raised[1]]  # the item; the branch, then the Parallel
+
+
+def test_S10_adispatch_custom_event_with_another_runs_config_belongs_to_that_run() -> None:
+    rec = Recorder()
+    saved: list[RunnableConfig] = []
+
+    async def outer(x: Any, config: RunnableConfig) -> Any:
+        saved.append(config)
+        return await inner.ainvoke(x)
+
+    async def inner_body(x: Any) -> Any:
+        await adispatch_custom_event("evt", x, config=saved[0])  # the outer run's config
+        await adispatch_custom_event("own", x)
+        return x
+
+    inner = Lambda(inner_body, name="inner")
+    assert asyncio.run(Lambda(outer, name="outer").ainvoke(1, {"callbacks": [rec]})) == 1
+    outer_id, inner_id = rec.records[0].run_id, rec.records[1].run_id
+    custom = [(r.args[0], r.run_id) for r in rec.records if r.event is Event.CUSTOM_EVENT]
+    assert custom == [("evt", outer_id), ("own", inner_id)]
+
+
 # ===============================================================================================
 # Async: dispatch under a loop (D5), async handlers under sync dispatch (D6), async runs
 # ===============================================================================================
@@ -4296,6 +4949,26 @@ def test_D5_a_handler_not_inline_reads_the_callers_context_in_every_event() -> N
 
     asyncio.run(main())
     assert read == ["request-7", "request-7"]
+
+
+def test_D5_a_handler_without_run_inline_is_called_after_the_inline_ones() -> None:
+    """Under async dispatch the ``run_inline`` handlers go first, in order; a duck-typed
+    handler with no ``run_inline`` at all counts as not inline, so it comes after them even
+    when listed first."""
+    log: list[str] = []
+
+    class Duck:
+        def on_chain_start(self, serialized: Any, inputs: Any, **kw: Any) -> None:
+            log.append("duck")
+
+    class Inline(BaseCallbackHandler):
+        run_inline = True
+
+        def on_chain_start(self, serialized: Any, inputs: Any, **kw: Any) -> None:
+            log.append("inline")
+
+    asyncio.run(Lambda(_ident).ainvoke(1, {"callbacks": [Duck(), Inline()]}))
+    assert log == ["inline", "duck"]
 
 
 # ===============================================================================================
@@ -4778,6 +5451,148 @@ def test_D3_keyboard_interrupt_inside_an_async_run_closes_every_run(
         ], probe.label
         assert _errors(probe.recorder) == [info.value] * 3  # the same object, re-raised
         probe.checker.check()
+
+
+def test_D3_cancelling_an_abatch_closes_the_run_of_every_item() -> None:
+    rec, checker = Recorder(), TraceChecker()
+
+    async def slow(x: int) -> int:
+        await asyncio.sleep(30)
+        return x
+
+    async def main() -> None:
+        batch = asyncio.ensure_future(
+            Lambda(slow, name="slow").abatch([1, 2], {"callbacks": [rec, checker]})
+        )
+        await _until(lambda: len(rec.records) >= 2, batch)  # both items started
+        batch.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await batch
+
+    asyncio.run(main())
+    checker.check()
+    assert sorted(rec.events()) == ["on_chain_error"] * 2 + ["on_chain_start"] * 2
+    assert all(isinstance(r.args[0], asyncio.CancelledError) for r in rec.records[2:])
+
+
+def test_D3_a_run_its_body_already_ended_is_not_closed_twice() -> None:
+    """A body that ends its own run through the config's manager (a private reach, but
+    possible) and then raises: the runnable does not fire a second closing event."""
+    for mode in ("invoke", "ainvoke"):
+        rec = Recorder()
+
+        def body(x: Any, config: RunnableConfig) -> Any:
+            manager = config["callbacks"]
+            assert isinstance(manager, CallbackManager)
+            run = manager._parent
+            assert isinstance(run, RunManager)
+            run.on_chain_end("early")
+            raise ValueError("after the end")
+
+        async def abody(x: Any, config: RunnableConfig) -> Any:
+            manager: Any = config["callbacks"]  # an AsyncCallbackManager under ainvoke
+            assert isinstance(manager, AsyncCallbackManager)
+            run = manager._parent
+            assert isinstance(run, AsyncRunManager)
+            await run.on_chain_end("early")
+            raise ValueError("after the end")
+
+        runnable = Lambda(body) if mode == "invoke" else Lambda(abody)
+        raised = _drive(runnable, {"callbacks": [rec]}, mode)
+        assert isinstance(raised, ValueError)
+        assert rec.events() == ["on_chain_start", "on_chain_end"], mode
+
+
+def test_D3_astream_whose_start_fails_closes_that_run_only() -> None:
+    strict = _Shared("strict", [], fail=("on_chain_start", "f", ValueError("no")), raise_error=True)
+    rec = Recorder()
+
+    async def main() -> None:
+        stream: Any = Lambda(_ident, name="f").astream(1, {"callbacks": [strict, rec]})
+        async with contextlib.aclosing(stream):
+            async for _ in stream:
+                pass
+
+    with pytest.raises(ValueError, match="no"):
+        asyncio.run(main())
+    assert rec.events() == ["on_chain_start", "on_chain_error"]
+
+
+def test_D3_stream_whose_start_fails_closes_that_run_and_raises_the_failure() -> None:
+    strict = _Shared("strict", [], fail=("on_chain_start", "f", ValueError("no")), raise_error=True)
+    rec = Recorder()
+    with pytest.raises(ValueError, match=r"^no$"):
+        list(Lambda(_ident, name="f").stream(1, {"callbacks": [strict, rec]}))
+    assert rec.events() == ["on_chain_start", "on_chain_error"]
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["lambda", "in_chain"])
+def test_D3_a_cancellation_thrown_in_at_a_bare_yield_reaches_the_body(nested: bool) -> None:
+    """A task cancelled while its body yields bare (``await asyncio.sleep(0)``) waits on no
+    future: the loop throws the cancellation in at the top, and each run's frame must pass it
+    down to the body, not drop it. The body then stops at that await and every run closes."""
+    rec, checker = Recorder(), TraceChecker()
+    spins = [0]
+    seen: list[BaseException] = []
+
+    async def spin(x: str) -> str:
+        try:
+            while spins[0] < 10_000:  # bounded: a lost cancellation fails the test, not hangs it
+                spins[0] += 1
+                await asyncio.sleep(0)
+        except asyncio.CancelledError as error:
+            seen.append(error)
+            raise
+        return "never cancelled"
+
+    body = Lambda(spin, name="spin")
+    runnable = Chain(Lambda(_ident, name="a"), body, name="outer") if nested else body
+
+    async def main() -> None:
+        task = asyncio.create_task(runnable.ainvoke("q", {"callbacks": [rec, checker]}))
+        await _until(lambda: spins[0] >= 3, task, pause=0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert task.cancelled()
+
+    asyncio.run(main())
+    assert len(seen) == 1 and spins[0] < 10
+    checker.check()
+    ends = [r for r in rec.records if r.event.phase != "start"]
+    cancelled = 2 if nested else 1  # spin, and the chain around it
+    assert [r.event.method for r in ends][-cancelled:] == ["on_chain_error"] * cancelled
+    assert all(r.args[0] is seen[0] for r in ends if r.event.phase == "error")
+
+
+def test_D3_R3_an_item_cancelled_while_waiting_for_its_turn_lets_the_running_ones_finish() -> None:
+    """Shutdown code often cancels every task (``for t in asyncio.all_tasks(): t.cancel()``),
+    our own included. An `abatch` item cancelled while it waits for its turn never starts a
+    run; the item already running still finishes and closes its run before `abatch` raises
+    the cancellation (D3)."""
+    rec, checker = Recorder(), TraceChecker()
+    tasks: list[asyncio.Task[Any] | None] = []  # the test's own task, spared
+
+    async def first(x: int) -> int:
+        if x == 1:
+            me, main_task = asyncio.current_task(), tasks[0]
+            for task in asyncio.all_tasks():
+                if task is not me and task is not main_task:
+                    task.cancel()  # the items waiting for the semaphore
+            for _ in range(3):
+                await asyncio.sleep(0.001)
+        return x
+
+    async def main() -> None:
+        tasks.append(asyncio.current_task())
+        config: RunnableConfig = {"callbacks": [rec, checker], "max_concurrency": 1}
+        with pytest.raises(asyncio.CancelledError):
+            await Lambda(first, name="first").abatch([1, 2, 3], config, return_exceptions=True)
+        assert rec.events() == ["on_chain_start", "on_chain_end"]  # at once: item 1 is done
+
+    asyncio.run(main())
+    checker.check()
+    assert rec.records[1].args[0] == 1
 
 
 # ===============================================================================================
@@ -6489,880 +7304,6 @@ def test_D3_a_cancellation_at_any_line_of_the_library_keeps_every_trace_balanced
 
 
 # ===============================================================================================
-# The API's smaller corners, each named by the rule it touches (found by branch coverage)
-# ===============================================================================================
-
-
-def test_events_a_handler_with_methods_on_the_instance_only_is_checked_each_time() -> None:
-    """A duck-typed handler qualifies by its methods; when only the instance has them, its class
-    is not remembered as a handler class, so a bare instance of it is still refused."""
-    seen: list[str] = []
-    duck = types.SimpleNamespace(on_chain_start=lambda *a, **kw: seen.append("start"))
-    for _ in range(2):
-        assert Lambda(_ident).invoke(1, {"callbacks": [duck]}) == 1
-    assert seen == ["start", "start"]
-    with pytest.raises(TypeError, match="expected a callback handler"):
-        Lambda(_ident).invoke(1, {"callbacks": [types.SimpleNamespace()]})
-
-
-def test_D4_a_handler_without_chat_start_gets_llm_start_under_async_dispatch() -> None:
-    duck = _PromptsDuck()
-    asyncio.run(ChatModel("ok").ainvoke("hi", {"callbacks": [duck]}))
-    assert duck.prompts == [["Human: hi"]]
-
-
-def test_D3_cancelling_an_abatch_closes_the_run_of_every_item() -> None:
-    rec, checker = Recorder(), TraceChecker()
-
-    async def slow(x: int) -> int:
-        await asyncio.sleep(30)
-        return x
-
-    async def main() -> None:
-        batch = asyncio.ensure_future(
-            Lambda(slow, name="slow").abatch([1, 2], {"callbacks": [rec, checker]})
-        )
-        await _until(lambda: len(rec.records) >= 2, batch)  # both items started
-        batch.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await batch
-
-    asyncio.run(main())
-    checker.check()
-    assert sorted(rec.events()) == ["on_chain_error"] * 2 + ["on_chain_start"] * 2
-    assert all(isinstance(r.args[0], asyncio.CancelledError) for r in rec.records[2:])
-
-
-def test_S1_S2_configure_takes_a_manager_for_either_half() -> None:
-    """A manager as the inheritable half is continued whole (its parent included); a manager as
-    the local half gives its current handlers, which stay local (SPEC section 3)."""
-    a, b, c = Recorder("a"), Recorder("b"), Recorder("c")
-    parent = CallbackManager([a], [a], tags=["x"], inheritable_tags=["y"])
-    run = parent.on_chain_start({}, {})
-    child = run.get_child()
-    local = CallbackManager([b, c], [c])
-    manager = CallbackManager.configure(child, local, local_tags=["z"])
-    assert manager.parent_run_id == run.run_id
-    assert (manager.handlers, manager.inheritable_handlers) == ([a, b, c], [a])
-    assert (manager.tags, manager.inheritable_tags) == (["y", "z"], ["y"])
-
-
-def test_S8_copy_and_removals_leave_the_original_alone() -> None:
-    h1, h2 = Recorder("1"), Recorder("2")
-    original = CallbackManager(
-        [h1], [h1, h2], tags=["a"], inheritable_tags=["b"], metadata={"k": 1, "j": 2},
-        inheritable_metadata={"k": 0, "i": 3},
-    )  # fmt: skip
-    copy_ = original.copy()
-    copy_.remove_metadata(["k", "absent"])
-    copy_.remove_handler(h2)
-    copy_.remove_tags(["a"])
-    assert (copy_.metadata, copy_.inheritable_metadata) == ({"j": 2, "i": 3}, {"i": 3})
-    assert (copy_.handlers, copy_.inheritable_handlers, copy_.tags) == ([h1], [h1], ["b"])
-    assert original.metadata == {"k": 1, "j": 2, "i": 3}
-    assert original.handlers == [h1, h2] and original.tags == ["a", "b"]
-    assert original.parent_run_id is None and copy_.parent_run_id is None
-
-
-def test_managers_and_run_managers_have_readable_reprs() -> None:
-    h = Recorder("h")
-    manager = CallbackManager([h], [h], tags=["t"], metadata={"k": 1})
-    assert repr(manager) == (
-        "CallbackManager(handlers=[Recorder('h')], inheritable_handlers=[Recorder('h')], "
-        "parent_run_id=None, tags=['t'], inheritable_tags=[], metadata={'k': 1}, "
-        "inheritable_metadata={})"
-    )
-    with sequential_run_ids():
-        run = manager.on_chain_start({}, {})
-    assert repr(run) == f"<RunManager chain run_id={_U(1)}>"
-    assert repr(Lambda(_ident, name="f")) == "Lambda(name='f')"
-
-
-def test_config_bad_manager_arguments_and_direct_run_managers_are_refused() -> None:
-    with pytest.raises(TypeError, match=r"parent_run_id must be a uuid\.UUID or None, got 'p'"):
-        CallbackManager(parent_run_id="p")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"RunManager is made by a manager's on_\*_start"):
-        RunManager()
-    run = CallbackManager([Recorder()]).on_chain_start({}, {})
-    with pytest.raises(TypeError, match="tag must be a string or None, got 3"):
-        run.get_child(3)  # type: ignore[arg-type]
-
-
-def test_S4_R2_sync_manager_api_starts_every_kind_of_run() -> None:
-    rec = Recorder()
-    manager = CallbackManager([rec])
-    with sequential_run_ids():
-        tool = manager.on_tool_start({"name": "t"}, "in", inputs={"x": 1})
-        tool.on_tool_end("out")
-        retriever = manager.on_retriever_start({"name": "r"}, "q")
-        retriever.on_retriever_end([Document("d")])
-        [chat] = manager.on_chat_model_start({"name": "m"}, [[HumanMessage("hi")]])
-        chat.on_llm_end(LLMResult([[Generation("ok")]]))
-    assert [(e, run) for e, run, *_ in _trace(rec)] == [
-        ("on_tool_start", 1), ("on_tool_end", 1), ("on_retriever_start", 2),
-        ("on_retriever_end", 2), ("on_chat_model_start", 3), ("on_llm_end", 3),
-    ]  # fmt: skip
-    assert rec.records[0].kwargs == {"inputs": {"x": 1}}
-
-
-def test_S4_R2_async_manager_api_starts_every_kind_of_run_and_skips_work_without_handlers() -> None:
-    rec = Recorder()
-
-    async def main() -> None:
-        manager = AsyncCallbackManager([rec])
-        retriever = await manager.on_retriever_start({"name": "r"}, "q")
-        await retriever.on_retriever_end([])
-        [chat] = await manager.on_chat_model_start({"name": "m"}, [[HumanMessage("hi")]])
-        await chat.on_llm_error(ValueError("down"))
-        silent = await AsyncCallbackManager().on_chain_start({}, {})  # D7: nobody listens
-        await silent.on_chain_end({})
-        assert silent._run_id is None
-
-    asyncio.run(main())
-    assert rec.events() == [
-        "on_retriever_start", "on_retriever_end", "on_chat_model_start", "on_llm_error",
-    ]  # fmt: skip
-
-
-def test_D3_a_run_its_body_already_ended_is_not_closed_twice() -> None:
-    """A body that ends its own run through the config's manager (a private reach, but
-    possible) and then raises: the runnable does not fire a second closing event."""
-    for mode in ("invoke", "ainvoke"):
-        rec = Recorder()
-
-        def body(x: Any, config: RunnableConfig) -> Any:
-            manager = config["callbacks"]
-            assert isinstance(manager, CallbackManager)
-            run = manager._parent
-            assert isinstance(run, RunManager)
-            run.on_chain_end("early")
-            raise ValueError("after the end")
-
-        async def abody(x: Any, config: RunnableConfig) -> Any:
-            manager: Any = config["callbacks"]  # an AsyncCallbackManager under ainvoke
-            assert isinstance(manager, AsyncCallbackManager)
-            run = manager._parent
-            assert isinstance(run, AsyncRunManager)
-            await run.on_chain_end("early")
-            raise ValueError("after the end")
-
-        runnable = Lambda(body) if mode == "invoke" else Lambda(abody)
-        raised = _drive(runnable, {"callbacks": [rec]}, mode)
-        assert isinstance(raised, ValueError)
-        assert rec.events() == ["on_chain_start", "on_chain_end"], mode
-
-
-def test_S9_with_config_twice_merges_the_bindings() -> None:
-    rec1, rec2 = Recorder("1"), Recorder("2")
-    bound = (
-        Lambda(_ident, name="f")
-        .with_config(callbacks=[rec1], tags=["a"], metadata={"k": 1, "j": 1})
-        .with_config(callbacks=[rec2, rec1], tags=["b", "a"], metadata={"k": 2})
-    )
-    bound.invoke(1)
-    assert rec1.records[0].tags == ["a", "b"] == rec2.records[0].tags
-    assert rec1.records[0].metadata == {"k": 2, "j": 1}
-    with pytest.raises(
-        TypeError,
-        match=r"^with_config\(callbacks=\.\.\.\) takes a list of handlers, not a manager$",
-    ):
-        Lambda(_ident).with_config(callbacks=CallbackManager())
-
-
-def test_R4_constructor_arguments_are_checked() -> None:
-    three: Any = 3
-    cases: list[tuple[Callable[[], Any], type[Exception], str]] = [
-        (
-            lambda: Lambda(_ident, name=three),
-            TypeError,
-            "name must be a non-empty string or None, got 3 (int)",
-        ),
-        (
-            lambda: Lambda(_ident, name=""),
-            TypeError,
-            "name must be a non-empty string or None, got '' (str)",
-        ),
-        (lambda: Lambda(3), TypeError, "Lambda expects a function, got 3 (int)"),  # type: ignore[arg-type]
-        (lambda: Tool(3), TypeError, "Tool expects a function, got 3 (int)"),  # type: ignore[arg-type]
-        (lambda: Chain(), ValueError, "a Chain needs at least one step"),
-        (lambda: Parallel(), ValueError, "a Parallel needs at least one step"),
-        # keys that would silently drop a branch: 1 and "1", or one key given twice
-        (
-            lambda: Parallel({three: _ident, "3": _ident}),
-            TypeError,
-            "Parallel step keys must be strings, got 3 (int)",
-        ),
-        (lambda: Parallel({"a": _ident}, a=_ident), ValueError, "Parallel got the step 'a' twice"),
-    ]
-    for make, kind, message in cases:
-        with pytest.raises(kind, match=f"^{re.escape(message)}$"):
-            make()
-
-
-def test_R4_steps_are_coerced_and_builtins_without_signatures_work() -> None:
-    rec = Recorder()
-    chain = Chain(lambda x: [x, 2], {"biggest": Lambda(max), "n": len})
-    assert chain.invoke(1, {"callbacks": [rec], "max_concurrency": 1}) == {"biggest": 2, "n": 2}
-    piped = (lambda x: x + 1) | Lambda(lambda x: x * 10, name="g")  # Runnable.__ror__
-    assert isinstance(piped, Chain) and piped.invoke(1) == 20
-    names = [r.kwargs["name"] for r in rec.records if r.event.phase == "start"]
-    assert names == ["Chain", "Lambda", "Parallel", "max", "len"]
-    with pytest.raises(NotImplementedError):
-        Runnable(name="abstract").invoke(1)
-
-
-def test_R1_streams_without_handlers_and_async_tools_run_plainly() -> None:
-    async def ashout(text: str) -> str:
-        return text.upper()
-
-    chain = Lambda(_ident) | Tool(ashout)
-    assert list(chain.stream("a")) == ["A"]
-    assert asyncio.run(chain.ainvoke("b")) == "B"
-
-    async def chunks() -> list[Any]:
-        return [c async for c in chain.astream("c")]
-
-    assert asyncio.run(chunks()) == ["C"]
-
-
-def test_R1_a_retriever_streams_its_documents_as_one_chunk() -> None:
-    retriever = Retriever(["a b", "c"], name="docs")
-    rec = Recorder()
-    assert list(retriever.stream("a", {"callbacks": [rec]})) == [[Document("a b")]]
-
-    async def chunks() -> list[Any]:
-        return [c async for c in retriever.astream("c", {"callbacks": [rec]})]
-
-    assert asyncio.run(chunks()) == [[Document("c")]]
-    assert rec.events() == ["on_retriever_start", "on_retriever_end"] * 2
-
-
-def test_D3_astream_whose_start_fails_closes_that_run_only() -> None:
-    strict = _Shared("strict", [], fail=("on_chain_start", "f", ValueError("no")), raise_error=True)
-    rec = Recorder()
-
-    async def main() -> None:
-        stream: Any = Lambda(_ident, name="f").astream(1, {"callbacks": [strict, rec]})
-        async with contextlib.aclosing(stream):
-            async for _ in stream:
-                pass
-
-    with pytest.raises(ValueError, match="no"):
-        asyncio.run(main())
-    assert rec.events() == ["on_chain_start", "on_chain_error"]
-
-
-def test_D3_stream_whose_start_fails_closes_that_run_and_raises_the_failure() -> None:
-    strict = _Shared("strict", [], fail=("on_chain_start", "f", ValueError("no")), raise_error=True)
-    rec = Recorder()
-    with pytest.raises(ValueError, match=r"^no$"):
-        list(Lambda(_ident, name="f").stream(1, {"callbacks": [strict, rec]}))
-    assert rec.events() == ["on_chain_start", "on_chain_error"]
-
-
-def test_S10_a_streamed_lambdas_implicit_children_stay_in_the_tree() -> None:
-    child = Lambda(_ident, name="child")
-    for mode in ("stream", "astream"):
-        rec = Recorder()
-        assert (
-            _drive(Lambda(lambda x: child.invoke(x), name="body"), {"callbacks": [rec]}, mode)
-            is None
-        )
-        starts = [r for r in rec.records if r.event.phase == "start"]
-        assert [r.kwargs["name"] for r in starts] == ["body", "child"]
-        assert starts[1].parent_run_id == starts[0].run_id, mode
-
-
-def test_S11_an_async_body_run_by_invoke_inside_a_loop_keeps_the_context() -> None:
-    """``invoke`` inside a running loop runs an async body on a worker thread's own loop (D6);
-    the context goes with it, so the body's implicit children stay in the tree (S10, S11) and
-    it sees the caller's context variables."""
-    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
-    child, seen = Lambda(_ident, name="child"), []
-
-    async def body(x: Any) -> Any:
-        seen.append(var.get())
-        return await child.ainvoke(x)
-
-    async def main() -> Any:
-        var.set("caller")
-        return Lambda(body, name="body").invoke(1, {"callbacks": [rec]})
-
-    rec = Recorder()
-    assert asyncio.run(main()) == 1
-    starts = [r for r in rec.records if r.event.phase == "start"]
-    assert [r.kwargs["name"] for r in starts] == ["body", "child"]
-    assert starts[1].parent_run_id == starts[0].run_id and seen == ["caller"]
-
-
-def test_S10_adispatch_custom_event_needs_a_string_name() -> None:
-    async def body(x: Any) -> Any:
-        await adispatch_custom_event(3, x)  # type: ignore[arg-type]
-
-    with pytest.raises(TypeError, match="custom event name must be a string, got 3"):
-        asyncio.run(Lambda(body).ainvoke(1))
-
-
-def test_X2_tree_ignores_events_of_runs_it_never_saw_start() -> None:
-    rec = Recorder()
-    rec.on_chain_end({}, run_id=_A, tags=[])
-    rec.on_chain_start({}, {}, run_id=_B, tags=[], name="b")
-    assert rec.tree() == "b (chain) -> open"
-
-
-# ===============================================================================================
-# Mutation testing's findings: behaviour no other test pinned down (issue 7)
-# ===============================================================================================
-
-
-class _Bare:
-    """A duck-typed handler: no base class, no flags at all, only the methods it has."""
-
-    def __init__(self, log: list[tuple[str, Any]]) -> None:
-        self.log = log
-
-    def on_chain_start(self, serialized: Any, inputs: Any, **kw: Any) -> None:
-        self.log.append(("start", threading.current_thread() is threading.main_thread()))
-
-    def on_chain_end(self, outputs: Any, **kw: Any) -> None:
-        raise ValueError("bare handler broke")
-
-
-def test_D1_D2_D5_a_handler_without_flags_is_not_inline_and_does_not_raise() -> None:
-    """Flags default to False: a flagless handler's failure is only logged (D2), a handler
-    missing a method does not stop delivery to the next one (D1), and under ``ainvoke`` a
-    flagless sync handler runs in a worker thread, not inline (D5)."""
-    log: list[tuple[str, Any]] = []
-    rec = Recorder()
-    assert Lambda(_ident).invoke(1, {"callbacks": [_Bare(log), rec]}) == 1
-    assert rec.events() == ["on_chain_start", "on_chain_end"]
-    assert ChatModel("ok").invoke("q", {"callbacks": [_Bare(log), rec]}) == AIMessage("ok")
-    assert rec.events()[2:] == ["on_chat_model_start", "on_llm_end"]  # _Bare lacks both
-    assert asyncio.run(Lambda(_ident).ainvoke(1, {"callbacks": [_Bare(log)]})) == 1
-    assert log == [("start", True), ("start", False)]
-
-
-def test_D2_D5_under_async_dispatch_the_first_raise_error_failure_wins_and_interrupts_outrank() -> (
-    None
-):
-    first, second = ValueError("first"), ValueError("second")
-    interrupt = KeyboardInterrupt("stop")
-
-    def run(*handlers: _Shared) -> BaseException | None:
-        return _drive(Lambda(_ident, name="f"), {"callbacks": list(handlers)}, "ainvoke")
-
-    log: list[_LogEntry] = []
-    a = _Shared("a", log, fail=("on_chain_start", None, first), raise_error=True)
-    b = _Shared("b", log, fail=("on_chain_start", None, second), raise_error=True)
-    assert run(a, b) is first
-    c = _Shared("c", log, fail=("on_chain_start", None, interrupt))
-    assert run(a, c) is interrupt
-
-
-def test_S4_S6_S7_manager_defaults_and_values_pass_through() -> None:
-    parent = uuid.uuid4()
-    rec, other = Recorder("r"), Recorder("o")
-    manager = CallbackManager(parent_run_id=parent)
-    manager.add_handler(rec)  # inheritable by default
-    manager.add_tags(["ab"])
-    manager.add_tags(["".join(["a", "b"])])  # an equal tag, another object: kept once (S7)
-    assert manager.parent_run_id == parent
-    assert manager.inheritable_handlers == [rec] and manager.tags == ["ab"]
-    with pytest.raises(TypeError, match=r"^metadata must be a dict with string keys, got a list$"):
-        manager.add_metadata([1])  # type: ignore[arg-type]
-    with pytest.raises(
-        TypeError, match=r"^handlers must be a list of handlers, got 'abc' \(str\)$"
-    ):
-        CallbackManager("abc")
-    run_id = uuid.uuid4()
-    starts: list[tuple[str, Callable[..., Any]]] = [
-        ("on_chain_start", lambda m: m.on_chain_start({"s": 1}, {}, run_id=run_id)),
-        ("on_tool_start", lambda m: m.on_tool_start({"s": 1}, "in", run_id=run_id)),
-        ("on_retriever_start", lambda m: m.on_retriever_start({"s": 1}, "q", run_id=run_id)),
-        ("on_llm_start", lambda m: m.on_llm_start({"s": 1}, ["p"], run_id=run_id)),
-        ("on_chat_model_start", lambda m: m.on_chat_model_start({"s": 1}, [[]], run_id=run_id)),
-    ]
-    for manager_class in (CallbackManager, AsyncCallbackManager):
-        for method, start in starts:
-            log = Recorder()
-            run = asyncio.run(_started(start(manager_class([log], parent_run_id=parent))))
-            assert (run.run_id, run.parent_run_id) == (run_id, parent)
-            record = log.records[0]
-            assert (record.event.method, record.args[0], record.run_id) == (
-                method, {"s": 1}, run_id,
-            )  # fmt: skip
-    assert other.records == []
-
-
-def test_R2_only_llm_runs_are_leaves_and_say_so() -> None:
-    [run] = CallbackManager([Recorder()]).on_llm_start({}, ["p"])
-    with pytest.raises(TypeError, match=r"^a llm run is a leaf and has no child runs$"):
-        run.get_child()
-
-
-def test_S9_bound_values_merge_with_order_and_bound_max_concurrency_holds() -> None:
-    log: list[_LogEntry] = []
-    one, two = _Shared("1", log), _Shared("2", log)
-    bound = Lambda(_ident, name="f").with_config(callbacks=[one]).with_config(callbacks=[two, one])
-    bound.invoke(1)
-    assert [label for label, method, _ in log if method == "on_chain_start"] == ["1", "2"]
-    with pytest.raises(TypeError, match=r"^run_id cannot be bound: it names one run; pass it"):
-        Lambda(_ident).with_config(run_id=uuid.uuid4())
-    running, most = [0], [0]
-    lock = threading.Lock()
-
-    def slow(x: int) -> int:
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-        time.sleep(0.01)
-        with lock:
-            running[0] -= 1
-        return x
-
-    assert Lambda(slow).with_config(max_concurrency=1).batch([1, 2, 3]) == [1, 2, 3]
-    assert most == [1]
-
-
-def test_R3_batch_of_one_failing_input_returns_the_exception_in_place() -> None:
-    error = ValueError("only one")
-    assert Lambda(_fail("only one")).batch([1], return_exceptions=True)[0].args == error.args
-    with pytest.raises(ValueError, match=r"^batch\(\) got 2 configs for 1 inputs; pass one"):
-        Lambda(_ident).batch([1], [{}, {}])
-
-
-def test_S10_a_call_with_only_tags_or_only_metadata_adds_them_to_the_inherited_manager() -> None:
-    rec = Recorder()
-    inner = Lambda(_ident, name="inner")
-
-    def body(x: Any) -> Any:
-        inner.invoke(x, {"tags": ["only-tags"]})
-        inner.invoke(x, {"metadata": {"only": "metadata"}})
-        return x
-
-    Lambda(body, name="outer").invoke(1, {"callbacks": [rec]})
-    starts = [r for r in rec.records if r.event.phase == "start"]
-    assert [(r.tags, r.metadata) for r in starts] == [
-        ([], {}), (["only-tags"], {}), ([], {"only": "metadata"}),
-    ]  # fmt: skip
-    assert starts[1].parent_run_id == starts[0].run_id == starts[2].parent_run_id
-
-
-def test_S10_R1_streams_carry_the_input_the_output_and_the_enclosing_run() -> None:
-    """``stream`` and ``astream`` report the input on start and the whole output on end, run
-    every step of a chain before streaming the last, and keep implicit children in the tree."""
-    rec = Recorder()
-    child = Lambda(_ident, name="child")
-
-    def body(x: int) -> int:
-        return int(child.invoke(x)) * 10
-
-    chain = Chain(Lambda(lambda x: x + 1, name="a"), Lambda(body, name="b"), Lambda(str, name="c"))
-    assert list(chain.stream(1, {"callbacks": [rec]})) == ["20"]
-
-    async def achunks() -> list[Any]:
-        return [c async for c in chain.astream(1, {"callbacks": [rec]})]
-
-    assert asyncio.run(achunks()) == ["20"]
-    for records in (rec.records[: len(rec.records) // 2], rec.records[len(rec.records) // 2 :]):
-        starts = {r.kwargs["name"]: r for r in records if r.event.phase == "start"}
-        ends = [r for r in records if r.event.phase == "end"]
-        assert starts["Chain"].args[1] == 1 and ends[-1].args[0] == "20"
-        assert starts["child"].parent_run_id == starts["b"].run_id
-
-
-def test_R4_R5_names_serialized_ids_and_tool_payloads() -> None:
-    def shout(text: str) -> str:
-        """Shout the text."""
-        return text.upper()
-
-    def add(a: int, b: int) -> int:
-        return a + b
-
-    rec = Recorder()
-    Tool(shout).invoke("hi", {"callbacks": [rec]})
-    Tool(add, description="adds").invoke({"a": 1, "b": 2}, {"callbacks": [rec]})
-    Lambda(functools.partial(_ident)).invoke(1, {"callbacks": [rec]})
-    starts = [r for r in rec.records if r.event.phase == "start"]
-    assert [r.args[0] for r in starts] == [
-        {"name": "shout", "id": ["callbacks", "Tool"], "description": "Shout the text."},
-        {"name": "add", "id": ["callbacks", "Tool"], "description": "adds"},
-        {"name": "Lambda", "id": ["callbacks", "Lambda"]},
-    ]
-    assert [r.kwargs.get("inputs") for r in starts[:2]] == [None, {"a": 1, "b": 2}]
-    assert [r.args[0] for r in rec.records if r.event.phase == "end"] == ["HI", 3, 1]
-    assert Tool(lambda x: x).description == ""
-    assert asyncio.run(Tool(shout).ainvoke("yo")) == "YO"
-
-
-def test_R0_R2_R5_models_take_any_input_cycle_responses_and_stream_chunks() -> None:
-    rec = Recorder()
-    llm = LLM(["a b", "c"], streaming=True)
-    assert [llm.invoke(5, {"callbacks": [rec]}) for _ in range(3)] == ["a b", "c", "a b"]
-    assert rec.records[0].args[1] == ["Human: 5"]
-    critic = types.SimpleNamespace(type="critic", content="fine")
-    only_content = types.SimpleNamespace(content="no type")
-    chat, chat_rec = ChatModel("ok", streaming=True), Recorder()
-    chat.invoke(critic, {"callbacks": [chat_rec]})
-    chat.invoke(only_content, {"callbacks": [chat_rec]})
-    starts = [r.args[1] for r in chat_rec.records if r.event.phase == "start"]
-    assert starts == [[[critic]], [[HumanMessage(str(only_content))]]]
-    [token] = [r for r in chat_rec.records if r.event is Event.LLM_NEW_TOKEN][:1]
-    assert token.kwargs["chunk"] == Generation("ok", AIMessage("ok"))
-    fallback = _LLMStartOnly()
-    chat.invoke([critic], {"callbacks": [fallback]})
-    assert fallback.seen[0][1] == ["critic: fine"]  # an unknown role is shown as it is (D4)
-    failing, frec = LLM("x y z", streaming=True, error=ValueError("down")), Recorder()
-    assert isinstance(_drive(failing, {"callbacks": [frec]}, "ainvoke"), ValueError)
-    assert frec.events() == ["on_llm_start", "on_llm_new_token", "on_llm_error"]
-
-
-def test_R1_async_retriever_and_sync_tool_get_their_input() -> None:
-    retriever = Retriever(["apple pie", "banana"])
-    assert asyncio.run(retriever.ainvoke("apple")) == [Document("apple pie")]
-    assert asyncio.run(Tool(str.upper).ainvoke("x")) == "X"
-
-
-def test_S10_custom_event_with_another_runs_config_belongs_to_that_run() -> None:
-    rec = Recorder()
-    saved: list[RunnableConfig] = []
-
-    def outer(x: Any, config: RunnableConfig) -> Any:
-        saved.append(config)
-        return inner.invoke(x)
-
-    def inner_body(x: Any) -> Any:
-        dispatch_custom_event("evt", x, config=saved[0])  # the outer run's config
-        return x
-
-    inner = Lambda(inner_body, name="inner")
-    Lambda(outer, name="outer").invoke(1, {"callbacks": [rec]})
-    [custom] = [r for r in rec.records if r.event is Event.CUSTOM_EVENT]
-    assert custom.run_id == rec.records[0].run_id  # the outer run, not the inner one
-    with pytest.raises(RuntimeError) as info:
-        dispatch_custom_event("evt", {})
-    assert str(info.value) == (
-        "dispatching a custom event needs an enclosing run: call it from inside a "
-        "runnable, or pass the config that runnable received"
-    )
-
-
-def test_X1_X2_recorder_defaults_and_checker_messages() -> None:
-    rec = Recorder()
-    assert repr(rec) == "Recorder('recorder')"
-    rec.on_text("note")  # type: ignore[call-arg]  # no keywords at all
-    assert rec.records[0][:6] == (Event.TEXT, ("note",), None, None, None, None)
-    rec.on_chain_start({}, {}, run_id=_A)
-    rec.on_text("t", run_id=_A)
-    rec.on_retry("r", run_id=_A)
-    assert rec.tree() == "? (chain) [on_text x1, on_retry x1] -> open"
-    checker = TraceChecker()
-    _feed(checker, [_end(_A), _end(_B)])
-    with pytest.raises(AssertionError) as info:
-        checker.check()
-    assert str(info.value) == "trace breaks the rules:\n" + "\n".join(map(str, checker.violations))
-    assert len(checker.violations) == 2
-    hidden = TraceChecker()
-    hidden.ignore_llm = True  # so an orphan LLM end is fine, an orphan chain end is not
-    _feed(hidden, [_LLM_END, _end(_B)])
-    assert hidden.violations == [
-        Violation("D3", _B, "on_chain_end", "no run with this id has started")
-    ]
-    typed = TraceChecker()
-    _feed(typed, [_start(_A, metadata={1: "x"}), _end(_A)])
-    assert typed.violations == [
-        Violation(
-            "X1",
-            _A,
-            "on_chain_start",
-            "metadata must be a dict with string keys, got 1 (int) in it",
-        )
-    ]
-
-
-def test_S4_chain_with_only_tags_metadata_or_callbacks_is_not_spliced() -> None:
-    a, b = Lambda(_ident, name="a"), Lambda(_ident, name="b")
-    for options in ({"tags": ["t"]}, {"metadata": {"k": 1}}, {"callbacks": [Recorder()]}):
-        assert len(Chain(Chain(a, b, **options), a).steps) == 2
-    assert len(Chain(Chain(a, b), a).steps) == 3
-
-
-# -- D3: a cancellation thrown into the task, a body cancelling its own task, a queued item ------
-
-
-@pytest.mark.parametrize("nested", [False, True], ids=["lambda", "in_chain"])
-def test_D3_a_cancellation_thrown_in_at_a_bare_yield_reaches_the_body(nested: bool) -> None:
-    """A task cancelled while its body yields bare (``await asyncio.sleep(0)``) waits on no
-    future: the loop throws the cancellation in at the top, and each run's frame must pass it
-    down to the body, not drop it. The body then stops at that await and every run closes."""
-    rec, checker = Recorder(), TraceChecker()
-    spins = [0]
-    seen: list[BaseException] = []
-
-    async def spin(x: str) -> str:
-        try:
-            while spins[0] < 10_000:  # bounded: a lost cancellation fails the test, not hangs it
-                spins[0] += 1
-                await asyncio.sleep(0)
-        except asyncio.CancelledError as error:
-            seen.append(error)
-            raise
-        return "never cancelled"
-
-    body = Lambda(spin, name="spin")
-    runnable = Chain(Lambda(_ident, name="a"), body, name="outer") if nested else body
-
-    async def main() -> None:
-        task = asyncio.create_task(runnable.ainvoke("q", {"callbacks": [rec, checker]}))
-        await _until(lambda: spins[0] >= 3, task, pause=0)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert task.cancelled()
-
-    asyncio.run(main())
-    assert len(seen) == 1 and spins[0] < 10
-    checker.check()
-    ends = [r for r in rec.records if r.event.phase != "start"]
-    cancelled = 2 if nested else 1  # spin, and the chain around it
-    assert [r.event.method for r in ends][-cancelled:] == ["on_chain_error"] * cancelled
-    assert all(r.args[0] is seen[0] for r in ends if r.event.phase == "error")
-
-
-def test_R1_D3_a_body_that_cancels_its_own_task_gives_that_very_error() -> None:
-    """In `abatch` and in an async `Parallel`, each item or branch is a task of its own. A body
-    that cancels that task raises a `asyncio.CancelledError`: the call raises that same object
-    (R1; `return_exceptions` keeps only `Exception`), after the other runs closed (D3)."""
-    rec, checker = Recorder(), TraceChecker()
-    raised: list[BaseException] = []
-
-    async def pick(x: int) -> int:
-        if x == 1:
-            task = asyncio.current_task()
-            assert task is not None
-            task.cancel()
-            try:
-                await asyncio.sleep(5)
-            except asyncio.CancelledError as error:
-                raised.append(error)
-                raise
-        for _ in range(3):
-            await asyncio.sleep(0.001)
-        return x
-
-    async def main() -> None:
-        config: RunnableConfig = {"callbacks": [rec, checker]}
-        with pytest.raises(asyncio.CancelledError) as info:
-            await Lambda(pick, name="pick").abatch([1, 2], config, return_exceptions=True)
-        assert info.value is raised[0]
-        assert len(rec.records) == 4  # the other item's run closed before abatch raised
-        fan = Parallel(a=Lambda(pick, name="pick"), b=Lambda(_ident, name="b"))
-        with pytest.raises(asyncio.CancelledError) as info:
-            await fan.ainvoke(1, config)
-        assert info.value is raised[1]
-        assert len(rec.records) == 10
-
-    asyncio.run(main())
-    checker.check()
-    errors = [r.args[0] for r in rec.records if r.event.phase == "error"]
-    assert errors == [raised[0], raised[1], raised[1]]  # the item; the branch, then the Parallel
-
-
-def test_D3_R3_an_item_cancelled_while_waiting_for_its_turn_lets_the_running_ones_finish() -> None:
-    """Shutdown code often cancels every task (``for t in asyncio.all_tasks(): t.cancel()``),
-    our own included. An `abatch` item cancelled while it waits for its turn never starts a
-    run; the item already running still finishes and closes its run before `abatch` raises
-    the cancellation (D3)."""
-    rec, checker = Recorder(), TraceChecker()
-    tasks: list[asyncio.Task[Any] | None] = []  # the test's own task, spared
-
-    async def first(x: int) -> int:
-        if x == 1:
-            me, main_task = asyncio.current_task(), tasks[0]
-            for task in asyncio.all_tasks():
-                if task is not me and task is not main_task:
-                    task.cancel()  # the items waiting for the semaphore
-            for _ in range(3):
-                await asyncio.sleep(0.001)
-        return x
-
-    async def main() -> None:
-        tasks.append(asyncio.current_task())
-        config: RunnableConfig = {"callbacks": [rec, checker], "max_concurrency": 1}
-        with pytest.raises(asyncio.CancelledError):
-            await Lambda(first, name="first").abatch([1, 2, 3], config, return_exceptions=True)
-        assert rec.events() == ["on_chain_start", "on_chain_end"]  # at once: item 1 is done
-
-    asyncio.run(main())
-    checker.check()
-    assert rec.records[1].args[0] == 1
-
-
-# -- S3/R3: max_concurrency holds for what stream() and astream() run --------------------------
-
-
-class _Peak:
-    """Counts the branches running at once; ``peak`` is the most there ever were. With
-    ``meet=n`` each branch waits until n are running (and fails after 5 s if they cannot all
-    be): how long a start event takes to reach its handlers then no longer matters."""
-
-    def __init__(self, meet: int | None = None) -> None:
-        self.lock = threading.Lock()
-        self.active = self.peak = 0
-        self.meet = meet
-        self.barrier = threading.Barrier(meet, timeout=5) if meet else None
-
-    def _enter(self) -> None:
-        with self.lock:
-            self.active += 1
-            self.peak = max(self.peak, self.active)
-
-    def _leave(self) -> None:
-        with self.lock:
-            self.active -= 1
-
-    def branch(self, x: int) -> int:
-        self._enter()
-        if self.barrier is not None:
-            self.barrier.wait()
-        else:
-            time.sleep(0.01)
-        self._leave()
-        return x
-
-    async def abranch(self, x: int) -> int:
-        self._enter()
-        if self.meet is not None:
-            async with asyncio.timeout(5):
-                while self.peak < self.meet:  # all of them were running at once
-                    await asyncio.sleep(0.001)
-        else:
-            for _ in range(3):  # let every other ready task run meanwhile
-                await asyncio.sleep(0.001)
-        self._leave()
-        return x
-
-
-def _merged(chunks: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """A `Parallel`'s streamed ``{key: chunk}`` dicts as one (each branch makes one chunk)."""
-    return functools.reduce(lambda merged, chunk: {**merged, **chunk}, chunks, {})
-
-
-def _streamed_fan(shape: str, fan: Parallel) -> Runnable:
-    if shape == "parallel":
-        return fan
-    if shape == "fan_first":
-        return Chain(fan, Lambda(_ident, name="after"), name="c")
-    return Chain(Lambda(_ident, name="before"), fan, name="c")  # fan_last, and inherited
-
-
-@pytest.mark.parametrize("limit", [1, None])
-@pytest.mark.parametrize("shape", ["parallel", "fan_first", "fan_last", "inherited"])
-@pytest.mark.parametrize("mode", ["stream", "astream"])
-def test_S3_R3_max_concurrency_bounds_the_branches_a_stream_runs(
-    mode: str, shape: str, limit: int | None
-) -> None:
-    """``max_concurrency`` given to ``stream()``/``astream()``, or inherited from the call that
-    streams, bounds a `Parallel` anywhere in what is streamed: the first step of a streamed
-    `Chain` (run whole), its last step (streamed), or the streamed runnable itself."""
-    peak = _Peak(meet=None if limit else 3)
-    step = peak.abranch if mode == "astream" else peak.branch
-    fan = Parallel(a=Lambda(step, name="a"), b=Lambda(step, name="b"), c=Lambda(step, name="c"))
-    target = _streamed_fan(shape, fan)
-    config: RunnableConfig = {"callbacks": [TraceChecker(strict=True)]}
-    if limit is not None:
-        config["max_concurrency"] = limit
-    want = {"a": 7, "b": 7, "c": 7}  # the chunks ({key: chunk}, R7), put together
-    if mode == "stream":
-        if shape == "inherited":
-            outer = Lambda(lambda x: _merged(target.stream(x)), name="outer")
-            assert outer.invoke(7, config) == want
-        else:
-            assert _merged(target.stream(7, config)) == want
-    else:
-
-        async def drain(x: int) -> Any:
-            return _merged([chunk async for chunk in target.astream(x)])
-
-        async def main() -> Any:
-            if shape == "inherited":
-                return await Lambda(drain, name="outer").ainvoke(7, config)
-            return _merged([chunk async for chunk in target.astream(7, config)])
-
-        assert asyncio.run(main()) == want
-    assert peak.peak == (limit or 3)  # all three at once without a limit: the count is real
-
-
-# -- S10, S6/S7, D5 ---------------------------------------------------------------------------
-
-
-def test_S10_adispatch_custom_event_with_another_runs_config_belongs_to_that_run() -> None:
-    rec = Recorder()
-    saved: list[RunnableConfig] = []
-
-    async def outer(x: Any, config: RunnableConfig) -> Any:
-        saved.append(config)
-        return await inner.ainvoke(x)
-
-    async def inner_body(x: Any) -> Any:
-        await adispatch_custom_event("evt", x, config=saved[0])  # the outer run's config
-        await adispatch_custom_event("own", x)
-        return x
-
-    inner = Lambda(inner_body, name="inner")
-    assert asyncio.run(Lambda(outer, name="outer").ainvoke(1, {"callbacks": [rec]})) == 1
-    outer_id, inner_id = rec.records[0].run_id, rec.records[1].run_id
-    custom = [(r.args[0], r.run_id) for r in rec.records if r.event is Event.CUSTOM_EVENT]
-    assert custom == [("evt", outer_id), ("own", inner_id)]
-
-
-def test_S6_S7_S9_binding_twice_keeps_equal_handlers_and_merges_equal_tags() -> None:
-    """Bound handlers merge as an ordered set by identity (S6): two distinct handlers that
-    compare equal both stay. Bound tags merge by equality (S7): an equal tag built at run time
-    is not added again."""
-
-    @dataclass(eq=True)
-    class Same(Recorder):  # every two compare equal; unhashable, as dataclasses with eq are
-        def __init__(self) -> None:
-            super().__init__("same")
-
-    first, second = Same(), Same()
-    assert first == second and first is not second
-    tag = "".join(["t", "ag"])  # equal to "tag", another object
-    runnable = (
-        Lambda(_ident, name="x")
-        .with_config(callbacks=[first], tags=["tag"])
-        .with_config(callbacks=[second, first], tags=[tag, "other"])
-    )
-    assert runnable.invoke(1) == 1
-    for handler in (first, second):
-        assert [(r.event.method, r.tags) for r in handler.records] == [
-            ("on_chain_start", ["tag", "other"]),
-            ("on_chain_end", ["tag", "other"]),
-        ]
-
-
-def test_D5_a_handler_without_run_inline_is_called_after_the_inline_ones() -> None:
-    """Under async dispatch the ``run_inline`` handlers go first, in order; a duck-typed
-    handler with no ``run_inline`` at all counts as not inline, so it comes after them even
-    when listed first."""
-    log: list[str] = []
-
-    class Duck:
-        def on_chain_start(self, serialized: Any, inputs: Any, **kw: Any) -> None:
-            log.append("duck")
-
-    class Inline(BaseCallbackHandler):
-        run_inline = True
-
-        def on_chain_start(self, serialized: Any, inputs: Any, **kw: Any) -> None:
-            log.append("inline")
-
-    asyncio.run(Lambda(_ident).ainvoke(1, {"callbacks": [Duck(), Inline()]}))
-    assert log == ["inline", "duck"]
-
-
-# ===============================================================================================
 # Extras: trace checker, recorder, deterministic ids (X1-X3)
 # ===============================================================================================
 
@@ -7584,6 +7525,46 @@ def test_X3_sequential_run_ids_count_up_in_order_of_need_and_reset() -> None:
         rec2 = Recorder()
         chain.invoke("q", {"callbacks": [rec2]})
     assert [_int(r.run_id) for r in rec2.records] == [1, 2, 2, 3, 3, 1]
+
+
+def test_X2_tree_ignores_events_of_runs_it_never_saw_start() -> None:
+    rec = Recorder()
+    rec.on_chain_end({}, run_id=_A, tags=[])
+    rec.on_chain_start({}, {}, run_id=_B, tags=[], name="b")
+    assert rec.tree() == "b (chain) -> open"
+
+
+def test_X1_X2_recorder_defaults_and_checker_messages() -> None:
+    rec = Recorder()
+    assert repr(rec) == "Recorder('recorder')"
+    rec.on_text("note")  # type: ignore[call-arg]  # no keywords at all
+    assert rec.records[0][:6] == (Event.TEXT, ("note",), None, None, None, None)
+    rec.on_chain_start({}, {}, run_id=_A)
+    rec.on_text("t", run_id=_A)
+    rec.on_retry("r", run_id=_A)
+    assert rec.tree() == "? (chain) [on_text x1, on_retry x1] -> open"
+    checker = TraceChecker()
+    _feed(checker, [_end(_A), _end(_B)])
+    with pytest.raises(AssertionError) as info:
+        checker.check()
+    assert str(info.value) == "trace breaks the rules:\n" + "\n".join(map(str, checker.violations))
+    assert len(checker.violations) == 2
+    hidden = TraceChecker()
+    hidden.ignore_llm = True  # so an orphan LLM end is fine, an orphan chain end is not
+    _feed(hidden, [_LLM_END, _end(_B)])
+    assert hidden.violations == [
+        Violation("D3", _B, "on_chain_end", "no run with this id has started")
+    ]
+    typed = TraceChecker()
+    _feed(typed, [_start(_A, metadata={1: "x"}), _end(_A)])
+    assert typed.violations == [
+        Violation(
+            "X1",
+            _A,
+            "on_chain_start",
+            "metadata must be a dict with string keys, got 1 (int) in it",
+        )
+    ]
 
 
 # ===============================================================================================
