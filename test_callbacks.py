@@ -4619,6 +4619,34 @@ def _mixed_probes(log: _Log) -> list[_LogProbeState]:
 # ===============================================================================================
 
 
+@pytest.mark.parametrize("inline", [False, True])
+def test_D5_each_handler_is_delivered_in_a_task_of_its_own(inline: bool) -> None:
+    """A handler's delivery runs in a task of its own, never in the run's task, whether it
+    starts on the next turn of the loop (Python 3.11) or eagerly (3.12+): what it opens there
+    (a timeout, a task group) is its own. A handler that does not suspend is done by the time
+    the run goes on."""
+    tasks: dict[str, list[Any]] = {"handler": [], "body": []}
+
+    class Seen(AsyncCallbackHandler):
+        run_inline = inline
+
+        async def on_chain_start(self, *args: Any, **kwargs: Any) -> None:
+            tasks["handler"].append(asyncio.current_task())
+
+    async def body(x: Any) -> Any:
+        tasks["body"].append(asyncio.current_task())
+        assert all(task.done() for task in tasks["handler"])
+        return x
+
+    async def main() -> Any:
+        tasks["caller"] = [asyncio.current_task()]
+        return await Lambda(body, name="b").ainvoke(1, {"callbacks": [Seen()]})
+
+    assert asyncio.run(main()) == 1
+    (handler,), (body_task,), (caller,) = tasks["handler"], tasks["body"], tasks["caller"]
+    assert handler is not None and handler is not body_task and handler is not caller
+
+
 def test_D5_inline_handlers_run_first_in_order_on_the_loop_then_the_others() -> None:
     log: _Log = []
     n_sync = _SyncLogProbe("n_sync", log, delay=_every(0.02))
@@ -6925,12 +6953,12 @@ def test_D3_a_start_python_could_not_deliver_to_a_handler_is_the_last_it_hears(
         first.run_inline = True  # start the second's (the inline one's task comes first)
         task, started = callbacks._task, []
 
-        def no_stack_for_the_second(loop: Any, coroutine: Any, context: Any = None) -> Any:
+        def no_stack_for_the_second(loop: Any, coroutine: Any, *args: Any, **kw: Any) -> Any:
             started.append(coroutine)
             if len(started) == 2:
                 coroutine.close()
                 raise RecursionError("no stack left")
-            return task(loop, coroutine, context)
+            return task(loop, coroutine, *args, **kw)
 
         monkeypatch.setattr(callbacks, "_task", no_stack_for_the_second)
     with pytest.raises(RecursionError):
@@ -7076,18 +7104,18 @@ def test_D3_a_handler_whose_task_could_not_start_hears_the_closing_event_later(
     """Async dispatch starts a task per handler; if the library has no stack left to start the
     second handler's task for the inner run's end, that handler hears it later: when the
     error on the way up closes the run, or from the parent run (``thrice``)."""
-    create_task = asyncio.BaseEventLoop.create_task
+    make_task = callbacks._handler_task  # what starts a handler's delivery task
     left = [refusals]
 
-    def no_stack_for_the_second(loop: Any, coroutine: Any, **kwargs: Any) -> Any:
+    def no_stack_for_the_second(coroutine: Any, **kwargs: Any) -> Any:
         handler = coroutine.cr_frame.f_locals.get("handler") if coroutine.cr_frame else None
         event = coroutine.cr_frame.f_locals.get("event") if coroutine.cr_frame else None
         if handler is after and event is Event.CHAIN_END and left[0]:
             left[0] -= 1
             raise RecursionError("no stack left")
-        return create_task(loop, coroutine, **kwargs)
+        return make_task(coroutine, **kwargs)
 
-    monkeypatch.setattr(asyncio.BaseEventLoop, "create_task", no_stack_for_the_second)
+    monkeypatch.setattr(callbacks, "_handler_task", no_stack_for_the_second)
     before, after = Recorder("before"), Recorder("after")
     inner = Lambda(_ident, name="inner")
 
