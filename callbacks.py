@@ -2688,7 +2688,12 @@ def _map_in_threads(
     if len(items) <= 1:  # no thread for a single item
         return _collect([_attempt(func, item) for item in items], return_exceptions)
     with ThreadPoolExecutor(max_workers=min(len(items), limit or 32)) as pool:
-        futures = [pool.submit(contextvars.copy_context().run, _attempt, func, i) for i in items]
+        futures: list[concurrent.futures.Future[Any]] = []
+        # A loop, not a comprehension: CPython 3.12 and 3.13 inline comprehensions, and an
+        # exception a trace function raises at one of their lines (as the tests' interrupts
+        # are) leaves this ``with`` without calling __exit__, so without waiting for the pool.
+        for item in items:
+            futures.append(pool.submit(contextvars.copy_context().run, _attempt, func, item))
         try:
             wait(futures)
         except BaseException:
