@@ -8631,152 +8631,295 @@ def test_X5_every_handlers_expected_trace_keeps_the_rules(
 
 
 def _compact(line: dict[str, Any]) -> str:
-    """A corpus trace line in short: handler, event, run<parent (by number), tags, and the
-    start's metadata, the token or the error's type."""
+    """A corpus trace line in short: handler, event, run<parent (by number, - for none), tags
+    (- for none), then a start's name and metadata, a token, or an error's type."""
 
     def number(run_id: str | None) -> str:
         return "-" if run_id is None else str(uuid.UUID(run_id).int)
 
-    start = line["event"].endswith("start")
-    extra = (
-        line.get("metadata") if start else line.get("token") or line.get("error", {}).get("type")
-    )
-    text = f"{line['handler']} {line['event']} {number(line['run_id'])}<"
-    text += f"{number(line['parent_run_id'])} {','.join(line['tags'])}"
-    if extra:
-        text += " " + (json.dumps(extra, separators=(",", ":")) if start else extra)
-    return text.rstrip()
+    parts = [line["handler"], line["event"], f"{number(line['run_id'])}<"]
+    parts[-1] += number(line["parent_run_id"])
+    parts.append(",".join(line["tags"]) or "-")
+    if line["event"].endswith("start"):
+        parts.append(line["name"])
+        if line["metadata"]:
+            parts.append(json.dumps(line["metadata"], separators=(",", ":")))
+    elif "token" in line or "error" in line:
+        parts.append(line.get("token") or line["error"]["type"])
+    return " ".join(parts)
 
 
 # Entries of the corpus written out by hand from the rules, to pin the interpreter itself (a
 # replay by the same interpreter cannot catch its own mistakes): ids numbered in order of first
 # appearance, handler after handler.
-_WRITTEN_OUT: dict[str, tuple[dict[str, Any], list[str]]] = {
+_WRITTEN_OUT: dict[str, tuple[bool, dict[str, Any], list[str]]] = {
     "constructor-handlers-hear-their-own-runs/invoke": (
+        True,
         {"returns": "a b"},
         [
-            "h on_chain_start 1<-",
-            "g on_chain_start 1<-",
-            "h on_chain_start 2<1 seq:step:1",
-            "g on_chain_start 2<1 seq:step:1",
+            "h on_chain_start 1<- - outer",
+            "g on_chain_start 1<- - outer",
+            "h on_chain_start 2<1 seq:step:1 prompt",
+            "g on_chain_start 2<1 seq:step:1 prompt",
             "h on_chain_end 2<1 seq:step:1",
             "g on_chain_end 2<1 seq:step:1",
-            "h on_llm_start 3<1 seq:step:2",
-            "g on_llm_start 3<1 seq:step:2",
-            "c on_llm_start 3<1 seq:step:2",
+            "h on_llm_start 3<1 seq:step:2 model",
+            "g on_llm_start 3<1 seq:step:2 model",
+            "c on_llm_start 3<1 seq:step:2 model",
             "h on_llm_end 3<1 seq:step:2",
             "g on_llm_end 3<1 seq:step:2",
             "c on_llm_end 3<1 seq:step:2",
-            "h on_chain_end 1<-",
-            "g on_chain_end 1<-",
+            "h on_chain_end 1<- -",
+            "g on_chain_end 1<- -",
         ],
     ),
     "tags-are-an-ordered-set/invoke": (
+        True,
         {"returns": "a b"},
         [
-            "h on_tool_start 1<- x,y,t",
-            "h on_llm_start 2<1 x,y",
+            "h on_tool_start 1<- x,y,t lookup",
+            "h on_llm_start 2<1 x,y model",
             "h on_llm_end 2<1 x,y",
             "h on_tool_end 1<- x,y,t",
         ],
     ),
     "metadata-merges-key-by-key/invoke": (
+        True,
         {"returns": [{"page_content": "a b"}]},
         [
-            'h on_chain_start 1<-  {"k":"req","r":1}',
-            'h on_llm_start 2<1  {"k":"model","r":1,"n":2}',
-            "h on_llm_end 2<1",
-            'h on_retriever_start 3<1  {"k":"req","r":1}',
-            "h on_retriever_end 3<1",
-            "h on_chain_end 1<-",
+            'h on_chain_start 1<- - outer {"k":"req","r":1}',
+            'h on_llm_start 2<1 - model {"k":"model","r":1,"n":2}',
+            "h on_llm_end 2<1 -",
+            'h on_retriever_start 3<1 - docs {"k":"req","r":1}',
+            "h on_retriever_end 3<1 -",
+            "h on_chain_end 1<- -",
+        ],
+    ),
+    "metadata-merges-key-by-key/ainvoke": (
+        False,
+        {"returns": [{"page_content": "a b"}]},
+        [
+            'h on_chain_start 1<- - outer {"k":"req","r":1}',
+            'h on_llm_start 2<1 - model {"k":"model","r":1,"n":2}',
+            "h on_llm_end 2<1 -",
+            'h on_retriever_start 3<1 - docs {"k":"req","r":1}',
+            "h on_retriever_end 3<1 -",
+            "h on_chain_end 1<- -",
+        ],
+    ),
+    "bound-handlers-are-inherited/invoke": (
+        True,
+        {"returns": "a b"},
+        [
+            "h on_chain_start 1<- - outer",
+            "h on_chain_start 2<1 seq:step:1 prompt",
+            "h on_chain_end 2<1 seq:step:1",
+            "h on_chain_start 3<1 seq:step:2,bound user",
+            "b on_chain_start 3<1 seq:step:2,bound user",
+            "h on_llm_start 4<3 bound model",
+            "b on_llm_start 4<3 bound model",
+            "h on_llm_end 4<3 bound",
+            "b on_llm_end 4<3 bound",
+            "h on_chain_end 3<1 seq:step:2,bound",
+            "b on_chain_end 3<1 seq:step:2,bound",
+            "h on_chain_end 1<- -",
+        ],
+    ),
+    "nested-calls-without-a-config-are-children/invoke": (
+        True,
+        {"returns": "a b"},
+        [
+            "h on_chain_start 1<- - agent",
+            "h on_chat_model_start 2<1 - chat",
+            "h on_llm_end 2<1 -",
+            "h on_tool_start 3<1 - lookup",
+            "h on_tool_end 3<1 -",
+            "h on_chain_end 1<- -",
+        ],
+    ),
+    "nested-calls-without-a-config-are-children/abatch": (
+        False,
+        {"returns": ["a b", "b"]},
+        [
+            "h on_chain_start 1<- - agent",
+            "h on_chat_model_start 2<1 - chat",
+            "h on_llm_end 2<1 -",
+            "h on_tool_start 3<1 - lookup",
+            "h on_tool_end 3<1 -",
+            "h on_chain_end 1<- -",
+            "h on_chain_start 4<- - agent",
+            "h on_chat_model_start 5<4 - chat",
+            "h on_llm_end 5<4 -",
+            "h on_tool_start 6<4 - lookup",
+            "h on_tool_end 6<4 -",
+            "h on_chain_end 4<- -",
         ],
     ),
     "a-nested-call-with-its-own-callbacks-starts-a-new-root/invoke": (
+        True,
         {"returns": "a b"},
         [
-            'h on_chain_start 1<- req {"r":1}',
-            "g on_llm_start 2<-",
-            "g on_llm_end 2<-",
+            'h on_chain_start 1<- req outer {"r":1}',
+            "g on_llm_start 2<- - model",
+            "g on_llm_end 2<- -",
             "h on_chain_end 1<- req",
         ],
     ),
     "empty-callbacks-hide-a-subtree/invoke": (
+        True,
         {"returns": "a b"},
         [
-            "h on_chain_start 1<-",
-            "c on_llm_start 2<3",
-            "c on_llm_end 2<3",
-            "h on_chain_end 1<-",
+            "h on_chain_start 1<- - outer",
+            "c on_llm_start 2<3 - model",
+            "c on_llm_end 2<3 -",
+            "h on_chain_end 1<- -",
         ],
     ),
-    "a-handler-added-to-a-lambdas-manager-hears-what-it-passes-on/invoke": (
+    "a-handler-added-to-a-lambdas-manager-hears-what-it-passes-on/ainvoke": (
+        False,
         {"returns": "a b"},
         [
-            "h on_chain_start 1<-",
-            "h on_llm_start 2<1",
-            "late on_llm_start 2<1",
-            "h on_llm_end 2<1",
-            "late on_llm_end 2<1",
-            "h on_chain_end 1<-",
+            "h on_chain_start 1<- - outer",
+            "h on_llm_start 2<1 - model",
+            "late on_llm_start 2<1 - model",
+            "h on_llm_end 2<1 -",
+            "late on_llm_end 2<1 -",
+            "h on_chain_end 1<- -",
+        ],
+    ),
+    "a-chain-batches-input-by-input/batch": (
+        True,
+        {"returns": ["a b", "a b"]},
+        [
+            "h on_chain_start 1<- - outer",
+            "h on_chain_start 2<1 seq:step:1 prompt",
+            "h on_chain_end 2<1 seq:step:1",
+            "h on_llm_start 3<1 seq:step:2 model",
+            "h on_llm_end 3<1 seq:step:2",
+            "h on_chain_end 1<- -",
+            "h on_chain_start 4<- - outer",
+            "h on_chain_start 5<4 seq:step:1 prompt",
+            "h on_chain_end 5<4 seq:step:1",
+            "h on_llm_start 6<4 seq:step:2 model",
+            "h on_llm_end 6<4 seq:step:2",
+            "h on_chain_end 4<- -",
+        ],
+    ),
+    "a-failing-tool-inside-a-lambda-closes-both/ainvoke": (
+        False,
+        {"raises": {"type": "LookupError", "message": "none"}},
+        [
+            "h on_chain_start 1<- - agent",
+            "h on_tool_start 2<1 - lookup",
+            "h on_tool_error 2<1 - LookupError",
+            "h on_chain_error 1<- - LookupError",
         ],
     ),
     "a-raise-error-handler-failing-at-a-start-still-closes-the-run/invoke": (
+        True,
         {"raises": {"type": "RuntimeError", "message": "f"}},
         [
-            "f on_chain_start 1<-",
-            "f on_chain_error 1<-  RuntimeError",
+            "f on_chain_start 1<- - outer",
+            "f on_chain_error 1<- - RuntimeError",
         ],
     ),
-    "a-stream-closed-early-fails-its-runs-innermost-first/stream": (
+    "a-stream-closed-early-fails-its-runs-innermost-first/astream": (
+        False,
         {"returns": ["a "]},
         [
-            "h on_chain_start 1<-",
-            "h on_chain_start 2<1 seq:step:1",
+            "h on_chain_start 1<- - outer",
+            "h on_chain_start 2<1 seq:step:1 prompt",
             "h on_chain_end 2<1 seq:step:1",
-            "h on_llm_start 3<1 seq:step:2",
-            "h on_llm_new_token 3<1 seq:step:2 a",
+            "h on_llm_start 3<1 seq:step:2 model",
+            "h on_llm_new_token 3<1 seq:step:2 a ",
             "h on_llm_error 3<1 seq:step:2 GeneratorExit",
-            "h on_chain_error 1<-  GeneratorExit",
+            "h on_chain_error 1<- - GeneratorExit",
         ],
     ),
     "a-handler-without-chat-start-gets-llm-start/invoke": (
+        True,
         {"returns": {"type": "ai", "content": "hi there"}},
         [
-            "n on_chain_start 1<-",
-            "m on_chain_start 1<-",
-            "n on_chain_start 2<1 seq:step:1",
-            "m on_chain_start 2<1 seq:step:1",
+            "n on_chain_start 1<- - outer",
+            "m on_chain_start 1<- - outer",
+            "n on_chain_start 2<1 seq:step:1 prompt",
+            "m on_chain_start 2<1 seq:step:1 prompt",
             "n on_chain_end 2<1 seq:step:1",
             "m on_chain_end 2<1 seq:step:1",
-            "n on_llm_start 3<1 seq:step:2",
+            "n on_llm_start 3<1 seq:step:2 chat",
             "n on_llm_end 3<1 seq:step:2",
-            "n on_chain_end 1<-",
-            "m on_chain_end 1<-",
+            "n on_chain_end 1<- -",
+            "m on_chain_end 1<- -",
+        ],
+    ),
+    "inline-handlers-go-first-under-async-dispatch/ainvoke": (
+        True,
+        {"returns": [{"page_content": "a b"}]},
+        [
+            "i on_chain_start 1<- - outer",
+            "a on_chain_start 1<- - outer",
+            "i on_chain_start 2<1 seq:step:1 prompt",
+            "a on_chain_start 2<1 seq:step:1 prompt",
+            "i on_chain_end 2<1 seq:step:1",
+            "a on_chain_end 2<1 seq:step:1",
+            "i on_retriever_start 3<1 seq:step:2 docs",
+            "a on_retriever_start 3<1 seq:step:2 docs",
+            "i on_retriever_end 3<1 seq:step:2",
+            "a on_retriever_end 3<1 seq:step:2",
+            "i on_chain_end 1<- -",
+            "a on_chain_end 1<- -",
         ],
     ),
     "a-flag-that-raises-is-its-handlers-failure/invoke": (
+        True,
         {"returns": "a b"},
         [
-            "h on_chain_start 2<-",
-            "h on_chain_start 3<2 seq:step:1",
+            "h on_chain_start 2<- - outer",
+            "h on_chain_start 3<2 seq:step:1 prompt",
             "h on_chain_end 3<2 seq:step:1",
-            "b on_llm_start 1<2 seq:step:2",
-            "h on_llm_start 1<2 seq:step:2",
+            "b on_llm_start 1<2 seq:step:2 model",
+            "h on_llm_start 1<2 seq:step:2 model",
             "b on_llm_end 1<2 seq:step:2",
             "h on_llm_end 1<2 seq:step:2",
-            "h on_chain_end 2<-",
+            "h on_chain_end 2<- -",
         ],
     ),
 }
 
 
 def test_X5_corpus_entries_are_the_rules_written_out(capsys: pytest.CaptureFixture[str]) -> None:
-    """Ten entries of the corpus, checked against traces written from the rules (S2, S5, S7,
-    S8, S10, S12, D3, D4, D7, D8): the outcome and every line, in order."""
-    entries = {entry["id"]: entry for entry in _corpus_json(capsys)["scenarios"]}
-    for key, (outcome, lines) in _WRITTEN_OUT.items():
-        assert entries[key]["outcome"] == outcome, key
+    """Seventeen entries of the corpus, in every call mode, checked against traces written
+    from the rules (S1-S12, D2-D8): whether the order between handlers counts, the outcome
+    and every line, in order. And the shape of an entry: its keys, its call (a batch's inputs
+    one at a time), the rules it differs on for its mode only."""
+    corpus = _corpus_json(capsys)
+    entries = {entry["id"]: entry for entry in corpus["scenarios"]}
+    for key, (ordered, outcome, lines) in _WRITTEN_OUT.items():
+        assert (entries[key]["ordered"], entries[key]["outcome"]) == (ordered, outcome), key
         assert [_compact(line) for line in entries[key]["trace"]] == lines, key
+    assert set(corpus) == {"format", "version", "about", "scenarios"}
+    assert corpus["about"] == "see callbacks.py, section Scenarios, and its README"
+    batch = entries["a-chain-batches-input-by-input/batch"]
+    assert list(batch) == [
+        "id", "rules", "differs", "about", "handlers", "runnable", "call", "ordered", "outcome",
+        "trace",
+    ]  # fmt: skip
+    assert batch["call"] == {
+        "mode": "batch",
+        "input": ["a b", "b"],
+        "config": {"callbacks": ["h"], "max_concurrency": 1},
+    }
+    assert entries["a-stream-closed-early-fails-its-runs-innermost-first/astream"]["call"] == {
+        "mode": "astream",
+        "input": "a b",
+        "config": {"callbacks": ["h"]},
+        "take": 1,
+    }
+    differs = {key: entries[key]["differs"] for key in entries if key.startswith("an-interrupt")}
+    assert differs == {
+        "an-interrupt-from-a-body-closes-every-run/invoke": [],
+        "an-interrupt-from-a-body-closes-every-run/ainvoke": ["D3"],
+    }
 
 
 @pytest.mark.parametrize(
