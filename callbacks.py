@@ -4467,9 +4467,9 @@ def _check_command(path: str) -> int:
 # retrievers take ``error`` (raised inside the run, after the first token when streaming).
 # ``lambda`` and ``tool`` run a function that calls each of its ``calls`` in turn with its own
 # input (``{"runnable": node}``, plus ``config``, an explicit config, or ``pass_config``, the
-# config the lambda received), then raises ``error`` if given, else returns ``returns`` if
-# given, else the last call's output, else its input; a lambda's ``add_handler`` adds that
-# handler to the manager in its config (S12) before its calls. Every node takes ``name``
+# config the lambda received), then raises ``error`` if given, else returns the last call's
+# output, or its input if it has no calls; a lambda's ``add_handler`` adds that handler to the
+# manager in its config (S12) before its calls. Every node takes ``name``
 # (required for lambdas and tools, whose function is the interpreter's) and ``bind`` (the
 # config of `Runnable.with_config`); models, tools and retrievers take constructor
 # ``callbacks`` (handler labels), ``tags`` and ``metadata``, as LangChain's do. An error is
@@ -4502,8 +4502,8 @@ _HANDLER_KEYS: Final = frozenset({*_HANDLER_FLAGS, "async", "fails_on", "fails_w
 _NODE_KEYS: Final = {  # what each kind of node takes besides kind, name and bind
     "chain": {"steps"},
     "parallel": {"steps"},
-    "lambda": {"calls", "returns", "error", "add_handler"},
-    "tool": {"calls", "returns", "error", "callbacks", "tags", "metadata"},
+    "lambda": {"calls", "error", "add_handler"},
+    "tool": {"calls", "error", "callbacks", "tags", "metadata"},
     "llm": {"text", "streaming", "error", "callbacks", "tags", "metadata"},
     "chat_model": {"text", "streaming", "error", "callbacks", "tags", "metadata"},
     "retriever": {"documents", "error", "callbacks", "tags", "metadata"},
@@ -4689,7 +4689,7 @@ class _Play:
             if "error" in node:
                 self.raised.append(_scenario_error(node["error"]))
                 raise self.raised[-1]
-            return node.get("returns", output)
+            return output
 
         def function(input: Any, config: Any = None) -> Any:
             start(config)

@@ -8554,9 +8554,26 @@ def test_X5_python_m_callbacks_check_reads_a_file_or_standard_input(tmp_path: pa
 
 
 def _corpus_json(capsys: pytest.CaptureFixture[str]) -> Any:
-    """What ``python -m callbacks scenarios`` prints, read back."""
+    """What ``python -m callbacks scenarios`` prints (indented by one space), read back; the
+    command leaves the ``callbacks`` logger's handlers as they were."""
+    handlers = list(logging.getLogger("callbacks").handlers)
     assert callbacks._main(["scenarios"]) == 0
-    return json.loads(capsys.readouterr().out)
+    assert logging.getLogger("callbacks").handlers == handlers
+    out = capsys.readouterr().out
+    assert out.startswith('{\n "format": "callbacks-scenarios",\n')
+    return json.loads(out)
+
+
+def test_X5_a_start_without_a_name_keyword_is_named_by_its_serialized() -> None:
+    """langchain_core's models send ``name=None``: the trace line takes the name from
+    ``serialized``; a ``name`` keyword, as a run name gives, wins over it."""
+    rec = Recorder()
+    manager = CallbackManager([rec])
+    manager.on_chain_start({"name": "from-serialized"}, {})
+    manager.on_chain_start({"name": "from-serialized"}, {}, name="from-keyword")
+    manager.on_chain_start(None, {})
+    names = [json.loads(line)["name"] for line in rec.jsonl().splitlines()]
+    assert names == ["from-serialized", "from-keyword", None]
 
 
 def _bare(entry: dict[str, Any]) -> dict[str, Any]:
@@ -8884,11 +8901,66 @@ _WRITTEN_OUT: dict[str, tuple[bool, dict[str, Any], list[str]]] = {
             "h on_chain_end 2<- -",
         ],
     ),
+    "run-name-names-the-receiving-run-only/invoke": (
+        True,
+        {"returns": "a b"},
+        [
+            "h on_chain_start 1<- - renamed",
+            "h on_chain_start 2<1 seq:step:1 prompt",
+            "h on_chain_end 2<1 seq:step:1",
+            "h on_llm_start 3<1 seq:step:2 model",
+            "h on_llm_end 3<1 seq:step:2",
+            "h on_chain_end 1<- -",
+        ],
+    ),
+    "a-stream-closed-early-fails-its-runs-innermost-first/stream": (
+        True,
+        {"returns": ["a "]},
+        [
+            "h on_chain_start 1<- - outer",
+            "h on_chain_start 2<1 seq:step:1 prompt",
+            "h on_chain_end 2<1 seq:step:1",
+            "h on_llm_start 3<1 seq:step:2 model",
+            "h on_llm_new_token 3<1 seq:step:2 a ",
+            "h on_llm_error 3<1 seq:step:2 GeneratorExit",
+            "h on_chain_error 1<- - GeneratorExit",
+        ],
+    ),
+    "async-handlers-run-in-their-turn-under-sync-dispatch/invoke": (
+        True,
+        {"returns": "a b"},
+        [
+            "a on_chain_start 1<- - outer",
+            "h on_chain_start 1<- - outer",
+            "a on_chain_start 2<1 seq:step:1 prompt",
+            "h on_chain_start 2<1 seq:step:1 prompt",
+            "a on_chain_end 2<1 seq:step:1",
+            "h on_chain_end 2<1 seq:step:1",
+            "a on_llm_start 3<1 seq:step:2 model",
+            "h on_llm_start 3<1 seq:step:2 model",
+            "a on_llm_end 3<1 seq:step:2",
+            "h on_llm_end 3<1 seq:step:2",
+            "a on_chain_end 1<- -",
+            "h on_chain_end 1<- -",
+        ],
+    ),
+    "a-handler-added-to-a-lambdas-manager-hears-what-it-passes-on/invoke": (
+        True,
+        {"returns": "a b"},
+        [
+            "h on_chain_start 1<- - outer",
+            "h on_llm_start 2<1 - model",
+            "late on_llm_start 2<1 - model",
+            "h on_llm_end 2<1 -",
+            "late on_llm_end 2<1 -",
+            "h on_chain_end 1<- -",
+        ],
+    ),
 }
 
 
 def test_X5_corpus_entries_are_the_rules_written_out(capsys: pytest.CaptureFixture[str]) -> None:
-    """Seventeen entries of the corpus, in every call mode, checked against traces written
+    """Twenty-one entries of the corpus, in every call mode, checked against traces written
     from the rules (S1-S12, D2-D8): whether the order between handlers counts, the outcome
     and every line, in order. And the shape of an entry: its keys, its call (a batch's inputs
     one at a time), the rules it differs on for its mode only."""
