@@ -8564,6 +8564,18 @@ def _corpus_json(capsys: pytest.CaptureFixture[str]) -> Any:
     return json.loads(out)
 
 
+@pytest.mark.parametrize("argv", [["scenario"], ["check"], ["check", "a", "b"], ["scenarios", "x"]])
+def test_X5_anything_but_a_command_prints_the_usage_and_exits_2(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert callbacks._main(argv) == 2
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == (
+        "",
+        "usage: python -m callbacks [check TRACE.jsonl | check - | scenarios]\n",
+    )
+
+
 def test_X5_a_start_without_a_name_keyword_is_named_by_its_serialized() -> None:
     """langchain_core's models send ``name=None``: the trace line takes the name from
     ``serialized``; a ``name`` keyword, as a run name gives, wins over it."""
@@ -8571,9 +8583,10 @@ def test_X5_a_start_without_a_name_keyword_is_named_by_its_serialized() -> None:
     manager = CallbackManager([rec])
     manager.on_chain_start({"name": "from-serialized"}, {})
     manager.on_chain_start({"name": "from-serialized"}, {}, name="from-keyword")
-    manager.on_chain_start(None, {})
-    names = [json.loads(line)["name"] for line in rec.jsonl().splitlines()]
-    assert names == ["from-serialized", "from-keyword", None]
+    manager.on_chain_start(None, {}, metadata={"key": object})
+    lines = [json.loads(line) for line in rec.jsonl().splitlines()]
+    assert [line["name"] for line in lines] == ["from-serialized", "from-keyword", None]
+    assert lines[-1]["metadata"] == {"key": "<class 'object'> (type)"}  # JSON cannot hold it
 
 
 def _bare(entry: dict[str, Any]) -> dict[str, Any]:
@@ -8956,11 +8969,45 @@ _WRITTEN_OUT: dict[str, tuple[bool, dict[str, Any], list[str]]] = {
             "h on_chain_end 1<- -",
         ],
     ),
+    "ignore-flags-silence-their-events/invoke": (
+        True,
+        {"returns": "a b"},
+        [
+            "h on_chain_start 1<- - outer",
+            "q on_chain_start 1<- - outer",
+            "h on_chain_start 2<1 seq:step:1 prompt",
+            "q on_chain_start 2<1 seq:step:1 prompt",
+            "h on_chain_end 2<1 seq:step:1",
+            "q on_chain_end 2<1 seq:step:1",
+            "h on_llm_start 3<1 seq:step:2 model",
+            "r on_llm_start 3<1 seq:step:2 model",
+            "h on_llm_new_token 3<1 seq:step:2 a ",
+            "r on_llm_new_token 3<1 seq:step:2 a ",
+            "h on_llm_new_token 3<1 seq:step:2 b",
+            "r on_llm_new_token 3<1 seq:step:2 b",
+            "h on_llm_end 3<1 seq:step:2",
+            "r on_llm_end 3<1 seq:step:2",
+            "h on_chain_end 1<- -",
+            "q on_chain_end 1<- -",
+        ],
+    ),
+    "an-interrupt-from-a-body-closes-every-run/invoke": (
+        True,
+        {"raises": {"type": "KeyboardInterrupt", "message": ""}},
+        [
+            "h on_chain_start 1<- - outer",
+            "h on_chain_start 2<1 seq:step:1 prompt",
+            "h on_chain_end 2<1 seq:step:1",
+            "h on_chain_start 3<1 seq:step:2 stop",
+            "h on_chain_error 3<1 seq:step:2 KeyboardInterrupt",
+            "h on_chain_error 1<- - KeyboardInterrupt",
+        ],
+    ),
 }
 
 
 def test_X5_corpus_entries_are_the_rules_written_out(capsys: pytest.CaptureFixture[str]) -> None:
-    """Twenty-one entries of the corpus, in every call mode, checked against traces written
+    """Twenty-three entries of the corpus, in every call mode, checked against traces written
     from the rules (S1-S12, D2-D8): whether the order between handlers counts, the outcome
     and every line, in order. And the shape of an entry: its keys, its call (a batch's inputs
     one at a time), the rules it differs on for its mode only."""
@@ -8981,7 +9028,9 @@ def test_X5_corpus_entries_are_the_rules_written_out(capsys: pytest.CaptureFixtu
         "input": ["a b", "b"],
         "config": {"callbacks": ["h"], "max_concurrency": 1},
     }
-    assert entries["a-stream-closed-early-fails-its-runs-innermost-first/astream"]["call"] == {
+    astream = entries["a-stream-closed-early-fails-its-runs-innermost-first/astream"]
+    assert set(astream) == set(batch)  # the stream's "take" is in its call only
+    assert astream["call"] == {
         "mode": "astream",
         "input": "a b",
         "config": {"callbacks": ["h"]},
@@ -9000,9 +9049,9 @@ def test_X5_corpus_entries_are_the_rules_written_out(capsys: pytest.CaptureFixtu
         ({"runnable": {"kind": "agent"}}, "a node's kind must be one of .* got 'agent'"),
         (
             {"runnable": {"kind": "llm", "text": "x", "callback": ["h"]}},
-            r"unknown keys \['callback'\]",
+            r"a llm node has unknown keys \['callback'\]",
         ),
-        ({"runnable": {"kind": "lambda"}}, "a lambda node needs a name"),
+        ({"runnable": {"kind": "lambda"}}, "a lambda node needs a name: a dict"),
         (
             {"runnable": {"kind": "llm", "text": "x", "callbacks": ["g"]}},
             "no handler is labelled 'g'",
@@ -9011,7 +9060,7 @@ def test_X5_corpus_entries_are_the_rules_written_out(capsys: pytest.CaptureFixtu
             {"handlers": {"h": {"ignore_llms": True}}},
             r"handler 'h' has unknown keys \['ignore_llms'\]",
         ),
-        ({"call": {"mode": "run"}}, "a call's mode must be one of"),
+        ({"call": {"mode": "run"}}, "a call's mode must be one of .*, got a dict"),
         (
             {"runnable": {"kind": "llm", "text": "x", "error": {"type": "open"}}},
             "an error's type must name a builtin exception, got 'open'",
@@ -9029,6 +9078,23 @@ def test_X5_a_scenario_description_that_is_not_well_formed_is_refused(
     }
     with pytest.raises(ValueError, match=message):
         callbacks._Play(scenario)
+
+
+@pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
+def test_X5_async_modes_play_with_async_handlers_and_functions(mode: str) -> None:
+    """A handler marked ``async`` has coroutine methods in every mode; under the async modes a
+    lambda's or a tool's function is a coroutine function (its nested calls ``ainvoke``)."""
+    for kind in ("lambda", "tool"):
+        play = callbacks._Play(
+            {
+                "handlers": {"a": {"async": True}, "s": {}},
+                "runnable": {"kind": kind, "name": "f"},
+                "call": {"mode": mode},
+            }
+        )
+        assert inspect.iscoroutinefunction(play.handlers["a"].on_chain_start)
+        assert not inspect.iscoroutinefunction(play.handlers["s"].on_chain_start)
+        assert inspect.iscoroutinefunction(play.runnable.func) == (mode == "ainvoke")
 
 
 def test_X5_playing_a_scenario_lets_an_interrupt_it_did_not_raise_through() -> None:
