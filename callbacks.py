@@ -2689,14 +2689,14 @@ def _map_in_threads(
         return _collect([_attempt(func, item) for item in items], return_exceptions)
     with ThreadPoolExecutor(max_workers=min(len(items), limit or 32)) as pool:
         futures: list[concurrent.futures.Future[Any]] = []
-        # A loop, not a comprehension: CPython 3.12 and 3.13 inline comprehensions, and an
-        # exception a trace function raises at one of their lines (as the tests' interrupts
-        # are) leaves this ``with`` without calling __exit__, so without waiting for the pool.
-        for item in items:
-            futures.append(pool.submit(contextvars.copy_context().run, _attempt, func, item))
         try:
+            # A loop, not a comprehension: CPython 3.12 and 3.13 inline comprehensions, and an
+            # exception a trace function raises at one of their lines (as the tests' interrupts
+            # are) leaves the ``with`` without calling __exit__, so without waiting for the pool.
+            for item in items:
+                futures.append(pool.submit(contextvars.copy_context().run, _attempt, func, item))
             wait(futures)
-        except BaseException:
+        except BaseException:  # submitting or waiting: what has not started will not
             for future in futures:
                 future.cancel()
             raise  # once the pool, on leaving this block, has waited for the running ones
