@@ -9015,7 +9015,10 @@ def test_X5_corpus_entries_are_the_rules_written_out(capsys: pytest.CaptureFixtu
     entries = {entry["id"]: entry for entry in corpus["scenarios"]}
     for key, (ordered, outcome, lines) in _WRITTEN_OUT.items():
         assert (entries[key]["ordered"], entries[key]["outcome"]) == (ordered, outcome), key
-        assert [_compact(line) for line in entries[key]["trace"]] == lines, key
+        got = [_compact(line) for line in entries[key]["trace"]]
+        if not ordered:  # only each handler's own order counts: compare handler by handler
+            got, lines = (sorted(x, key=lambda line: line.split()[0]) for x in (got, lines))
+        assert got == lines, key
     assert set(corpus) == {"format", "version", "about", "scenarios"}
     assert corpus["about"] == "see callbacks.py, section Scenarios, and its README"
     batch = entries["a-chain-batches-input-by-input/batch"]
