@@ -70,6 +70,7 @@ comments (``S2``, ``D3``, ``R1``...) refer to the project's SPEC; the README lis
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import atexit
 import builtins
@@ -82,12 +83,14 @@ import functools
 import inspect
 import itertools
 import json
+import linecache
 import logging
 import os
 import random
 import re
 import reprlib
 import sys
+import textwrap
 import threading
 import time
 import types
@@ -1130,6 +1133,9 @@ if hasattr(os, "register_at_fork"):  # pragma: no branch (no fork to guard on Wi
 
 
 def _handler_loop() -> tuple[asyncio.AbstractEventLoop, threading.Thread]:
+    running = _HANDLER_LOOP[:]  # one read, no lock: the lock is for starting it
+    if running and running[1].is_alive():
+        return running[0], running[1]
     with _HANDLER_LOOP_LOCK:
         if not _HANDLER_LOOP or not _HANDLER_LOOP[1].is_alive():
             loop = asyncio.new_event_loop()
@@ -1220,6 +1226,7 @@ def _call_handler(
 
 
 _UNCALLED: Final = object()  # `_dispatch`'s ``result`` until the handler's method is called
+_FRESH: Final = (None, _UNCALLED, None)  # a handler at hand: not called, no result, no failure
 
 
 def _dispatch(
@@ -1228,9 +1235,17 @@ def _dispatch(
     event: Event,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
+    resume: list[Any] | None = None,
 ) -> None:
     """Deliver ``run``'s ``event`` to each handler in order (D1), then raise the first failure
     to raise.
+
+    ``resume`` takes over from a run manager's fast path (`_RUN_EVENT_FAST`), which calls the
+    handlers' methods resolved for the run and hands over at the first thing out of the
+    ordinary: ``[i, called, result, error]`` says that the handlers before ``i`` heard the
+    event, and that handler ``i``'s method, if ``called`` is not None, returned ``result`` (an
+    awaitable, D6) or raised ``error``; if not called, ``error`` came before it was. The list
+    is emptied once taken over: until then, the fast path may hand it over again.
 
     Every handler receives the event even when an earlier one failed or an interrupt arrived
     meanwhile, so that each handler's trace stays balanced (D3). Then the first non-`Exception`
@@ -1250,11 +1265,10 @@ def _dispatch(
     else:
         usual = False
     uncalled, start, i = _UNCALLED, 0, -1
-    awaitable: Any
     # An event a run may fire many times (a token, a note) goes to the methods resolved the
     # first time, for the run's listeners: their flags are read once per run (D1).
-    known = fresh = None
-    if repeats and handlers is run._listeners:
+    known = fresh = pending = None
+    if repeats and handlers is run._listeners and resume is None:
         cache: list[Any] = run._methods or [None] * len(_EVENTS)
         run._methods, known = cache, cache[index]
         if known is None:
@@ -1264,13 +1278,21 @@ def _dispatch(
         # one that lands in this loop's own code, outside a handler's guard, leaves handlers
         # up to ``i`` served, and the loop goes on after it. The interrupt is held, raised last.
         try:
+            if resume:  # take over where the fast path stood (emptied: it knows we did)
+                i, pending, resume[:] = resume[0] - 1, resume[1:], ()
+                start = i + 1  # its handler's outcome is settled as this loop's first
             if opens:
                 run._listeners = handlers  # from here on, each of them hears it
             for handler in handlers[start:] if start else handlers:
-                result, called = uncalled, None
-                i += 1  # the last line before the handler's guard: ``i`` is its index there
+                # The last line before the handler's guard: ``i`` is its index there, and what
+                # the fast path knows of it, if anything, is taken on the same line.
+                (called, result, failure), pending, i = pending or _FRESH, None, i + 1
                 try:  # `_call_handler`, inlined: the hot path
-                    if known is not None:
+                    if failure is not None:  # the fast path's outcome for it: settled below
+                        raise failure
+                    if called is not None:  # the fast path called it: what it returned
+                        pass
+                    elif known is not None:
                         method = known[i]
                         if method is None:
                             continue
@@ -1285,13 +1307,12 @@ def _dispatch(
                         if fresh is not None:
                             fresh[i] = method
                     # ``called`` is set on the very line that calls the handler: no line between
-                    if usual:
+                    if called is None and usual:
                         result = (called := method)(data, run_id=rid, parent_run_id=pid, tags=tags)
-                    else:
+                    elif called is None:
                         result = (called := method)(*args, **kwargs)
                     if result is not None and inspect.isawaitable(result):
-                        result, awaitable = None, result
-                        _await_handler(awaitable)
+                        _await_handler(result)
                 except BaseException as error:
                     if called is None:  # its flags failed, or will be read again: no cache
                         fresh = None
@@ -1311,6 +1332,8 @@ def _dispatch(
                     elif result is not uncalled and result is not None:
                         raised = _keep(raised, _call_awaitable(handler, event, kwargs, result))
                     raised = _keep(raised, error)
+            if pending is not None:  # the fast path was past its last handler: an interrupt
+                raised, pending = _keep(raised, pending[2]), None
             if closes:
                 run._end = _DONE
             elif fresh is not None:
@@ -1329,8 +1352,14 @@ def _dispatch(
 def _call_awaitable(
     handler: object, event: Event, kwargs: dict[str, Any], awaitable: Any
 ) -> BaseException | None:
-    """Run an awaitable a handler returned (D6), as `_call_handler` runs the handler."""
+    """Run an awaitable a handler returned (D6), as `_call_handler` runs the handler, unless
+    it is a coroutine that has run already (an interrupt came after it was awaited)."""
     try:
+        if (
+            inspect.iscoroutine(awaitable)
+            and inspect.getcoroutinestate(awaitable) != "CORO_CREATED"
+        ):
+            return None
         if inspect.isawaitable(awaitable):
             _await_handler(awaitable)
     except BaseException as error:
@@ -2009,7 +2038,7 @@ class CallbackManager(_Manager):
         ``run_id`` (a new id if None) with the manager's tags and metadata: the manager-level
         form of `dispatch_custom_event`. Any other keyword: `ValueError` (put it in ``data``)."""
         run = RunManager._new(self, "chain", run_id)
-        self._custom(run, name, kwargs)._emit(Event.CUSTOM_EVENT, (name, data), {})
+        self._custom(run, name, kwargs)._fire(Event.CUSTOM_EVENT, (name, data), _NO_EXTRA)
 
 
 class AsyncCallbackManager(_Manager):
@@ -2071,7 +2100,7 @@ class AsyncCallbackManager(_Manager):
         """`CallbackManager.on_custom_event`, awaitable."""
         run = AsyncRunManager._new(self, "chain", run_id)
         self._custom(run, name, kwargs)
-        await run._aemit(Event.CUSTOM_EVENT, (name, data), {})
+        await run._afire(Event.CUSTOM_EVENT, (name, data), _NO_EXTRA)
 
 
 # Run ids (R6) are random version-4 UUIDs, as `uuid.uuid4` makes, at a fifth of its cost: 128
@@ -2104,7 +2133,6 @@ _ID_FACTORY: contextvars.ContextVar[Callable[[], uuid.UUID]] = contextvars.Conte
 
 
 _DONE: Final = ()  # `_Run._end` once every listener has heard the run's closing event
-_CLOSING: Final = (None,)  # `_Run._end` while a run manager's end is delivered, never left there
 
 
 class _Run(_Scope):
@@ -2251,9 +2279,19 @@ class _Run(_Scope):
             raise TypeError(f"{event.method} does not apply to a {self.run_type} run")
         raise RuntimeError(f"{event.method} after the end of {self.run_type} run {self.run_id}")
 
-    def _emit(self, event: Event, args: tuple[Any, ...], extra: dict[str, Any]) -> None:
-        if self._check(event):
-            _dispatch(self, self._listeners, event, args, self._kwargs(event, extra))
+    def _fire(self, event: Event, args: tuple[Any, ...], extra: dict[str, Any]) -> None:
+        """Fire ``event``, not a start event, for this run: what every event method of a
+        `RunManager` does (`_RUN_EVENT`), and what the runnables do. It reaches the handlers
+        that heard the start; an end or error event closes the run (`_finish`)."""
+        listening = self._check(event)
+        if not event.closes:
+            if listening:
+                kw = self._kw if not extra and event.keywords is _OTHER_KEYWORDS else None
+                _dispatch(self, self._listeners, event, args, kw or self._kwargs(event, extra))
+        elif listening or self._orphans:
+            self._finish(event, args, extra)
+        else:  # nobody to tell (D7)
+            self._end = _DONE
 
     def _open(self, event: Event, args: tuple[Any, ...], extra: dict[str, Any]) -> None:
         """Fire the start event; if that raises, close the run with an error and re-raise (D3)."""
@@ -2297,7 +2335,7 @@ class _Run(_Scope):
         listeners, kw = self._listeners, self._kw  # (D7: nobody to tell, no keywords)
         kw = kw if listeners and kw is not None and not extra else None
         kw = kw or (self._kwargs(event, extra) if listeners else {})
-        self._end = (listeners, event, args, kw)
+        self._end, self._methods = (listeners, event, args, kw), None  # no fast path after it
         return self._end
 
     def _finish(self, event: Event, args: tuple[Any, ...], extra: dict[str, Any]) -> None:
@@ -2403,9 +2441,14 @@ class AsyncRunManager(_Run):
         run._orphans = run._methods = None  # its own, made as needed
         return run
 
-    async def _aemit(self, event: Event, args: tuple[Any, ...], extra: dict[str, Any]) -> None:
-        if self._check(event):
-            await _adispatch(self, self._listeners, event, args, self._kwargs(event, extra))
+    async def _afire(self, event: Event, args: tuple[Any, ...], extra: dict[str, Any]) -> None:
+        """`_Run._fire` under asyncio: every event method of an `AsyncRunManager`."""
+        listening = self._check(event)
+        if not event.closes:
+            if listening:
+                await _adispatch(self, self._listeners, event, args, self._kwargs(event, extra))
+        else:
+            await self._afinish(event, args, extra)
 
     async def _aopen(self, event: Event, args: tuple[Any, ...], extra: dict[str, Any]) -> None:
         try:
@@ -2454,54 +2497,86 @@ class AsyncRunManager(_Run):
             raise
 
 
-def _run_manager_method(event: Event, is_async: bool) -> Callable[..., Any]:
-    count = len(event.payload)
-
-    def check(args: tuple[Any, ...]) -> None:
-        if len(args) != count:
-            raise TypeError(f"{event.method}() takes {count} positional payload argument(s)")
-
-    run_type, closes, plain = event.run_type, event.closes, event.keywords is _OTHER_KEYWORDS
-    any_run = run_type == "any"
-
-    def emit(self: RunManager, *args: Any, **kwargs: Any) -> None:
-        # `_emit`, inlined: the hot path of every event after the start
-        if len(args) != count:
-            check(args)
-        if self._end is not None or (not any_run and run_type != self._family):
-            self._refuse(event)
-        if closes:
-            listeners = self._listeners
-            if self._orphans:
-                self._finish(event, args, kwargs)
-            elif listeners:  # `_finish` without orphans, inlined: every run's end comes here
-                keywords = (self._kw if not kwargs else None) or self._kwargs(event, kwargs)
+# Each event method of a run manager is made from this template, with the event's own payload
+# parameters: ``on_text(self, text, **kwargs)``. It fires through `_Run._fire`, where every
+# decision is made (D1-D3). An event that a run may fire many times with the usual keywords (a
+# token, a note) has a fast path as well, in the method's own frame: once `_dispatch` has
+# resolved the listeners' methods for the run (``_methods``, dropped when the run closes), it
+# calls them in turn, with the run's keywords made once (D7), and hands over to `_dispatch` at
+# the first thing out of the ordinary: a failure, a returned awaitable, an interrupt, saying
+# how far it got. The line that calls a handler also notes it was called, so that an interrupt
+# landing anywhere leaves a true account: no handler hears the event twice or not at all (D3).
+_RUN_EVENT: Final = """\
+def {method}(self, {payload}, {params}**kwargs):
+    return self._fire(event, ({payload},), {extra})
+"""
+_RUN_EVENT_FAST: Final = """\
+def {method}(self, {payload}, {params}**kwargs):
+    resolved = self._methods
+    if resolved is None or kwargs or (methods := resolved[{index}]) is None:
+        return self._fire(event, ({payload},), {extra})
+    rid, pid, tags = self._usual
+    i, called, result, outcome = 0, None, _UNCALLED, None
+    while True:
+        try:
+            if outcome is None:
                 try:
-                    self._end = _CLOSING  # the one closing event (D3) is being delivered
-                    _dispatch(self, listeners, event, args, keywords)
+                    for method in methods:
+                        if method is not None:
+                            result = (called := method)({payload}, run_id=rid, parent_run_id=pid, tags=tags{more})
+                            if result is not None:
+                                break
+                        i, called, result = i + 1, None, _UNCALLED
+                    else:
+                        return None
+                    outcome = [i, called, result, None]
                 except BaseException as error:
-                    if self._end is _CLOSING:  # what is left of it to deliver (`_cut_short`)
-                        self._end = (listeners, event, args, keywords)
-                    self._cut_short(self, error)
-                    if isinstance(error, _Undelivered):
-                        raise error.error from None
-                    raise
-            else:  # nobody to tell (D7)
-                self._end = _DONE
-        elif self._listeners:
-            kw = self._kw if plain and not kwargs else None
-            _dispatch(self, self._listeners, event, args, kw or self._kwargs(event, kwargs))
+                    outcome = [i, called, result, error]
+            return _dispatch(self, self._listeners, event, ({payload},), {keywords}, outcome)
+        except BaseException as late:  # `_dispatch` empties ``outcome`` once it took over
+            if outcome == [] or isinstance(late, Exception):
+                raise  # what `_dispatch` raised, or no stack left to call it
+            if outcome is None:  # came while the handler's outcome was being noted
+                outcome = [i, called, result, late]
+            elif outcome[3] is None or isinstance(outcome[3], Exception):
+                outcome[3] = late  # an interrupt outranks a failure (D2)
+"""
+_ARUN_EVENT: Final = """\
+async def {method}(self, {payload}, {params}**kwargs):
+    return await self._afire(event, ({payload},), {extra})
+"""
 
-    async def aemit(self: AsyncRunManager, *args: Any, **kwargs: Any) -> None:
-        check(args)
-        if closes:
-            self._check(event)
-            await self._afinish(event, args, kwargs)
-        else:
-            await self._aemit(event, args, kwargs)
 
-    method = aemit if is_async else emit
-    method.__name__ = method.__qualname__ = event.method
+def _line_of(text: str) -> int:
+    """The line of this file where ``text`` starts (1 if the source cannot be read): the code
+    made from a template points there, so that a traceback through it shows its lines."""
+    source = "".join(linecache.getlines(__file__))
+    return source.count("\n", 0, source.find(text)) + 1 if text in source else 1
+
+
+def _run_manager_method(event: Event, is_async: bool) -> Callable[..., Any]:
+    """The run managers' method for ``event``, from its template."""
+    fast = event.dispatch[4] and event.dispatch[6]  # usual keywords, and fired many times
+    template = _ARUN_EVENT if is_async else _RUN_EVENT_FAST if fast else _RUN_EVENT
+    # A keyword payload (``chunk``) is a parameter, passed on even when None, as LangChain does.
+    names = event.keyword_payload
+    given = "".join(f"{name!r}: {name}, " for name in names)  # "'chunk': chunk, "
+    code = template.format(
+        method=event.method,
+        payload=", ".join(event.payload),
+        index=event.index,
+        params=f"*, {'=None, '.join(names)}=None, " if names else "",
+        extra="{" + given + "**kwargs}" if names else "kwargs",
+        more="".join(f", {name}={name}" for name in names),
+        keywords="{**self._kw, " + given + "}" if names else "self._kw",
+    )
+    # Inside a factory, so that the method closes over ``event``; its globals are this module's.
+    tree = ast.parse(f"def make(event):\n{textwrap.indent(code, '    ')}    return {event.method}")
+    ast.increment_lineno(tree, _line_of(template) - 2)  # its first line: the factory's second
+    factory: dict[str, Any] = {}
+    exec(compile(tree, __file__, "exec"), globals(), factory)
+    method: Callable[..., Any] = factory["make"](event)
+    method.__qualname__ = f"{'Async' if is_async else ''}RunManager.{event.method}"
     method.__doc__ = f"Fire {event.method} for this run (phase {event.phase})."
     return method
 
@@ -3876,18 +3951,19 @@ class LLM(Runnable):
         llm_output = {"token_usage": token_usage, "model_name": self.get_name()}
         return LLMResult([[Generation(text, message)]], llm_output)
 
-    def _tokens(self, stream: bool) -> tuple[str, list[tuple[str, dict[str, Any]]]]:
+    def _tokens(self, stream: bool) -> tuple[str, list[tuple[str, Generation]]]:
         """The next response, and its tokens with their ``chunk`` keyword (none unless streaming)."""
         with self._lock:
             text = next(self._cycle)
         tokens = _TOKEN.findall(text) if stream else []
-        return text, [(t, {"chunk": Generation(t, self._message(t))}) for t in tokens]
+        return text, [(t, Generation(t, self._message(t))) for t in tokens]
 
     def _generate(self, input: Any, run: _Run, stream: bool) -> Generator[Any, None, Any]:
         text, tokens = self._tokens(stream)
+        on_token = cast("RunManager", run).on_llm_new_token  # a sync body's run is sync
         for i, (token, chunk) in enumerate(tokens):
             if run._listeners:  # fire the token before handing it on (LangChain #16913)
-                run._emit(Event.LLM_NEW_TOKEN, (token,), chunk)
+                on_token(token, chunk=chunk)
             yield self._output(token)
             if i == 0 and self.error is not None:
                 _raise(self.error)
@@ -3901,7 +3977,7 @@ class LLM(Runnable):
         text, tokens = self._tokens(stream)
         for i, (token, chunk) in enumerate(tokens):
             if run._listeners:
-                await run._aemit(Event.LLM_NEW_TOKEN, (token,), chunk)
+                await run.on_llm_new_token(token, chunk=chunk)
             yield self._output(token)
             if i == 0 and self.error is not None:
                 _raise(self.error)
@@ -4061,7 +4137,7 @@ def dispatch_custom_event(name: str, data: Any, *, config: RunnableConfig | None
     """
     if not isinstance(name, str):
         raise TypeError(f"custom event name must be a string, got {_brief(name)}")
-    _enclosing_run(config)._emit(Event.CUSTOM_EVENT, (name, data), {})
+    _enclosing_run(config)._fire(Event.CUSTOM_EVENT, (name, data), _NO_EXTRA)
 
 
 async def adispatch_custom_event(
@@ -4072,9 +4148,9 @@ async def adispatch_custom_event(
         raise TypeError(f"custom event name must be a string, got {_brief(name)}")
     run = _enclosing_run(config)
     if isinstance(run, AsyncRunManager):
-        await run._aemit(Event.CUSTOM_EVENT, (name, data), {})
+        await run._afire(Event.CUSTOM_EVENT, (name, data), _NO_EXTRA)
     else:
-        run._emit(Event.CUSTOM_EVENT, (name, data), {})
+        run._fire(Event.CUSTOM_EVENT, (name, data), _NO_EXTRA)
 
 
 # =================================================================================================

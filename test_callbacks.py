@@ -451,9 +451,10 @@ def _check_generated_run_manager_methods(manager_class: type[Any]) -> None:
             custom = event is Event.CUSTOM_EVENT
             assert last.parent_run_id == (None if custom else parent.run_id)
             assert last.metadata == ({"k": 1} if custom else None)
-            assert last.kwargs == {"x": 1}
-            count = len(event.payload)
-            with pytest.raises(TypeError, match=rf"^{event.method}\(\) takes {count} positional"):
+            # a keyword payload (a token's ``chunk``) is passed even when None, as LangChain does
+            assert last.kwargs == {"x": 1, **dict.fromkeys(event.keyword_payload)}
+            count = len(event.payload) + 1  # and ``self``: Python's own message
+            with pytest.raises(TypeError, match=rf"{event.method}\(\) takes {count} positional"):
                 await call(run, event.method, *payload, "one too many")
             other = "tool" if family != "tool" else "chain"
             if event.run_type != "any":
@@ -733,6 +734,36 @@ def test_D1_ignore_flags_skip_their_events() -> None:
     ]
 
 
+def test_D1_a_runs_flags_are_read_once_for_an_event_it_fires_again() -> None:
+    """A handler's ignore flag is read the first time a run fires an event it may fire many
+    times (a note, a token, a custom event), then the methods resolved are reused: with or
+    without extra keywords, through the run manager's fast path or the general one."""
+
+    reads: list[str] = []
+
+    class Counted(Recorder):
+        @property
+        def ignore_retry(self) -> bool:  # type: ignore[override]
+            reads.append("ignore_retry")
+            return True
+
+        @property
+        def ignore_custom_event(self) -> bool:  # type: ignore[override]
+            reads.append("ignore_custom_event")
+            return False
+
+    counted, rec = Counted(), Recorder()
+    run = CallbackManager([counted, rec]).on_chain_start({}, {})
+    for extra in ({}, {}, {"attempt": 2}, {"attempt": 3}):
+        run.on_retry("state", **extra)
+    for i in range(3):
+        run._fire(Event.CUSTOM_EVENT, ("c", i), {})  # as `dispatch_custom_event` fires it
+    assert reads == ["ignore_retry", "ignore_custom_event"]
+    assert counted.events() == ["on_chain_start", *["on_custom_event"] * 3]
+    assert rec.events() == ["on_chain_start", *["on_retry"] * 4, *["on_custom_event"] * 3]
+    assert [r.kwargs for r in rec.records[1:5]] == [{}, {}, {"attempt": 2}, {"attempt": 3}]
+
+
 def test_D1_ignore_chat_model_skips_only_the_chat_start() -> None:
     class NoChat(Recorder):
         ignore_chat_model = True
@@ -812,6 +843,65 @@ def test_D2_raise_error_handler_failure_propagates_after_every_handler(
         f"error in _Shared.on_chain_end callback for run {_U(1)}: ValueError('first')",
         f"error in _Shared.on_chain_end callback for run {_U(1)}: KeyError('second')",
     ]
+
+
+class _Hears(BaseCallbackHandler):
+    """Logs each note it hears as ``(name, text)``; then fails, or hands back a coroutine
+    (run under sync dispatch, D6), as asked."""
+
+    def __init__(
+        self,
+        name: str,
+        log: list[tuple[str, str]],
+        fails: Exception | None = None,
+        awaits: bool = False,
+        raise_error: bool = False,
+    ) -> None:
+        self.name, self.log, self.fails, self.awaits = name, log, fails, awaits
+        self.raise_error = raise_error
+
+    def on_text(self, text: str, **kwargs: Any) -> Any:
+        self.log.append((self.name, text))
+        if self.fails is not None:
+            raise self.fails
+        return self._later(text) if self.awaits else None
+
+    async def _later(self, text: str) -> None:
+        self.log.append((f"{self.name} awaited", text))
+
+
+def _hearing(log: list[tuple[str, str]]) -> list[_Hears]:
+    return [
+        _Hears("a", log),
+        _Hears("bad", log, fails=ValueError("bad")),
+        _Hears("async", log, awaits=True),
+        _Hears("b", log),
+    ]
+
+
+_HEARD = ("a", "bad", "async", "async awaited", "b")  # what `_hearing`'s handlers log, in order
+
+
+def test_D2_D6_a_note_fired_again_reaches_every_handler_whatever_one_does(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """From a run's second note on, its methods resolved once (D1) are called by the run
+    manager's fast path: a failing handler is logged and the rest hear the note (D2), a
+    coroutine handed back runs (D6), and a ``raise_error`` failure leaves once all heard."""
+    log: list[tuple[str, str]] = []
+    run = CallbackManager(_hearing(log)).on_chain_start({}, {})
+    with caplog.at_level(logging.WARNING, logger="callbacks"):
+        for text in ("x", "y", "z"):
+            run.on_text(text)
+    assert log == [(name, text) for text in "xyz" for name in _HEARD]
+    assert [r.getMessage()[:30] for r in caplog.records] == ["error in _Hears.on_text callba"] * 3
+    log.clear()
+    strict = _Hears("strict", log, fails=KeyError("strict"), raise_error=True)
+    run = CallbackManager([strict, _Hears("after", log)]).on_chain_start({}, {})
+    for text in ("x", "y"):
+        with pytest.raises(KeyError):
+            run.on_text(text)
+    assert log == [("strict", "x"), ("after", "x"), ("strict", "y"), ("after", "y")]
 
 
 def test_D2_an_interrupt_from_a_handler_beats_an_earlier_raise_error_failure() -> None:
@@ -5260,6 +5350,23 @@ def test_D6_an_async_handler_on_the_handler_loop_may_dispatch_to_async_handlers_
     ]
 
 
+def test_D6_two_threads_needing_the_handler_loop_at_once_share_one() -> None:
+    """The handler loop is looked up without the lock, which only guards starting it: a thread
+    that finds none and waits for the lock while another starts it takes that one."""
+    Lambda(_ident).invoke(1, {"callbacks": [AsyncCallbackHandler()]})  # it runs now
+    running = callbacks._HANDLER_LOOP[:]
+    found: list[Any] = []
+    with callbacks._HANDLER_LOOP_LOCK:  # as if another thread were starting it
+        callbacks._HANDLER_LOOP.clear()
+        waiting = threading.Thread(target=lambda: found.append(callbacks._handler_loop()))
+        waiting.start()
+        waiting.join(0.2)  # it waits for the lock
+        assert waiting.is_alive() and not found
+        callbacks._HANDLER_LOOP[:] = running  # started meanwhile
+    waiting.join()
+    assert found == [tuple(running)]
+
+
 def test_D6_at_exit_the_handler_loop_cancels_the_tasks_left_and_stops() -> None:
     """What ``asyncio.run`` does when its main coroutine returns: the tasks still running are
     cancelled (given a moment to finish), the loop stops; the next use starts a new one."""
@@ -6637,7 +6744,9 @@ def test_config_bad_manager_input_is_rejected_before_any_event() -> None:
     with pytest.raises(TypeError, match="got 5"):
         Lambda(_ident).with_config(callbacks=5)
     run = manager.on_chain_start({}, {})
-    with pytest.raises(TypeError, match="on_chain_end\\(\\) takes 1 positional payload"):
+    with pytest.raises(
+        TypeError, match="on_chain_end\\(\\) missing 1 required positional argument: 'outputs'"
+    ):
         run.on_chain_end()
     assert rec.events() == ["on_chain_start"]  # only the good start
 
@@ -7146,6 +7255,59 @@ def test_D3_an_interrupt_while_a_handlers_failure_is_handled_lets_the_rest_hear_
     assert isinstance(raised, KeyboardInterrupt)
     assert rec.events() == ["on_chain_start", "on_chain_error"]
     checker.check()
+
+
+@_untraced
+@pytest.mark.parametrize("troubled", [True, False], ids=["a-failure-and-a-coroutine", "plain"])
+def test_D3_an_interrupt_at_any_line_of_a_runs_fast_path_leaves_every_handler_hearing_once(
+    troubled: bool,
+) -> None:
+    """A note fired again goes through the run manager's fast path, which hands over to the
+    careful dispatch at a failure, a coroutine handed back or an interrupt. A `KeyboardInterrupt`
+    at each line the library runs for that note, in turn: it leaves the call, and once the
+    first handler heard the note, each heard it exactly once, in order (the one that failed
+    and the async one included); one that lands before the first heard it stops the note.
+    Plain handlers keep the fast path to the end; the others make it hand over midway."""
+    k, held = 1, 0
+    while True:
+        log: list[tuple[str, str]] = []
+        handlers = _hearing(log) if troubled else [_Hears("a", log), _Hears("b", log)]
+        run = CallbackManager(handlers).on_chain_start({}, {})
+        run.on_text("x")  # resolves the listeners' methods: the next note takes the fast path
+        log.clear()
+        at = _AtLine(k)
+        sys.settrace(at)
+        try:
+            run.on_text("y")
+        except KeyboardInterrupt:
+            assert at.fired
+        else:
+            assert not at.fired
+        finally:
+            sys.settrace(None)
+        heard = _HEARD if troubled else ("a", "b")
+        assert log in ([], [(name, "y") for name in heard]), f"interrupted at point {k}"
+        if not at.fired:
+            break
+        held += bool(log)
+        k += 1
+    assert held > (30 if troubled else 5), held  # the points where delivery had begun
+
+
+def test_D3_a_fast_path_interrupted_past_its_last_handler_hands_over_only_the_interrupt() -> None:
+    """`_dispatch`'s ``resume``: a run manager's fast path that was interrupted once its last
+    handler had returned hands over the interrupt alone: nobody hears the event again, and the
+    interrupt leaves. (A real signal lands there at the loop's jump back; a test can only
+    place it by hand.)"""
+    log: list[tuple[str, str]] = []
+    run = CallbackManager([_Hears("a", log), _Hears("b", log)]).on_chain_start({}, {})
+    run.on_text("x")
+    interrupt = KeyboardInterrupt()
+    resume: list[Any] = [2, None, callbacks._UNCALLED, interrupt]
+    keywords: dict[str, Any] = {"run_id": run.run_id, "parent_run_id": None, "tags": []}
+    with pytest.raises(KeyboardInterrupt) as info:
+        callbacks._dispatch(run, run._listeners, Event.TEXT, ("y",), keywords, resume)
+    assert info.value is interrupt and resume == [] and log == [("a", "x"), ("b", "x")]
 
 
 def test_D3_D4_a_chat_start_an_interrupt_kept_from_a_handler_falls_back_for_it() -> None:
