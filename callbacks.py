@@ -2133,6 +2133,11 @@ _ID_FACTORY: contextvars.ContextVar[Callable[[], uuid.UUID]] = contextvars.Conte
 
 
 _DONE: Final = ()  # `_Run._end` once every listener has heard the run's closing event
+# A run's ``_methods`` when nobody listens (D7): per event, no methods if it applies to the run.
+_UNHEARD: Final = {
+    family: [() if e.run_type in (family, "any") else None for e in Event]
+    for family in ("chain", "llm", "tool", "retriever")
+}
 
 
 class _Run(_Scope):
@@ -2179,7 +2184,7 @@ class _Run(_Scope):
         (the manager ``get_child()`` would give, without making it)."""
         if run_id is not None and not isinstance(run_id, uuid.UUID):  # before any event
             raise TypeError(f"run_id must be a uuid.UUID or None, got {_brief(run_id)}")
-        self = cls.__new__(cls)
+        self = object.__new__(cls)
         if manager._owned:
             self._take(manager, inheritable_only=isinstance(manager, _Run))
             self._parent = manager if isinstance(manager, _Run) else manager._parent
@@ -2268,13 +2273,8 @@ class _Run(_Scope):
             **extra,
         }
 
-    def _check(self, event: Event) -> bool:
-        """Refuse an event of another run type or after the end (D3); say whether anyone listens."""
-        if self._end is not None or (event.run_type != self._family and event.run_type != "any"):
-            self._refuse(event)
-        return bool(self._listeners)
-
     def _refuse(self, event: Event) -> NoReturn:
+        """Refuse an event of another run type, or one after the end (D3)."""
         if event.run_type != self._family and event.run_type != "any":
             raise TypeError(f"{event.method} does not apply to a {self.run_type} run")
         raise RuntimeError(f"{event.method} after the end of {self.run_type} run {self.run_id}")
@@ -2283,11 +2283,15 @@ class _Run(_Scope):
         """Fire ``event``, not a start event, for this run: what every event method of a
         `RunManager` does (`_RUN_EVENT`), and what the runnables do. It reaches the handlers
         that heard the start; an end or error event closes the run (`_finish`)."""
-        listening = self._check(event)
+        if self._end is not None or (event.run_type != self._family and event.run_type != "any"):
+            self._refuse(event)
+        listening = bool(self._listeners)
         if not event.closes:
             if listening:
                 kw = self._kw if not extra and event.keywords is _OTHER_KEYWORDS else None
                 _dispatch(self, self._listeners, event, args, kw or self._kwargs(event, extra))
+            else:  # nobody listens, nor ever will: the next notes return at once (D7)
+                self._methods = _UNHEARD[self._family]
         elif listening or self._orphans:
             self._finish(event, args, extra)
         else:  # nobody to tell (D7)
@@ -2386,6 +2390,7 @@ class _Run(_Scope):
 
 
 _M = TypeVar("_M", bound=_Manager)
+_R = TypeVar("_R", bound=_Run)
 
 
 @final
@@ -2443,9 +2448,10 @@ class AsyncRunManager(_Run):
 
     async def _afire(self, event: Event, args: tuple[Any, ...], extra: dict[str, Any]) -> None:
         """`_Run._fire` under asyncio: every event method of an `AsyncRunManager`."""
-        listening = self._check(event)
+        if self._end is not None or (event.run_type != self._family and event.run_type != "any"):
+            self._refuse(event)
         if not event.closes:
-            if listening:
+            if self._listeners:
                 await _adispatch(self, self._listeners, event, args, self._kwargs(event, extra))
         else:
             await self._afinish(event, args, extra)
@@ -2506,6 +2512,7 @@ class AsyncRunManager(_Run):
 # the first thing out of the ordinary: a failure, a returned awaitable, an interrupt, saying
 # how far it got. The line that calls a handler also notes it was called, so that an interrupt
 # landing anywhere leaves a true account: no handler hears the event twice or not at all (D3).
+# An end or error event of a run that is open and heard goes straight to `_Run._finish`.
 _RUN_EVENT: Final = """\
 def {method}(self, {payload}, {params}**kwargs):
     return self._fire(event, ({payload},), {extra})
@@ -2515,6 +2522,8 @@ def {method}(self, {payload}, {params}**kwargs):
     resolved = self._methods
     if resolved is None or kwargs or (methods := resolved[{index}]) is None:
         return self._fire(event, ({payload},), {extra})
+    if not methods:
+        return None
     rid, pid, tags = self._usual
     i, called, result, outcome = 0, None, _UNCALLED, None
     while True:
@@ -2541,6 +2550,12 @@ def {method}(self, {payload}, {params}**kwargs):
             elif outcome[3] is None or isinstance(outcome[3], Exception):
                 outcome[3] = late  # an interrupt outranks a failure (D2)
 """
+_RUN_EVENT_CLOSE: Final = """\
+def {method}(self, {payload}, **kwargs):
+    if kwargs or self._end is not None or self._family != event.run_type or not self._listeners:
+        return self._fire(event, ({payload},), kwargs)
+    return self._finish(event, ({payload},), _NO_EXTRA)
+"""
 _ARUN_EVENT: Final = """\
 async def {method}(self, {payload}, {params}**kwargs):
     return await self._afire(event, ({payload},), {extra})
@@ -2557,7 +2572,8 @@ def _line_of(text: str) -> int:
 def _run_manager_method(event: Event, is_async: bool) -> Callable[..., Any]:
     """The run managers' method for ``event``, from its template."""
     fast = event.dispatch[4] and event.dispatch[6]  # usual keywords, and fired many times
-    template = _ARUN_EVENT if is_async else _RUN_EVENT_FAST if fast else _RUN_EVENT
+    template = _RUN_EVENT_FAST if fast else _RUN_EVENT_CLOSE if event.closes else _RUN_EVENT
+    template = _ARUN_EVENT if is_async else template
     # A keyword payload (``chunk``) is a parameter, passed on even when None, as LangChain does.
     names = event.keyword_payload
     given = "".join(f"{name!r}: {name}, " for name in names)  # "'chunk': chunk, "
@@ -3121,12 +3137,13 @@ class Runnable:
 
     def invoke(self, input: Any, config: RunnableConfig | None = None) -> Any:
         """Run on ``input`` as one run and return the output; see the class docstring."""
-        return self._invoke(input, _check_config(config), None)
+        return self._invoke(input, _NO_CONFIG if config is None else _check_config(config), None)
 
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None) -> Any:
         """`invoke` under asyncio. If the task is cancelled, the run (and each open run inside
         it) fires its error event with the `asyncio.CancelledError`, which is re-raised (D3)."""
-        return await self._ainvoke(input, _check_config(config), None)
+        checked = _NO_CONFIG if config is None else _check_config(config)
+        return await self._ainvoke(input, checked, None)
 
     def batch(
         self,
@@ -3270,16 +3287,14 @@ class Runnable:
         """This call's own ``max_concurrency``, if it sets one (else the enclosing call's holds)."""
         return config.get("max_concurrency") or self._bound.get("max_concurrency")
 
-    def _is_plain_call(self, config: Mapping[str, Any]) -> bool:
-        """Whether this call adds nothing to the manager it inherits or is given."""
-        return not (self._bound or self.callbacks or self.tags or self.metadata) and not (
-            "tags" in config or "metadata" in config
-        )
-
-    def _manager(self, config: Mapping[str, Any], parent: _Manager | None) -> _Manager | _Run:
-        """The manager for this call: inherited or given, then binding, request and constructor
-        layers. An implicit child that adds nothing gets the enclosing run itself."""
-        callbacks = config.get("callbacks")
+    def _begin(self, config: Mapping[str, Any], parent: _Manager | None, cls: type[_R]) -> _R:
+        """The run of this call, not started yet (an interrupt before its start is delivered
+        leaves nothing to close), from the manager for this call: inherited or given, then
+        binding, request and constructor layers. An implicit child that adds nothing is made
+        from the enclosing run itself: no manager in between."""
+        callbacks, run_id = config.get("callbacks"), config.get("run_id")
+        adds = bool(self._bound or self.callbacks or self.tags or self.metadata)
+        adds = adds or "tags" in config or "metadata" in config
         request: tuple[Any, ...] = ()
         if parent is not None:  # a composite handing a child its manager
             manager = parent
@@ -3287,24 +3302,25 @@ class Runnable:
             current = _CURRENT_RUN.get()
             if current is None:
                 manager = _EMPTY
-            elif self._is_plain_call(config):
-                return current  # `_Run._new` makes the child run from it directly
+            elif not adds:
+                return cls._new(current, self._run_type, run_id)
             else:
                 manager = current._child(None, CallbackManager)
         elif isinstance(callbacks, _Manager):  # the caller continues a tree explicitly
             manager = callbacks
         else:  # S10: a list of handlers starts a new root that inherits nothing
             manager, request = _EMPTY, callbacks
-        bound = self._bound
-        if not request and self._is_plain_call(config):
-            return manager
-        manager = CallbackManager._clone(manager)
-        manager._merge(
-            bound.get("callbacks", ()), bound.get("tags", ()), bound.get("metadata", {}), True
-        )
-        manager._merge(request, config.get("tags", ()), config.get("metadata", {}), True)  # S1, S3
-        manager._merge(self.callbacks, self.tags, self.metadata, False)  # S2, S3, S5: local last
-        return manager
+        if request or adds:
+            bound, manager = self._bound, CallbackManager._clone(manager)
+            manager._merge(
+                bound.get("callbacks", ()), bound.get("tags", ()), bound.get("metadata", {}), True
+            )
+            request_tags, request_metadata = config.get("tags", ()), config.get("metadata", {})
+            manager._merge(request, request_tags, request_metadata, True)  # S1, S3
+            manager._merge(
+                self.callbacks, self.tags, self.metadata, False
+            )  # S2, S3, S5: local last
+        return cls._new(manager, self._run_type, run_id)
 
     def _start_event(
         self, input: Any, config: Mapping[str, Any]
@@ -3312,15 +3328,6 @@ class Runnable:
         args, extra = self._start_args(input)
         name = config.get("run_name") or self._bound.get("run_name") or self.get_name()
         return _START[self._run_type], args, {**extra, "name": name}
-
-    def _begin(self, config: Mapping[str, Any], parent: _Manager | None) -> RunManager:
-        """The run of this call, not started yet: an interrupt before its start is delivered
-        leaves nothing to close."""
-        return RunManager._new(self._manager(config, parent), self._run_type, config.get("run_id"))
-
-    def _abegin(self, config: Mapping[str, Any], parent: _Manager | None) -> AsyncRunManager:
-        manager = self._manager(config, parent)
-        return AsyncRunManager._new(manager, self._run_type, config.get("run_id"))
 
     def _in_scope(
         self, run: _Run, limit: int | None, body: Callable[[Any, Any], Any], input: Any
@@ -3351,7 +3358,7 @@ class Runnable:
     # was chosen but not fully delivered is finished rather than replaced (`_Run._finish`).
 
     def _invoke(self, input: Any, config: Mapping[str, Any], parent: _Manager | None) -> Any:
-        run = self._begin(config, parent)
+        run = self._begin(config, parent, RunManager)
         try:
             if run._handlers:  # D7: no payload, no id, no dispatch when nobody listens
                 run._open(*self._start_event(input, config))
@@ -3370,7 +3377,7 @@ class Runnable:
         return output
 
     async def _ainvoke(self, input: Any, config: Mapping[str, Any], parent: _Manager | None) -> Any:
-        run = self._abegin(config, parent)
+        run = self._begin(config, parent, AsyncRunManager)
         try:
             if run._handlers:
                 await run._aopen(*self._start_event(input, config))
@@ -3400,7 +3407,7 @@ class Runnable:
                 input.peek()  # this run starts once the first chunk is there
             else:
                 input, fed = input.whole(), False
-        run, body = self._begin(config, parent), None
+        run, body = self._begin(config, parent, RunManager), None
         try:
             if run._handlers:
                 run._open(*self._start_event({"input": ""} if fed else input, config))
@@ -3436,7 +3443,7 @@ class Runnable:
                 await input.peek()
             else:
                 input, fed = await input.whole(), False
-        run, body = self._abegin(config, parent), None
+        run, body = self._begin(config, parent, AsyncRunManager), None
         inner: list[Any] = []
         try:
             if run._handlers:

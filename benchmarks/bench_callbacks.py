@@ -18,6 +18,10 @@ with a note. Scenarios, each a markdown table:
 - ``flatness``: per level, a chain of child managers (start, get_child) 64 deep vs 16 deep.
 - ``memory``: tracemalloc peak per nested level, and bytes retained after 10,000 runs.
 
+With ``--against REV`` (a git revision, or the path of another ``callbacks.py``), that version
+is measured beside this one, in the same process and rounds, in every scenario where this
+project is; a closing table gives the ratio of each (above 1: that version was slower).
+
 Method: one process, gc enabled. Each case is a `timeit` statement whose loop count is set so
 that a sample lasts at least 0.2 s, timed in the thread's CPU time (`time.thread_time`: what
 other processes on a shared machine do is not counted), the async cases by wall clock. Every
@@ -35,11 +39,14 @@ import asyncio
 import gc
 import importlib
 import importlib.metadata
+import importlib.util
 import operator
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import timeit
 import tracemalloc
@@ -52,6 +59,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # callbacks.py at the repo root
 
 from callbacks import CallbackManager, Chain, Lambda
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _optional(module: str) -> Any:
@@ -68,6 +77,7 @@ PLUGGY: Any = _optional("pluggy")
 PEERS = {"langchain-core": LC_RUNNABLES, "blinker": BLINKER, "pluggy": PLUGGY}
 
 FLOOR, THIS, LC, PLAIN = "floor", "this project", "langchain_core", "plain functions"
+BEFORE = "before"  # another version of callbacks.py (--against)
 SERIALIZED, INPUTS, OUTPUTS = {"name": "bench"}, {"input": 1}, {"output": 1}
 Key = tuple[str, str, int, int]  # scenario, side, handlers, size (depth, steps or 1)
 
@@ -194,6 +204,23 @@ def pluggy_manager(count: int) -> Any:
     return manager
 
 
+def load_before(rev: str) -> Any:
+    """``callbacks.py`` as of git revision ``rev`` (or the file at path ``rev``), imported
+    under another name so that both versions live in one process."""
+    path = Path(rev)
+    if not path.is_file():
+        show = ["git", "show", f"{rev}:callbacks.py"]
+        source = subprocess.run(show, cwd=ROOT, capture_output=True, text=True, check=True)
+        path = Path(tempfile.mkdtemp()) / "callbacks_before.py"
+        path.write_text(source.stdout)
+    spec = importlib.util.spec_from_file_location("callbacks_before", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["callbacks_before"] = module  # its dataclasses and pickles look it up
+    spec.loader.exec_module(module)
+    return module
+
+
 def identity(x: Any) -> Any:
     return x
 
@@ -284,7 +311,9 @@ class Sizes:
     flat: Sequence[int] = (16, 64)
 
 
-def build_cases(sizes: Sizes, keywords: dict[str, dict[str, Any]]) -> list[Case]:
+def build_cases(
+    sizes: Sizes, keywords: dict[str, dict[str, Any]], before: Any = None
+) -> list[Case]:
     cases: list[Case] = []
 
     def add(key: Key, stmt: str, namespace: dict[str, Any], units: int = 1, **more: Any) -> None:
@@ -294,6 +323,8 @@ def build_cases(sizes: Sizes, keywords: dict[str, dict[str, Any]]) -> list[Case]
     pairs: list[tuple[str, Any]] = [(THIS, CallbackManager)]  # each side's callback manager
     if LC_CALLBACKS:
         pairs.append((LC, LC_CALLBACKS.CallbackManager))
+    if before is not None:
+        pairs.append((BEFORE, before.CallbackManager))
     for scenario, method in (("event", "on_text"), ("token", "on_llm_new_token")):
         call = ", ".join(f"{name}={name}" for name in keywords[scenario])  # run_id=run_id, ...
         for k in sizes.events:
@@ -324,9 +355,7 @@ def build_cases(sizes: Sizes, keywords: dict[str, dict[str, Any]]) -> list[Case]
     run_stmt = "r = m.on_chain_start(s, i)\nr.get_child()\nr.on_chain_end(o)"
     flat_stmt = "m = root\nfor _ in levels:\n    m = m.on_chain_start(s, i).get_child()"
     payloads = {"s": SERIALIZED, "i": INPUTS, "o": OUTPUTS}
-    managers: list[tuple[str, Any]] = [(THIS, CallbackManager)]
-    if LC_CALLBACKS:
-        managers.append((LC, LC_CALLBACKS.CallbackManager))
+    managers = pairs
     for side, manager in managers:
         for k in sizes.runs:
             hs = [NoOp() for _ in range(k)]
@@ -341,6 +370,8 @@ def build_cases(sizes: Sizes, keywords: dict[str, dict[str, Any]]) -> list[Case]
     runnables: list[tuple[str, Any, Any]] = [(THIS, Lambda, Chain)]
     if LC_RUNNABLES:
         runnables.append((LC, LC_RUNNABLES.RunnableLambda, LC_RUNNABLES.RunnableSequence))
+    if before is not None:
+        runnables.append((BEFORE, before.Lambda, before.Chain))
     for side, lam, sequence in runnables:
         for k in (0, 1):
             config = {"callbacks": [NoOp()]} if k else None
@@ -504,6 +535,18 @@ def report(r: dict[Key, list[float]], sizes: Sizes) -> None:
     table("flatness: on_chain_start + get_child per level of a chain, ns", header, rows)
 
 
+def against(r: dict[Key, list[float]], rev: str) -> None:
+    """Each case measured for both versions: the other version's time over this one's."""
+    rows = [
+        [" ".join(map(str, key[0:1] + key[2:])), fmt(r[key]), cell]
+        for key in r
+        if key[1] == THIS and (other := (key[0], BEFORE, *key[2:])) in r
+        for cell in [fmt(r[other], ratio(r, other, key))]
+    ]
+    header = ["scenario handlers size", THIS, f"{rev} (x this)"]
+    table(f"against {rev}: ns per unit", header, rows)
+
+
 def targets(r: dict[Key, list[float]], sizes: Sizes, retained: float, runs: int) -> None:
     """Issue 15's targets, read off the measurements."""
     d, low, high = sizes.depths[-1], sizes.flat[0], sizes.flat[-1]
@@ -547,7 +590,9 @@ def targets(r: dict[Key, list[float]], sizes: Sizes, retained: float, runs: int)
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="3 short rounds, fewer sizes")
+    parser.add_argument("--against", metavar="REV", help="also measure this git revision")
     args = parser.parse_args(argv)
+    before = load_before(args.against) if args.against else None
     if args.quick:
         rounds, min_time = 3, 0.02
         sizes = Sizes(events=(0, 1, 10), depths=(1, 8), steps=(1, 10), async_depths=(8,))
@@ -574,8 +619,10 @@ def main(argv: list[str] | None = None) -> None:
         if set(passed) != {"run_id", "parent_run_id", "tags"}:
             print(f"note: the {scenario} passes {sorted(passed)}; the floor passes the same")
 
-    results = measure(build_cases(sizes, keywords), rounds, min_time)
+    results = measure(build_cases(sizes, keywords, before), rounds, min_time)
     report(results, sizes)
+    if args.against:
+        against(results, args.against)
     peak0, peak1, retained = memory(runs)
     rows = [
         ["peak traced bytes per nested level (depth 32), 0 handlers", f"{peak0:,.0f}"],
