@@ -1268,7 +1268,7 @@ def _dispatch(
     # An event a run may fire many times (a token, a note) goes to the methods resolved the
     # first time, for the run's listeners: their flags are read once per run (D1).
     known = fresh = pending = None
-    if repeats and handlers is run._listeners and resume is None:
+    if repeats and handlers is run._listeners:
         cache: list[Any] = run._methods or [None] * len(_EVENTS)
         run._methods, known = cache, cache[index]
         if known is None:
@@ -2133,11 +2133,11 @@ _ID_FACTORY: contextvars.ContextVar[Callable[[], uuid.UUID]] = contextvars.Conte
 
 
 _DONE: Final = ()  # `_Run._end` once every listener has heard the run's closing event
-# A run's ``_methods`` when nobody listens (D7): per event, no methods if it applies to the run.
-_UNHEARD: Final = {
-    family: [() if e.run_type in (family, "any") else None for e in Event]
-    for family in ("chain", "llm", "tool", "retriever")
-}
+# Per event and run family: whether the event does not apply to such a run (D3), and a run's
+# ``_methods`` when nobody listens (D7): no methods for each event that applies to it.
+_FAMILIES: Final = ("chain", "llm", "tool", "retriever")
+_WRONG_RUN: Final = {e: {f: e.run_type not in (f, "any") for f in _FAMILIES} for e in Event}
+_UNHEARD: Final = {f: [None if _WRONG_RUN[e][f] else () for e in Event] for f in _FAMILIES}
 
 
 class _Run(_Scope):
@@ -2273,23 +2273,34 @@ class _Run(_Scope):
             **extra,
         }
 
+    def _over(self, event: Event) -> bool:
+        """Whether ``event`` comes after the run's end: anything once its closing event was
+        chosen, except that same closing event again at a root whose delivery was cut short."""
+        return self._end is _DONE or not event.closes or isinstance(self._parent, _Run)
+
     def _refuse(self, event: Event) -> NoReturn:
         """Refuse an event of another run type, or one after the end (D3)."""
-        if event.run_type != self._family and event.run_type != "any":
+        if _WRONG_RUN[event][self._family]:
             raise TypeError(f"{event.method} does not apply to a {self.run_type} run")
         raise RuntimeError(f"{event.method} after the end of {self.run_type} run {self.run_id}")
 
     def _fire(self, event: Event, args: tuple[Any, ...], extra: dict[str, Any]) -> None:
         """Fire ``event``, not a start event, for this run: what every event method of a
         `RunManager` does (`_RUN_EVENT`), and what the runnables do. It reaches the handlers
-        that heard the start; an end or error event closes the run (`_finish`)."""
-        if self._end is not None or (event.run_type != self._family and event.run_type != "any"):
+        that heard the start; an end or error event closes the run (`_finish`). When an
+        interrupt cut the delivery of a root run's closing event short, an end or error event
+        once more finishes that delivery: the same event, to the handlers that had not heard
+        it. (A child's is delivered by its parent, `_cut_short`: the child refuses it.)"""
+        if (self._end is not None and self._over(event)) or _WRONG_RUN[event][self._family]:
             self._refuse(event)
         listening = bool(self._listeners)
         if not event.closes:
             if listening:
                 kw = self._kw if not extra and event.keywords is _OTHER_KEYWORDS else None
-                _dispatch(self, self._listeners, event, args, kw or self._kwargs(event, extra))
+                try:
+                    _dispatch(self, self._listeners, event, args, kw or self._kwargs(event, extra))
+                except _Undelivered as undelivered:  # too deep to go on: the real error (R1)
+                    raise undelivered.error from None
             else:  # nobody listens, nor ever will: the next notes return at once (D7)
                 self._methods = _UNHEARD[self._family]
         elif listening or self._orphans:
@@ -2339,7 +2350,7 @@ class _Run(_Scope):
         listeners, kw = self._listeners, self._kw  # (D7: nobody to tell, no keywords)
         kw = kw if listeners and kw is not None and not extra else None
         kw = kw or (self._kwargs(event, extra) if listeners else {})
-        self._end, self._methods = (listeners, event, args, kw), None  # no fast path after it
+        self._end = (listeners, event, args, kw)
         return self._end
 
     def _finish(self, event: Event, args: tuple[Any, ...], extra: dict[str, Any]) -> None:
@@ -2448,11 +2459,14 @@ class AsyncRunManager(_Run):
 
     async def _afire(self, event: Event, args: tuple[Any, ...], extra: dict[str, Any]) -> None:
         """`_Run._fire` under asyncio: every event method of an `AsyncRunManager`."""
-        if self._end is not None or (event.run_type != self._family and event.run_type != "any"):
+        if (self._end is not None and self._over(event)) or _WRONG_RUN[event][self._family]:
             self._refuse(event)
         if not event.closes:
             if self._listeners:
-                await _adispatch(self, self._listeners, event, args, self._kwargs(event, extra))
+                try:
+                    await _adispatch(self, self._listeners, event, args, self._kwargs(event, extra))
+                except _Undelivered as undelivered:  # as in `_Run._fire`
+                    raise undelivered.error from None
         else:
             await self._afinish(event, args, extra)
 
@@ -2520,7 +2534,7 @@ def {method}(self, {payload}, {params}**kwargs):
 _RUN_EVENT_FAST: Final = """\
 def {method}(self, {payload}, {params}**kwargs):
     resolved = self._methods
-    if resolved is None or kwargs or (methods := resolved[{index}]) is None:
+    if resolved is None or kwargs or self._end is not None or (methods := resolved[{index}]) is None:
         return self._fire(event, ({payload},), {extra})
     if not methods:
         return None
@@ -2543,6 +2557,8 @@ def {method}(self, {payload}, {params}**kwargs):
                     outcome = [i, called, result, error]
             return _dispatch(self, self._listeners, event, ({payload},), {keywords}, outcome)
         except BaseException as late:  # `_dispatch` empties ``outcome`` once it took over
+            if isinstance(late, _Undelivered):  # too deep to go on: the real error (R1)
+                raise late.error from None
             if outcome == [] or isinstance(late, Exception):
                 raise  # what `_dispatch` raised, or no stack left to call it
             if outcome is None:  # came while the handler's outcome was being noted

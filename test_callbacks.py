@@ -764,6 +764,29 @@ def test_D1_a_runs_flags_are_read_once_for_an_event_it_fires_again() -> None:
     assert [r.kwargs for r in rec.records[1:5]] == [{}, {}, {"attempt": 2}, {"attempt": 3}]
 
 
+@pytest.mark.parametrize("before", ["async", "failing"])
+def test_D1_a_handler_after_one_that_hands_over_keeps_the_flags_read_first(before: str) -> None:
+    """A handler before it that is async (its coroutine run under sync dispatch) or fails
+    makes each token's fast path hand over to the general dispatch; the handlers after it
+    still keep the flags and methods read at the run's first token (D1)."""
+
+    class Late(Recorder):
+        def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+            super().on_llm_new_token(token, **kwargs)
+            self.ignore_llm = True  # counts from the next run
+
+    class Failing(BaseCallbackHandler):
+        def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+            raise ValueError("token handler broke")
+
+    first = AsyncCallbackHandler() if before == "async" else Failing()
+    late = Late()
+    assert "".join(LLM("a b c d").stream("q", {"callbacks": [first, late]})) == "a b c d"
+    assert [r.args[0] for r in late.records if r.event is Event.LLM_NEW_TOKEN] == [
+        "a ", "b ", "c ", "d",
+    ]  # fmt: skip
+
+
 def test_D1_ignore_chat_model_skips_only_the_chat_start() -> None:
     class NoChat(Recorder):
         ignore_chat_model = True
@@ -1143,6 +1166,47 @@ def test_D2_D4_a_failing_fallback_is_an_ordinary_handler_failure(
     with pytest.raises(ValueError, match="fallback broke"):
         ChatModel("ok").invoke("hi", {"callbacks": [Broken(raise_error=True), rec]})
     assert rec.events()[2:] == ["on_chat_model_start", "on_llm_error"]  # D3
+
+
+def test_D2_D4_the_first_raise_error_failure_wins_over_a_later_handlers_fallback() -> None:
+    """A ``raise_error`` handler fails on a chat start; a later handler without
+    ``on_chat_model_start`` then gets ``on_llm_start`` instead (D4), which goes well: the
+    first failure is still the one raised, once everyone heard the start (D2)."""
+
+    class Strict(BaseCallbackHandler):
+        raise_error = True
+
+        def on_chat_model_start(self, *args: Any, **kwargs: Any) -> None:
+            raise KeyError("strict")
+
+    legacy = _LLMStartOnly()
+    with pytest.raises(KeyError, match="strict"):
+        ChatModel("ok").invoke("hi", {"callbacks": [Strict(), legacy]})
+    assert [event for event, *_ in legacy.seen] == ["on_llm_start"]
+
+
+def test_D8_a_flag_that_raises_is_read_again_at_each_event(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A flag whose reading fails is that handler's failure, logged each time: its methods
+    are not resolved for the run (D1), so the next event reads it again; the others hear
+    every event."""
+
+    class Moody(Recorder):
+        @property
+        def ignore_retry(self) -> bool:  # type: ignore[override]
+            raise LookupError("no flag today")
+
+    moody, rec = Moody(), Recorder()
+    run = CallbackManager([moody, rec]).on_chain_start({}, {})
+    with caplog.at_level(logging.WARNING, logger="callbacks"):
+        for _ in range(3):
+            run.on_retry("state")
+    assert [r.getMessage().split(" for run")[0] for r in caplog.records] == [
+        "error in Moody.on_retry callback"
+    ] * 3
+    assert moody.events() == ["on_chain_start"]
+    assert rec.events() == ["on_chain_start", "on_retry", "on_retry", "on_retry"]
 
 
 def test_D7_no_handlers_no_ids_and_no_payloads() -> None:
@@ -2201,6 +2265,37 @@ def test_S12_D3_a_noop_run_manager_takes_every_event_of_its_type_and_ends_once()
         face.on_tool_end("out")
     with pytest.raises(ValueError, match=r"^run_type must be one of \[.*\], got 'agent' \(str\)$"):
         RunManager.get_noop_manager("agent")
+
+
+@pytest.mark.parametrize("heard", [False, True], ids=["nobody-listens", "heard"])
+def test_D3_notes_after_the_end_are_refused_even_once_their_fast_path_is_resolved(
+    heard: bool,
+) -> None:
+    """A run's notes take a fast path once its handlers' methods are resolved (or once it is
+    known that nobody listens, D7); after the run's end they are refused all the same, so
+    that attaching a handler changes nothing (D8). Also when the end came while the first
+    note was being delivered (a handler ending the run, or another thread)."""
+    manager = CallbackManager([Recorder()] if heard else [])
+    for run in [RunManager.get_noop_manager(), manager.on_chain_start({}, {})]:
+        run.on_text("a")
+        run.on_text("b")  # the fast path, resolved
+        run.on_chain_end({})
+        for note in (run.on_text, run.on_retry):
+            with pytest.raises(RuntimeError, match=r"^on_(text|retry) after the end"):
+                note("late")
+
+    class EndsOnFirstNote(Recorder):
+        def on_text(self, text: str, **kwargs: Any) -> None:
+            super().on_text(text, **kwargs)
+            if text == "first":
+                run.on_chain_end({})  # while the note that resolves the methods is delivered
+
+    rec = EndsOnFirstNote()
+    run = CallbackManager([rec]).on_chain_start({}, {})
+    run.on_text("first")
+    with pytest.raises(RuntimeError, match=r"^on_text after the end"):
+        run.on_text("late")
+    assert [r.event.method for r in rec.records] == ["on_chain_start", "on_text", "on_chain_end"]
 
 
 def test_S12_D6_get_sync_is_the_same_run_for_the_sync_code_it_calls() -> None:
@@ -5385,6 +5480,7 @@ def test_D6_at_exit_the_handler_loop_cancels_the_tasks_left_and_stops() -> None:
 
     Lambda(_ident).invoke(1, {"callbacks": [Forever()]})
     loop, thread = callbacks._handler_loop()
+    assert (thread.name, thread.daemon) == ("callbacks-handler-loop", True)  # never blocks exit
     callbacks._stop_handler_loop()  # as at exit
     assert cancelled.is_set() and not thread.is_alive() and not loop.is_running()
     callbacks._stop_handler_loop()  # a second time: nothing left to stop
@@ -7294,6 +7390,59 @@ def test_D3_an_interrupt_at_any_line_of_a_runs_fast_path_leaves_every_handler_he
     assert held > (30 if troubled else 5), held  # the points where delivery had begun
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["first-note", "fast-path"])
+def test_R1_D3_a_note_that_runs_out_of_stack_raises_recursion_error(fast: bool) -> None:
+    """When the stack runs out in the library's own code while a note is delivered (here:
+    logging a handler's failure), the note's call raises that `RecursionError`, never the
+    library's internal signal; the handlers before heard it, those after did not."""
+
+    class Deep(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            raise RecursionError("no stack left")
+
+    log: list[tuple[str, str]] = []
+    before, broken, after = _Hears("a", log), _Hears("bad", log, ValueError("x")), _Hears("b", log)
+    run = CallbackManager([before, broken, after]).on_chain_start({}, {})
+    if fast:
+        run.on_text("resolves")  # its failure logged
+    log.clear()
+    deep = Deep()
+    logging.getLogger("callbacks").addFilter(deep)
+    try:
+        with pytest.raises(RecursionError, match="no stack left"):
+            run.on_text("x")
+    finally:
+        logging.getLogger("callbacks").removeFilter(deep)
+    assert log == [("a", "x"), ("bad", "x")]
+
+
+def test_R1_D3_D5_an_async_note_that_runs_out_of_stack_raises_recursion_error() -> None:
+    """The same under async dispatch (`AsyncRunManager`): the note raises `RecursionError`."""
+
+    class Deep(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            raise RecursionError("no stack left")
+
+    class Broken(AsyncCallbackHandler):
+        @property
+        def run_inline(self) -> bool:  # type: ignore[override]
+            raise ValueError("x")  # logged, where the stack runs out
+
+    rec, deep = Recorder(), Deep()
+
+    async def main() -> None:
+        run = await AsyncCallbackManager([Broken(), rec]).on_chain_start({}, {})
+        logging.getLogger("callbacks").addFilter(deep)
+        await run.on_text("x")
+
+    try:
+        with pytest.raises(RecursionError, match="no stack left"):
+            asyncio.run(main())
+    finally:
+        logging.getLogger("callbacks").removeFilter(deep)
+    assert rec.events() == ["on_chain_start"]  # the note's tasks were not made
+
+
 def test_D3_a_fast_path_interrupted_past_its_last_handler_hands_over_only_the_interrupt() -> None:
     """`_dispatch`'s ``resume``: a run manager's fast path that was interrupted once its last
     handler had returned hands over the interrupt alone: nobody hears the event again, and the
@@ -7308,6 +7457,34 @@ def test_D3_a_fast_path_interrupted_past_its_last_handler_hands_over_only_the_in
     with pytest.raises(KeyboardInterrupt) as info:
         callbacks._dispatch(run, run._listeners, Event.TEXT, ("y",), keywords, resume)
     assert info.value is interrupt and resume == [] and log == [("a", "x"), ("b", "x")]
+
+
+def test_D3_an_end_that_an_interrupt_cut_short_is_finished_by_firing_it_again() -> None:
+    """An interrupt that lands as a run's end is being delivered (here: at the dispatcher's
+    entry, where nothing holds it) leaves the end chosen but unheard. Firing an end or error
+    event again finishes that delivery, each handler hearing the first end once; then the run
+    is over."""
+    recs = [Recorder("a"), Recorder("b")]
+    run = CallbackManager(recs).on_chain_start({}, {})
+    fired: list[bool] = []
+
+    def hook(frame: types.FrameType, event: str, arg: Any) -> None:
+        if event == "call" and _is_code_of(frame.f_code, callbacks._dispatch) and not fired:
+            fired.append(True)
+            raise KeyboardInterrupt("as the end is delivered")
+
+    sys.setprofile(hook)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run.on_chain_end({"out": 1})
+    finally:
+        sys.setprofile(None)
+    assert [rec.events() for rec in recs] == [["on_chain_start"]] * 2
+    run.on_chain_error(ValueError("the caller's finally"))  # finishes the chosen end instead
+    assert [rec.events() for rec in recs] == [["on_chain_start", "on_chain_end"]] * 2
+    assert recs[0].records[-1].args == ({"out": 1},)
+    with pytest.raises(RuntimeError, match=r"^on_chain_end after the end"):
+        run.on_chain_end({})
 
 
 def test_D3_D4_a_chat_start_an_interrupt_kept_from_a_handler_falls_back_for_it() -> None:
