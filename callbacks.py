@@ -46,7 +46,9 @@ have to thread the config through by hand (it may, by passing ``{"callbacks": ch
 
 Dispatch calls each handler in order, skips handlers whose ``ignore_*`` flag covers the event,
 and never lets a handler's exception break the run unless that handler sets ``raise_error``.
-The `Event` enum is the one table of events: method names, run types, phases and ignore flags
+An event a run fires many times (a token, a note) is resolved once per run: the run keeps its
+handlers' methods, and its run manager's method calls them in turn, handing anything out of
+the ordinary (a failure, an awaitable, an interrupt) to the dispatcher. The `Event` enum is the one table of events: method names, run types, phases and ignore flags
 are read from it by the run managers, the dispatcher and the checker; the handler base classes
 spell its rows out as typed methods, for type checkers, and a test holds them to it.
 
@@ -65,7 +67,8 @@ Closing a stream early closes every run it left open, children before parents.
 
 The file reads top to bottom: events, payloads, handlers, dispatch, managers, runnables, extras
 (recorder, trace checker, deterministic ids) and a demo (``python callbacks.py``). Rule ids in
-comments (``S2``, ``D3``, ``R1``...) refer to the project's SPEC; the README lists them all.
+comments (``S2``, ``D3``, ``R1``...) refer to the project's SPEC; the README lists them all,
+each with the tests that check it (X4).
 """
 
 from __future__ import annotations
