@@ -2295,6 +2295,14 @@ def test_D3_notes_after_the_end_are_refused_even_once_their_fast_path_is_resolve
     run.on_text("first")
     with pytest.raises(RuntimeError, match=r"^on_text after the end"):
         run.on_text("late")
+
+    async def under_asyncio() -> None:  # the same rule for an `AsyncRunManager`
+        arun = await AsyncCallbackManager([Recorder()] if heard else []).on_chain_start({}, {})
+        await arun.on_chain_end({})
+        with pytest.raises(RuntimeError, match=r"^on_text after the end"):
+            await arun.on_text("late")
+
+    asyncio.run(under_asyncio())
     assert [r.event.method for r in rec.records] == ["on_chain_start", "on_text", "on_chain_end"]
 
 
