@@ -2529,7 +2529,8 @@ class AsyncRunManager(_Run):
 # the first thing out of the ordinary: a failure, a returned awaitable, an interrupt, saying
 # how far it got. The line that calls a handler also notes it was called, so that an interrupt
 # landing anywhere leaves a true account: no handler hears the event twice or not at all (D3).
-# An end or error event of a run that is open and heard goes straight to `_Run._finish`.
+# An end or error event of an open run goes straight to `_Run._finish`, or nowhere when
+# nobody listens (D7).
 _RUN_EVENT: Final = """\
 def {method}(self, {payload}, {params}**kwargs):
     return self._fire(event, ({payload},), {extra})
@@ -2571,8 +2572,11 @@ def {method}(self, {payload}, {params}**kwargs):
 """
 _RUN_EVENT_CLOSE: Final = """\
 def {method}(self, {payload}, **kwargs):
-    if kwargs or self._end is not None or self._family != event.run_type or not self._listeners:
+    if kwargs or self._end is not None or self._family != event.run_type or self._orphans:
         return self._fire(event, ({payload},), kwargs)
+    if not self._listeners:
+        self._end = _DONE
+        return None
     return self._finish(event, ({payload},), _NO_EXTRA)
 """
 _ARUN_EVENT: Final = """\
