@@ -2279,7 +2279,7 @@ def test_D3_notes_after_the_end_are_refused_even_once_their_fast_path_is_resolve
     for run in [RunManager.get_noop_manager(), manager.on_chain_start({}, {})]:
         run.on_text("a")
         run.on_text("b")  # the fast path, resolved
-        run.on_chain_end({})
+        run.on_chain_end({}, reason="done")  # (an extra keyword: the general path)
         for note in (run.on_text, run.on_retry):
             with pytest.raises(RuntimeError, match=r"^on_(text|retry) after the end"):
                 note("late")
@@ -2298,6 +2298,7 @@ def test_D3_notes_after_the_end_are_refused_even_once_their_fast_path_is_resolve
 
     async def under_asyncio() -> None:  # the same rule for an `AsyncRunManager`
         arun = await AsyncCallbackManager([Recorder()] if heard else []).on_chain_start({}, {})
+        await arun.on_text("in time")
         await arun.on_chain_end({})
         with pytest.raises(RuntimeError, match=r"^on_text after the end"):
             await arun.on_text("late")
