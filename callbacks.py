@@ -2520,15 +2520,15 @@ class AsyncRunManager(_Run):
             raise
 
 
-# Each event method of a run manager is made from this template, with the event's own payload
-# parameters: ``on_text(self, text, **kwargs)``. It fires through `_Run._fire`, where every
-# decision is made (D1-D3). An event that a run may fire many times with the usual keywords (a
-# token, a note) has a fast path as well, in the method's own frame: once `_dispatch` has
-# resolved the listeners' methods for the run (``_methods``, dropped when the run closes), it
-# calls them in turn, with the run's keywords made once (D7), and hands over to `_dispatch` at
-# the first thing out of the ordinary: a failure, a returned awaitable, an interrupt, saying
-# how far it got. The line that calls a handler also notes it was called, so that an interrupt
-# landing anywhere leaves a true account: no handler hears the event twice or not at all (D3).
+# Each event method of a run manager is made from these templates, with the event's own
+# payload parameters: ``on_text(self, text, **kwargs)``. It fires through `_Run._fire`, where
+# every decision is made (D1-D3). An event that a run may fire many times with the usual
+# keywords (a token, a note) has a fast path as well, in the method's own frame: once the run
+# is open and `_dispatch` has resolved its listeners' methods (``_methods``), it calls them in
+# turn, with the run's keywords made once (D7), and hands over to `_dispatch` at the first
+# thing out of the ordinary: a failure, a returned awaitable, an interrupt, saying how far it
+# got. The line that calls a handler also notes it was called, so that an interrupt landing
+# anywhere leaves a true account: no handler hears the event twice or not at all (D3).
 # An end or error event of an open run goes straight to `_Run._finish`, or nowhere when
 # nobody listens (D7).
 _RUN_EVENT: Final = """\
