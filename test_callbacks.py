@@ -7468,7 +7468,9 @@ def test_D3_a_fast_path_interrupted_past_its_last_handler_hands_over_only_the_in
     assert info.value is interrupt and resume == [] and log == [("a", "x"), ("b", "x")]
 
 
-def test_D3_an_end_cut_short_at_the_dispatchers_entry_is_finished_by_firing_it_again() -> None:
+def test_D3_an_interrupt_cutting_a_roots_end_short_leaves_it_to_be_finished_by_firing_again() -> (
+    None
+):
     """An interrupt that lands as a run's end is being delivered (here: at the dispatcher's
     entry, where nothing holds it) leaves the end chosen but unheard. Firing an end or error
     event again finishes that delivery, each handler hearing the first end once; then the run
