@@ -7,6 +7,7 @@ tests compare random run trees against a small pure model of the rules.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import collections
 import concurrent.futures
@@ -321,11 +322,43 @@ def test_events_handler_bases_declare_every_method_in_the_table(base: type) -> N
         assert inspect.iscoroutinefunction(method) == (base is AsyncCallbackHandler)
 
 
+def test_events_run_managers_declare_their_event_methods_for_type_checkers() -> None:
+    """The run managers' event methods are made at import from the `Event` table; each class
+    also declares them for type checkers (under ``TYPE_CHECKING``), one per row that is not a
+    start event, in the table's order, typed, with the signature of the method made at run
+    time, and coroutines on `AsyncRunManager`."""
+    tree = ast.parse(pathlib.Path(callbacks.__file__).read_text(encoding="utf-8"))
+    for cls in (RunManager, AsyncRunManager):
+        (body,) = [
+            node.body
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ClassDef) and node.name == cls.__name__
+            for node in node.body
+            if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"
+        ]
+        declared = {
+            node.name: node
+            for node in body
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+            and node.name.startswith("on_")
+        }
+        assert list(declared) == [e.method for e in Event if e.phase != "start"]
+        for name, node in declared.items():
+            arguments = [*node.args.args, *node.args.kwonlyargs, node.args.kwarg]
+            assert all(a and a.annotation for a in arguments[1:]) and node.returns, name
+            for argument in arguments:
+                assert argument is not None
+                argument.annotation = None
+            assert f"({ast.unparse(node.args)})" == str(inspect.signature(getattr(cls, name)))
+            assert isinstance(node, ast.AsyncFunctionDef) == (cls is AsyncRunManager), name
+            assert inspect.iscoroutinefunction(getattr(cls, name)) == (cls is AsyncRunManager)
+
+
 _USER_HANDLER = """
 import sys
 from typing import Any
 
-from callbacks import AsyncCallbackHandler, BaseCallbackHandler
+from callbacks import AsyncCallbackHandler, BaseCallbackHandler, RunManager
 
 if sys.version_info >= (3, 12):
     from typing import override
@@ -343,12 +376,17 @@ class AsyncTokens(AsyncCallbackHandler):
     @override
     async def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
         print(token)
+
+
+def stream(run: RunManager) -> None:
+    run.on_llm_new_token("Hello", chunk=None)
 """
 
 
 def test_events_type_checkers_see_the_handler_methods(tmp_path: pathlib.Path) -> None:
     """``mypy --strict`` on a user's handlers: ``@override`` on ``on_llm_new_token`` passes;
-    on a misspelt method, or with a token typed as an int, it is an error. (mypy runs in its
+    on a misspelt method, or with a token typed as an int, it is an error, and so is a run
+    manager's token that is not a string. (mypy runs in its
     own process: in this one it would raise the recursion limit for the tests after it.)"""
     if (
         importlib.util.find_spec("mypy") is None
@@ -359,6 +397,7 @@ def test_events_type_checkers_see_the_handler_methods(tmp_path: pathlib.Path) ->
         "good": _USER_HANDLER,
         "misspelt": _USER_HANDLER.replace("def on_llm_new_token", "def on_llm_new_tokens", 1),
         "mistyped": _USER_HANDLER.replace("token: str", "token: int", 1),
+        "miscalled": _USER_HANDLER.replace('token("Hello"', "token(1", 1),
     }
     for name, code in checks.items():
         (tmp_path / f"{name}.py").write_text(code, encoding="utf-8")
@@ -390,6 +429,10 @@ def test_events_type_checkers_see_the_handler_methods(tmp_path: pathlib.Path) ->
         " this name  [misc]"
     ]
     assert len(errors["mistyped"]) == 1 and "incompatible with supertype" in errors["mistyped"][0]
+    assert [e.split(" error: ")[1] for e in errors["miscalled"]] == [
+        'Argument 1 to "on_llm_new_token" of "RunManager" has incompatible type "int";'
+        ' expected "str"  [arg-type]'
+    ]
 
 
 def test_events_handler_defaults_are_no_ops_except_chat_start() -> None:
@@ -6852,7 +6895,7 @@ def test_config_bad_manager_input_is_rejected_before_any_event() -> None:
     with pytest.raises(
         TypeError, match="on_chain_end\\(\\) missing 1 required positional argument: 'outputs'"
     ):
-        run.on_chain_end()
+        run.on_chain_end()  # type: ignore[call-arg]
     assert rec.events() == ["on_chain_start"]  # only the good start
 
 
