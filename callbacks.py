@@ -1611,6 +1611,8 @@ class _Field(Generic[_F]):
     """
 
     __slots__ = ("kind", "private")
+    kind: type  # list or dict
+    private: str  # the attribute holding the value: ``_handlers`` for ``handlers``
 
     def __init__(self, kind: type) -> None:
         self.kind = kind
@@ -3172,10 +3174,10 @@ class Runnable:
     ) -> None:
         if name is not None and (not isinstance(name, str) or not name):
             raise TypeError(f"name must be a non-empty string or None, got {_brief(name)}")
-        self.name = name
-        self.callbacks = _check_handlers(callbacks or ())
-        self.tags = _check_tags(tags or ())
-        self.metadata = _check_metadata(metadata or {})
+        self.name: str | None = name
+        self.callbacks: tuple[object, ...] = _check_handlers(callbacks or ())
+        self.tags: tuple[str, ...] = _check_tags(tags or ())
+        self.metadata: dict[str, Any] = _check_metadata(metadata or {})
         self._bound: dict[str, Any] = {}
 
     # -- public API --------------------------------------------------------------------------
@@ -3579,7 +3581,7 @@ class Lambda(Runnable):
                 f"Lambda takes a function, a coroutine function or a generator function, "
                 f"not an async generator function: got {_brief(func)}"
             )
-        self.func = func
+        self.func: Callable[..., Any] = func
         self._is_async = inspect.iscoroutinefunction(func)
         self._is_generator = inspect.isgeneratorfunction(func)
         try:
@@ -3773,7 +3775,9 @@ class Parallel(Runnable):
                 raise ValueError(f"Parallel got the step {key!r} twice")
         if not (steps or kwargs):
             raise ValueError("a Parallel needs at least one step")
-        self.steps = {key: _coerce(step) for key, step in {**steps, **kwargs}.items()}
+        self.steps: dict[str, Runnable] = {
+            key: _coerce(step) for key, step in {**steps, **kwargs}.items()
+        }
 
     def _branches(self, run: _Run) -> list[tuple[str, Runnable, CallbackManager]]:
         return [(k, s, run._child(f"map:key:{k}", CallbackManager)) for k, s in self.steps.items()]
@@ -3953,9 +3957,9 @@ class LLM(Runnable):
             raise TypeError(
                 f"responses must be a string or a non-empty list of strings, got {_brief(responses)}"
             )
-        self.responses = tuple(listed)
-        self.streaming = streaming
-        self.error = _check_error(error)
+        self.responses: tuple[str, ...] = tuple(listed)
+        self.streaming: bool = streaming
+        self.error: BaseException | None = _check_error(error)
         self._cycle = itertools.cycle(self.responses)
         self._lock = threading.Lock()
 
@@ -4110,10 +4114,12 @@ class Tool(Runnable):
         super().__init__(name=name, callbacks=callbacks, tags=tags, metadata=metadata)
         if not callable(func):
             raise TypeError(f"Tool expects a function, got {_brief(func)}")
-        self.func = func
+        self.func: Callable[..., Any] = func
         self._is_async = inspect.iscoroutinefunction(func)
-        self.description = description if description is not None else (inspect.getdoc(func) or "")
-        self.error = _check_error(error)
+        self.description: str = (
+            description if description is not None else (inspect.getdoc(func) or "")
+        )
+        self.error: BaseException | None = _check_error(error)
 
     def _default_name(self) -> str:
         return _function_name(self.func, type(self).__name__)
@@ -4158,10 +4164,10 @@ class Retriever(Runnable):
         **options: Unpack[_Options],
     ) -> None:
         super().__init__(**options)
-        self.documents = tuple(
+        self.documents: tuple[Document, ...] = tuple(
             d if isinstance(d, Document) else Document(str(d)) for d in documents
         )
-        self.error = _check_error(error)
+        self.error: BaseException | None = _check_error(error)
 
     def _start_args(self, input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
         return (self._serialized(), _text(input)), {}
@@ -4235,7 +4241,7 @@ class Recorder(BaseCallbackHandler):
     """
 
     def __init__(self, label: str = "recorder") -> None:
-        self.label = label
+        self.label: str = label
         self.records: list[Record] = []
         self._lock = threading.Lock()
 
@@ -4360,7 +4366,8 @@ class TraceChecker(BaseCallbackHandler):
     """
 
     def __init__(self, *, strict: bool = False) -> None:
-        self.strict = self.raise_error = strict
+        self.strict: bool = strict
+        self.raise_error = strict
         self.violations: list[Violation] = []
         self._runs: dict[uuid.UUID, _RunState] = {}
         self._unseen_parents: set[uuid.UUID] = set()

@@ -358,7 +358,7 @@ _USER_HANDLER = """
 import sys
 from typing import Any
 
-from callbacks import AsyncCallbackHandler, BaseCallbackHandler, RunManager
+from callbacks import AsyncCallbackHandler, BaseCallbackHandler, Recorder, RunManager
 
 if sys.version_info >= (3, 12):
     from typing import override
@@ -380,15 +380,44 @@ class AsyncTokens(AsyncCallbackHandler):
 
 def stream(run: RunManager) -> None:
     run.on_llm_new_token("Hello", chunk=None)
+
+
+def first_event(recorder: Recorder) -> str:
+    return recorder.records[0].event.method
 """
 
 
 def test_events_type_checkers_see_the_handler_methods(tmp_path: pathlib.Path) -> None:
-    """``mypy --strict`` on a user's handlers: ``@override`` on ``on_llm_new_token`` passes;
-    on a misspelt method, or with a token typed as an int, it is an error, and so is a run
-    manager's token that is not a string. (mypy runs in its
-    own process: in this one it would raise the recursion limit for the tests after it.)"""
-    if (
+    """``mypy --strict`` on a user's handlers, beside this checkout's module: ``@override`` on
+    ``on_llm_new_token`` passes; on a misspelt method, or with a token typed as an int, it is an
+    error, and so is a run manager's token that is not a string."""
+    _check_user_types(tmp_path, cwd=pathlib.Path(__file__).parent)
+
+
+def test_events_an_installed_wheel_gives_type_checkers_the_types(tmp_path: pathlib.Path) -> None:
+    """Installed from the wheel, the module comes with its stub-only package, made from it at
+    build time (PEP 561 gives a lone module no ``py.typed``; see ``.ci/hatch_build.py``):
+    mypy's ``stubtest`` finds the stub true to the module as it runs, and a user's ``mypy
+    --strict``, away from any checkout, sees the types as above. CI's packaging section runs
+    it (``CALLBACKS_REQUIRE_INSTALLED``); elsewhere it is skipped unless the wheel is installed."""
+    module = pathlib.Path(callbacks.__file__).resolve()
+    if not (module.parent / "callbacks-stubs" / "__init__.pyi").is_file():
+        if os.environ.get("CALLBACKS_REQUIRE_INSTALLED"):
+            pytest.fail(f"callbacks is imported from {module}, with no stub package beside it")
+        pytest.skip("callbacks is not installed from a wheel here")
+    assert module.parent != pathlib.Path(__file__).resolve().parent
+    _check_user_types(tmp_path, cwd=tmp_path)
+    allowlist = pathlib.Path(__file__).with_name(".ci") / "stubtest-allowlist"
+    command = [sys.executable, "-m", "mypy.stubtest", "callbacks", "--allowlist", str(allowlist)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _check_user_types(tmp_path: pathlib.Path, cwd: pathlib.Path) -> None:
+    """Run ``mypy --strict`` from ``cwd`` on `_USER_HANDLER` and three broken copies of it. (mypy
+    runs in its own process: in this one it would raise the recursion limit for the tests
+    after it.)"""
+    if not os.environ.get("CALLBACKS_REQUIRE_INSTALLED") and (
         importlib.util.find_spec("mypy") is None
         or importlib.util.find_spec("typing_extensions") is None
     ):
@@ -412,7 +441,7 @@ def test_events_type_checkers_see_the_handler_methods(tmp_path: pathlib.Path) ->
         ],
         capture_output=True,
         text=True,
-        cwd=pathlib.Path(__file__).parent,
+        cwd=cwd,
         check=False,
     )
     errors = {
