@@ -14,8 +14,10 @@ import concurrent.futures
 import contextlib
 import contextvars
 import copy
+import dataclasses
 import dis
 import doctest
+import enum
 import functools
 import gc
 import importlib
@@ -39,6 +41,7 @@ import time
 import traceback
 import tracemalloc
 import types
+import typing
 import uuid
 import warnings
 import weakref
@@ -9750,6 +9753,81 @@ def test_X4_every_rule_test_has_a_readme_entry() -> None:
         for rule in re.findall(r"(?<=_)([SDRX]\d+)(?=_)", name)
     }
     assert named and sorted(named - listed) == []
+
+
+def test_X4_the_api_reference_shows_every_public_name_with_its_signature() -> None:
+    """The README's API reference has one entry per name of ``__all__``, in any order. Each
+    signature it shows, an entry's own (``Lambda(func, **options)``) and its methods'
+    (``.invoke(input, config=None)``), is what `inspect.signature` gives, without annotations
+    (and ``self``); each method or attribute it names exists; and every public method, property
+    and declared attribute of a public class (or of the private classes it builds on) is named
+    somewhere in it, event methods aside (the event table lists those). The command line's
+    entries name each command of its usage."""
+    text = _README.read_text(encoding="utf-8")
+    section = text.split("\n## API reference\n", 1)[1].split("\n## ", 1)[0]
+    section, commands = section.split("\n### Command line\n")
+    usage = re.search(r"usage: python -m callbacks \[(.*)\]", inspect.getsource(callbacks._main))
+    assert usage and all(
+        f"`python -m callbacks {command}`" in commands for command in usage[1].split(" | ")
+    )
+    entries = re.findall(r"^- `(\w+)(.*?)(?=^- |^#|\Z)", section, re.M | re.S)
+    assert sorted(name for name, _ in entries) == sorted(callbacks.__all__)
+    named = set(re.findall(r"`\.(\w+)", section))
+    for name, entry in entries:
+        owner = getattr(callbacks, name)
+        shown = [(owner, entry[: entry.index("`")])]  # the entry's own, if any
+        for method, signature in re.findall(r"`\.(\w+)(\([^`]*\))?`", entry):
+            assert hasattr(owner, method) or f"self.{method}" in inspect.getsource(owner), method
+            shown.append((getattr(owner, method, None), signature))
+        for target, signature in shown:
+            if signature:
+                assert signature == _shown_signature(target), (name, signature)
+        if shown[0][1] and inspect.isclass(owner):  # a constructor's parameters name fields
+            named |= set(inspect.signature(owner).parameters)
+        if typing.is_typeddict(owner):  # a config's keys, as `key`
+            named |= set(owner.__annotations__) & set(re.findall(r"`(\w+)`", entry))
+    missing = {}
+    for name in callbacks.__all__:
+        owner = getattr(callbacks, name)
+        if not inspect.isclass(owner) or owner.__module__ != "callbacks":
+            continue
+        bases = [c for c in owner.__mro__ if c is owner or c.__name__.startswith("_")]
+        public = {
+            attribute
+            for base in bases
+            if base.__module__ == "callbacks"
+            for attribute in [*vars(base), *vars(base).get("__annotations__", {})]
+            if not attribute.startswith(("_", "on_"))
+            and not isinstance(vars(base).get(attribute), enum.Enum)
+        }
+        if public - named:
+            missing[name] = sorted(public - named)
+    assert missing == {}, missing
+
+
+class _Shown:
+    """A default as the README shows it: a dataclass field's factory by what it makes."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _shown_signature(target: Any) -> str:
+    signature = _untyped(target)
+    factories = {
+        f.name: f.default_factory
+        for f in (dataclasses.fields(target) if dataclasses.is_dataclass(target) else ())
+        if f.default_factory is not dataclasses.MISSING
+    }
+    parameters = [
+        p.replace(default=_Shown(repr(factories[p.name]()))) if p.name in factories else p
+        for p in signature.parameters.values()
+        if p.name != "self"
+    ]
+    return str(signature.replace(parameters=parameters))
 
 
 def test_X4_readme_doctests_pass() -> None:
