@@ -38,6 +38,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 import traceback
 import tracemalloc
 import types
@@ -395,25 +396,6 @@ def test_events_type_checkers_see_the_handler_methods(tmp_path: pathlib.Path) ->
     ``on_llm_new_token`` passes; on a misspelt method, or with a token typed as an int, it is an
     error, and so is a run manager's token that is not a string."""
     _check_user_types(tmp_path, cwd=pathlib.Path(__file__).parent)
-
-
-def test_events_an_installed_wheel_gives_type_checkers_the_types(tmp_path: pathlib.Path) -> None:
-    """Installed from the wheel, the module comes with its stub-only package, made from it at
-    build time (PEP 561 gives a lone module no ``py.typed``; see ``.ci/hatch_build.py``):
-    mypy's ``stubtest`` finds the stub true to the module as it runs, and a user's ``mypy
-    --strict``, away from any checkout, sees the types as above. CI's packaging section runs
-    it (``CALLBACKS_REQUIRE_INSTALLED``); elsewhere it is skipped unless the wheel is installed."""
-    module = pathlib.Path(callbacks.__file__).resolve()
-    if not (module.parent / "callbacks-stubs" / "__init__.pyi").is_file():
-        if os.environ.get("CALLBACKS_REQUIRE_INSTALLED"):
-            pytest.fail(f"callbacks is imported from {module}, with no stub package beside it")
-        pytest.skip("callbacks is not installed from a wheel here")
-    assert module.parent != pathlib.Path(__file__).resolve().parent
-    _check_user_types(tmp_path, cwd=tmp_path)
-    allowlist = pathlib.Path(__file__).with_name(".ci") / "stubtest-allowlist"
-    command = [sys.executable, "-m", "mypy.stubtest", "callbacks", "--allowlist", str(allowlist)]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def _check_user_types(tmp_path: pathlib.Path, cwd: pathlib.Path) -> None:
@@ -9876,3 +9858,36 @@ def test_X4_readme_test_command_is_what_ci_runs() -> None:
     install, run = command.strip().split(" && ")
     assert install.replace("python -m pip install", "python -m pip install --quiet") in ci
     assert f"\n{run}\n" in ci
+
+
+# ===============================================================================================
+# Packaging: what an installed copy gives its users
+# ===============================================================================================
+
+
+def test_packaging_an_installed_wheel_gives_type_checkers_the_types(tmp_path: pathlib.Path) -> None:
+    """Installed from the wheel, the module comes with its stub-only package, made from it at
+    build time (PEP 561 gives a lone module no ``py.typed``; see ``.ci/hatch_build.py``):
+    mypy's ``stubtest`` finds the stub true to the module as it runs, and a user's ``mypy
+    --strict``, away from any checkout, sees the types as `test_events_type_checkers_see_the_handler_methods` does. CI's packaging section runs
+    it (``CALLBACKS_REQUIRE_INSTALLED``); elsewhere it is skipped unless the wheel is installed."""
+    module = pathlib.Path(callbacks.__file__).resolve()
+    if not (module.parent / "callbacks-stubs" / "__init__.pyi").is_file():
+        if os.environ.get("CALLBACKS_REQUIRE_INSTALLED"):
+            pytest.fail(f"callbacks is imported from {module}, with no stub package beside it")
+        pytest.skip("callbacks is not installed from a wheel here")
+    assert module.parent != pathlib.Path(__file__).resolve().parent
+    _check_user_types(tmp_path, cwd=tmp_path)
+    allowlist = pathlib.Path(__file__).with_name(".ci") / "stubtest-allowlist"
+    command = [sys.executable, "-m", "mypy.stubtest", "callbacks", "--allowlist", str(allowlist)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_packaging_the_classifiers_name_this_python() -> None:
+    """The classifiers name this interpreter's version, and ``requires-python`` admits it: CI
+    runs the suite on each CPython it finds, so every version it passes on is claimed."""
+    project = tomllib.loads(pathlib.Path(__file__).with_name("pyproject.toml").read_text())
+    version = "{}.{}".format(*sys.version_info[:2])
+    assert f"Programming Language :: Python :: {version}" in project["project"]["classifiers"]
+    assert project["project"]["requires-python"] == ">=3.11" and sys.version_info >= (3, 11)
