@@ -48,9 +48,10 @@ Dispatch calls each handler in order, skips handlers whose ``ignore_*`` flag cov
 and never lets a handler's exception break the run unless that handler sets ``raise_error``.
 An event a run fires many times (a token, a note) is resolved once per run: the run keeps its
 handlers' methods, and its run manager's method calls them in turn, handing anything out of
-the ordinary (a failure, an awaitable, an interrupt) to the dispatcher. The `Event` enum is the one table of events: method names, run types, phases and ignore flags
-are read from it by the run managers, the dispatcher and the checker; the handler base classes
-spell its rows out as typed methods, for type checkers, and a test holds them to it.
+the ordinary (a failure, an awaitable, an interrupt) to the dispatcher. The `Event` enum is the
+one table of events: method names, run types, phases and ignore flags are read from it by the
+run managers, the dispatcher and the checker; the handler base classes and the run managers
+spell its rows out as typed methods, for type checkers, and tests hold them to it.
 
 Async is the same system called differently. ``ainvoke`` starts runs through an
 `AsyncCallbackManager`, whose dispatcher runs ``run_inline`` handlers first and in order, then
