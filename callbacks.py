@@ -3248,7 +3248,9 @@ class Runnable:
         """
         return self._astream(input, _check_config(config), None, [])
 
-    def with_config(self, config: RunnableConfig | None = None, **kwargs: Any) -> Self:
+    def with_config(
+        self, config: RunnableConfig | None = None, **kwargs: Unpack[RunnableConfig]
+    ) -> Self:
         """A copy of this runnable with config bound to every call (S9).
 
         Bound callbacks, tags and metadata act as if given at request time: they are
@@ -5394,8 +5396,8 @@ def _scenarios_command() -> int:
 
 def _main(argv: Sequence[str]) -> int:
     """``python callbacks.py`` (or ``python -m callbacks``): the demo; with ``check PATH``,
-    `_check_command`; with ``scenarios``, `_scenarios_command`. Anything else: the usage, exit
-    status 2."""
+    `_check_command`; with ``scenarios``, `_scenarios_command`; with ``-h`` or ``--help``, the
+    usage. Anything else: the usage on standard error, exit status 2."""
     if not argv:
         _demo()
         return 0
@@ -5403,8 +5405,10 @@ def _main(argv: Sequence[str]) -> int:
         return _check_command(argv[1])
     if list(argv) == ["scenarios"]:
         return _scenarios_command()
-    print("usage: python -m callbacks [check TRACE.jsonl | check - | scenarios]", file=sys.stderr)
-    return 2
+    usage = "usage: python -m callbacks [check TRACE.jsonl | check - | scenarios]"
+    asked = list(argv) in (["-h"], ["--help"])
+    print(usage, file=sys.stdout if asked else sys.stderr)
+    return 0 if asked else 2
 
 
 # =================================================================================================

@@ -362,7 +362,7 @@ _USER_HANDLER = """
 import sys
 from typing import Any
 
-from callbacks import AsyncCallbackHandler, BaseCallbackHandler, Recorder, RunManager
+from callbacks import AsyncCallbackHandler, BaseCallbackHandler, Lambda, Recorder, RunManager
 
 if sys.version_info >= (3, 12):
     from typing import override
@@ -388,13 +388,16 @@ def stream(run: RunManager) -> None:
 
 def first_event(recorder: Recorder) -> str:
     return recorder.records[0].event.method
+
+
+shout = Lambda(str.upper).with_config(tags=["loud"])
 """
 
 
 def test_events_type_checkers_see_the_handler_methods(tmp_path: pathlib.Path) -> None:
     """``mypy --strict`` on a user's handlers, beside this checkout's module: ``@override`` on
     ``on_llm_new_token`` passes; on a misspelt method, or with a token typed as an int, it is an
-    error, and so is a run manager's token that is not a string."""
+    error, and so are a run manager's token that is not a string and a misspelt config key."""
     _check_user_types(tmp_path, cwd=pathlib.Path(__file__).parent)
 
 
@@ -412,6 +415,7 @@ def _check_user_types(tmp_path: pathlib.Path, cwd: pathlib.Path) -> None:
         "misspelt": _USER_HANDLER.replace("def on_llm_new_token", "def on_llm_new_tokens", 1),
         "mistyped": _USER_HANDLER.replace("token: str", "token: int", 1),
         "miscalled": _USER_HANDLER.replace('token("Hello"', "token(1", 1),
+        "misbound": _USER_HANDLER.replace("tags=", "tagz=", 1),
     }
     for name, code in checks.items():
         (tmp_path / f"{name}.py").write_text(code, encoding="utf-8")
@@ -443,6 +447,9 @@ def _check_user_types(tmp_path: pathlib.Path, cwd: pathlib.Path) -> None:
         " this name  [misc]"
     ]
     assert len(errors["mistyped"]) == 1 and "incompatible with supertype" in errors["mistyped"][0]
+    assert [e.split(" error: ")[1] for e in errors["misbound"]] == [
+        'Unexpected keyword argument "tagz" for "with_config" of "Runnable"  [call-arg]'
+    ]
     assert [e.split(" error: ")[1] for e in errors["miscalled"]] == [
         'Argument 1 to "on_llm_new_token" of "RunManager" has incompatible type "int";'
         ' expected "str"  [arg-type]'
@@ -8983,6 +8990,18 @@ def test_X5_anything_but_a_command_prints_the_usage_and_exits_2(
     )
 
 
+@pytest.mark.parametrize("argv", [["-h"], ["--help"]])
+def test_X5_help_prints_the_usage_and_exits_0(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert callbacks._main(argv) == 0
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == (
+        "usage: python -m callbacks [check TRACE.jsonl | check - | scenarios]\n",
+        "",
+    )
+
+
 def test_X5_a_start_without_a_name_keyword_is_named_by_its_serialized() -> None:
     """langchain_core's models send ``name=None``: the trace line takes the name from
     ``serialized``; a ``name`` keyword, as a run name gives, wins over it."""
@@ -9737,7 +9756,9 @@ def test_X4_every_rule_test_has_a_readme_entry() -> None:
     assert named and sorted(named - listed) == []
 
 
-def test_X4_the_api_reference_shows_every_public_name_with_its_signature() -> None:
+def test_X4_the_api_reference_shows_every_public_name_with_its_signature(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """The README's API reference has one entry per name of ``__all__``, in any order. Each
     signature it shows, an entry's own (``Lambda(func, **options)``) and its methods'
     (``.invoke(input, config=None)``), is what `inspect.signature` gives, without annotations
@@ -9748,7 +9769,8 @@ def test_X4_the_api_reference_shows_every_public_name_with_its_signature() -> No
     text = _README.read_text(encoding="utf-8")
     section = text.split("\n## API reference\n", 1)[1].split("\n## ", 1)[0]
     section, commands = section.split("\n### Command line\n")
-    usage = re.search(r"usage: python -m callbacks \[(.*)\]", inspect.getsource(callbacks._main))
+    assert callbacks._main(["--help"]) == 0
+    usage = re.search(r"usage: python -m callbacks \[(.*)\]", capsys.readouterr().out)
     assert usage and all(
         f"`python -m callbacks {command}`" in commands for command in usage[1].split(" | ")
     )
@@ -9780,6 +9802,7 @@ def test_X4_the_api_reference_shows_every_public_name_with_its_signature() -> No
             if base.__module__ == "callbacks"
             for attribute in [*vars(base), *vars(base).get("__annotations__", {})]
             if not attribute.startswith(("_", "on_"))
+            and "__mutmut_" not in attribute  # copies mutation testing adds (`.ci/mutation`)
             and not isinstance(vars(base).get(attribute), enum.Enum)
         }
         if public - named:

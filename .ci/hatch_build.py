@@ -13,6 +13,7 @@ should read the source itself.
 from __future__ import annotations
 
 import ast
+import itertools
 import pathlib
 import shutil
 import tempfile
@@ -52,7 +53,11 @@ def stub_of(source: str) -> str:
         for node in body
         if id(node) in kept or isinstance(node, ast.Import | ast.ImportFrom | ast.Expr)
     ]
-    return f"# Made from callbacks.py at build time (.ci/hatch_build.py).\n{ast.unparse(tree)}\n"
+    header = "".join(
+        itertools.takewhile(lambda line: line.startswith("#"), source.splitlines(True))
+    )
+    made = "#\n# This stub was made from callbacks.py at build time (.ci/hatch_build.py).\n"
+    return f"{header}{made}{ast.unparse(tree)}\n"  # the license header, as the source has it
 
 
 def _private(member: ast.stmt) -> bool:
