@@ -350,8 +350,7 @@ def test_events_run_managers_declare_their_event_methods_for_type_checkers() -> 
         for name, node in declared.items():
             arguments = [*node.args.args, *node.args.kwonlyargs, node.args.kwarg]
             assert all(a and a.annotation for a in arguments[1:]) and node.returns, name
-            for argument in arguments:
-                assert argument is not None
+            for argument in filter(None, arguments):
                 argument.annotation = None
             assert f"({ast.unparse(node.args)})" == str(inspect.signature(getattr(cls, name)))
             assert isinstance(node, ast.AsyncFunctionDef) == (cls is AsyncRunManager), name
@@ -419,38 +418,20 @@ def _check_user_types(tmp_path: pathlib.Path, cwd: pathlib.Path) -> None:
     }
     for name, code in checks.items():
         (tmp_path / f"{name}.py").write_text(code, encoding="utf-8")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mypy",
-            "--strict",
-            "--no-incremental",
-            *(str(tmp_path / f"{name}.py") for name in checks),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        check=False,
-    )
-    errors = {
-        name: [
-            line
-            for line in result.stdout.splitlines()
-            if f"{name}.py:" in line and " error: " in line
-        ]
-        for name in checks
-    }
+    files = [str(tmp_path / f"{name}.py") for name in checks]
+    command = [sys.executable, "-m", "mypy", "--strict", "--no-incremental", *files]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=cwd, check=False)
+    errors = {name: re.findall(rf"{name}\.py:\d+: error: (.*)", result.stdout) for name in checks}
     assert result.returncode == 1 and errors["good"] == [], result.stdout
-    assert [e.split(" error: ")[1] for e in errors["misspelt"]] == [
+    assert errors["misspelt"] == [
         'Method "on_llm_new_tokens" is marked as an override, but no base method was found with'
         " this name  [misc]"
     ]
     assert len(errors["mistyped"]) == 1 and "incompatible with supertype" in errors["mistyped"][0]
-    assert [e.split(" error: ")[1] for e in errors["misbound"]] == [
+    assert errors["misbound"] == [
         'Unexpected keyword argument "tagz" for "with_config" of "Runnable"  [call-arg]'
     ]
-    assert [e.split(" error: ")[1] for e in errors["miscalled"]] == [
+    assert errors["miscalled"] == [
         'Argument 1 to "on_llm_new_token" of "RunManager" has incompatible type "int";'
         ' expected "str"  [arg-type]'
     ]
@@ -1116,33 +1097,48 @@ def test_D3_children_close_before_the_parent_when_a_branch_fails() -> None:
     checker.check()
 
 
-def test_D3_stream_closed_early_errors_innermost_first() -> None:
-    rec, checker = Recorder(), TraceChecker()
+@pytest.mark.parametrize("mode", ["stream", "astream"])
+def test_D3_D5_a_stream_closed_early_errors_innermost_first(mode: str) -> None:
+    """Closing a stream after its first chunk fails every open run with `GeneratorExit`,
+    innermost first, for every kind of handler, sync and async, inline or not."""
+    probes = _mixed_probes([])
     chain = Chain(
         Lambda(_ident, name="a"),
         Chain(Lambda(_ident, name="b"), LLM("one two three", name="llm"), name="inner"),
         name="outer",
     )
+
+    async def consume() -> None:
+        stream = chain.astream("q", {"callbacks": probes})
+        assert isinstance(stream, AsyncGenerator)
+        assert await anext(stream) == "one "
+        await stream.aclose()
+
     with sequential_run_ids():
-        stream = chain.stream("q", {"callbacks": [rec, checker]})
-        assert isinstance(stream, Generator)
-        assert next(stream) == "one "
-        stream.close()
-    assert _trace(rec) == [
-        ("on_chain_start", 1, None, [], {}),
-        ("on_chain_start", 2, 1, ["seq:step:1"], {}),
-        ("on_chain_start", 3, 1, ["seq:step:2"], {}),  # at a's first chunk (R7)
-        ("on_chain_start", 4, 3, ["seq:step:1"], {}),
-        ("on_chain_end", 2, 1, ["seq:step:1"], None),
-        ("on_chain_end", 4, 3, ["seq:step:1"], None),
-        ("on_llm_start", 5, 3, ["seq:step:2"], {}),  # a model reads its whole input first
-        ("on_llm_new_token", 5, 3, ["seq:step:2"], None),
-        ("on_llm_error", 5, 3, ["seq:step:2"], None),
-        ("on_chain_error", 3, 1, ["seq:step:2"], None),
-        ("on_chain_error", 1, None, [], None),
-    ]
-    assert all(isinstance(r.args[0], GeneratorExit) for r in rec.records[-3:])
-    checker.check()
+        if mode == "stream":
+            stream = chain.stream("q", {"callbacks": probes})
+            assert isinstance(stream, Generator)
+            assert next(stream) == "one "
+            stream.close()
+        else:
+            asyncio.run(consume())
+    for probe in probes:
+        assert _trace(probe.recorder) == [
+            ("on_chain_start", 1, None, [], {}),
+            ("on_chain_start", 2, 1, ["seq:step:1"], {}),
+            ("on_chain_start", 3, 1, ["seq:step:2"], {}),  # at a's first chunk (R7)
+            ("on_chain_start", 4, 3, ["seq:step:1"], {}),
+            ("on_chain_end", 2, 1, ["seq:step:1"], None),
+            ("on_chain_end", 4, 3, ["seq:step:1"], None),
+            ("on_llm_start", 5, 3, ["seq:step:2"], {}),  # a model reads its whole input first
+            ("on_llm_new_token", 5, 3, ["seq:step:2"], None),
+            ("on_llm_error", 5, 3, ["seq:step:2"], None),
+            ("on_chain_error", 3, 1, ["seq:step:2"], None),
+            ("on_chain_error", 1, None, [], None),
+        ], probe.label
+        errors = _errors(probe.recorder)
+        assert len(errors) == 3 and all(isinstance(e, GeneratorExit) for e in errors)
+        probe.checker.check()
 
 
 def test_D3_run_manager_ends_exactly_once() -> None:
@@ -2104,13 +2100,6 @@ class ManagerMachine(RuleBasedStateMachine):
 
 
 TestManagerMachine = ManagerMachine.TestCase
-
-
-class _Named(BaseCallbackHandler):
-    """A handler known by its label in the S12 scripts."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label
 
 
 def _manager_api_script(manager_class: Any, handler_class: type) -> list[tuple[str, Any]]:
@@ -3104,21 +3093,31 @@ def test_R2_llm_and_chat_runs_are_leaves() -> None:
     assert chain_run.get_child().parent_run_id == chain_run.run_id
 
 
-def test_R3_batch_makes_one_root_run_per_input() -> None:
-    rec = Recorder()
+@pytest.mark.parametrize("mode", ["batch", "abatch"])
+def test_R3_batch_makes_one_root_run_per_input_the_run_id_naming_the_first(mode: str) -> None:
+    rec, checker = Recorder(), TraceChecker()
+
+    async def double(x: int) -> int:
+        return x * 2
+
+    config: RunnableConfig = {"callbacks": [rec, checker], "max_concurrency": 1, "tags": ["b"]}
+    config["run_id"] = _U(99)
     with sequential_run_ids():
-        out = Lambda(lambda x: x * 2, name="double").batch(
-            [1, 2, 3], {"callbacks": [rec], "max_concurrency": 1, "tags": ["b"]}
-        )
+        if mode == "batch":
+            out = Lambda(lambda x: x * 2, name="double").batch([1, 2, 3], config)
+        else:
+            out = asyncio.run(Lambda(double).abatch([1, 2, 3], config))
     assert out == [2, 4, 6]
+    checker.check()
     assert _trace(rec) == [
+        ("on_chain_start", 99, None, ["b"], {}),
+        ("on_chain_end", 99, None, ["b"], None),
         ("on_chain_start", 1, None, ["b"], {}),
         ("on_chain_end", 1, None, ["b"], None),
         ("on_chain_start", 2, None, ["b"], {}),
         ("on_chain_end", 2, None, ["b"], None),
-        ("on_chain_start", 3, None, ["b"], {}),
-        ("on_chain_end", 3, None, ["b"], None),
     ]
+    assert [r.args[-1] for r in rec.records] == [1, 2, 2, 4, 3, 6]
 
 
 def test_R3_batch_config_per_input_and_run_id_for_the_first_only() -> None:
@@ -3222,7 +3221,8 @@ def test_D3_R3_cancelling_an_abatch_stops_it_from_starting_more_inputs() -> None
     checker.check()
 
 
-def test_R3_return_exceptions_puts_exceptions_in_place() -> None:
+@pytest.mark.parametrize("mode", ["batch", "abatch"])
+def test_R3_return_exceptions_puts_exceptions_in_place(mode: str) -> None:
     rec, checker = Recorder(), TraceChecker()
 
     def pick(x: int) -> int:
@@ -3230,10 +3230,16 @@ def test_R3_return_exceptions_puts_exceptions_in_place() -> None:
             raise ValueError("two")
         return x
 
+    async def apick(x: int) -> int:
+        return pick(x)
+
+    def batch(config: RunnableConfig, **options: bool) -> list[Any]:
+        if mode == "batch":
+            return Lambda(pick, name="pick").batch([1, 2, 3], config, **options)
+        return asyncio.run(Lambda(apick, name="pick").abatch([1, 2, 3], config, **options))
+
     with sequential_run_ids():
-        out = Lambda(pick, name="pick").batch(
-            [1, 2, 3], {"callbacks": [rec, checker], "max_concurrency": 1}, return_exceptions=True
-        )
+        out = batch({"callbacks": [rec, checker], "max_concurrency": 1}, return_exceptions=True)
     assert out[0] == 1 and out[2] == 3
     assert isinstance(out[1], ValueError) and str(out[1]) == "two"
     assert [(m, i) for m, i, _, _, _ in _trace(rec)] == [
@@ -3244,11 +3250,12 @@ def test_R3_return_exceptions_puts_exceptions_in_place() -> None:
         ("on_chain_start", 3),
         ("on_chain_end", 3),
     ]
+    assert _errors(rec) == [out[1]]  # the very exception returned in place
+    checker.check()
     rec2 = Recorder()
     with pytest.raises(ValueError, match="two"):
-        Lambda(pick).batch([1, 2, 3], {"callbacks": [rec2], "max_concurrency": 1})
+        batch({"callbacks": [rec2], "max_concurrency": 1})
     assert len(rec2.records) == 6  # every input finished before the failure was raised
-    checker.check()
 
 
 def test_R4_default_names() -> None:
@@ -6121,11 +6128,21 @@ async def _set_user_var_async(x: Any) -> Any:
     return x
 
 
-def test_S11_a_context_variable_set_in_a_body_does_not_leak_to_the_invoke_caller() -> None:
-    chain = Lambda(_set_user_var_sync) | Lambda(lambda x: _USER_VAR.get(), name="read")
+@pytest.mark.parametrize("func", [_set_user_var_sync, _set_user_var_async], ids=["sync", "async"])
+def test_S11_a_context_variable_set_in_a_body_does_not_leak_to_the_caller(
+    func: Callable[[Any], Any],
+) -> None:
+    """Neither to the step after it, nor out of ``invoke`` or ``ainvoke``."""
+    chain = Lambda(func) | Lambda(lambda x: _USER_VAR.get(), name="read")
     assert chain.invoke("q") == "caller"  # each step's body has its own copy of the context
-    assert Lambda(_set_user_var_sync).invoke("q", {"callbacks": [Recorder()]}) == "q"
+    assert Lambda(func).invoke("q", {"callbacks": [Recorder()]}) == "q"
     assert _USER_VAR.get() == "caller"
+
+    async def main() -> str:
+        await Lambda(func).ainvoke("q", {"callbacks": [Recorder()]})
+        return _USER_VAR.get()
+
+    assert asyncio.run(main()) == "caller"
 
 
 def test_D3_keyboard_interrupt_in_an_async_parallel_branch_closes_every_run() -> None:
@@ -6144,49 +6161,9 @@ def test_D3_keyboard_interrupt_in_an_async_parallel_branch_closes_every_run() ->
         assert rec.events()[0] == "on_chain_start" and rec.events()[-1] == "on_chain_error"
 
 
-@pytest.mark.parametrize(
-    "func",
-    [
-        _set_user_var_sync,
-        _set_user_var_async,
-    ],
-    ids=["sync_body", "async_body"],
-)
-def test_S11_a_context_variable_set_in_a_body_does_not_leak_to_the_ainvoke_caller(
-    func: Callable[[Any], Any],
-) -> None:
-    async def main() -> str:
-        await Lambda(func).ainvoke("q", {"callbacks": [Recorder()]})
-        return _USER_VAR.get()
-
-    assert asyncio.run(main()) == "caller"
-
-
 # ===============================================================================================
 # R3 under asyncio: abatch
 # ===============================================================================================
-
-
-def test_R3_abatch_makes_one_root_per_input_run_id_for_the_first_only() -> None:
-    rec, checker = Recorder(), TraceChecker()
-
-    async def leaf(x: str) -> str:
-        return x.upper()
-
-    config: RunnableConfig = {"callbacks": [rec, checker], "run_id": _U(99), "max_concurrency": 1}
-    with sequential_run_ids():
-        out = asyncio.run(Lambda(leaf).abatch(["x", "y", "z"], config))
-    assert out == ["X", "Y", "Z"]
-    checker.check()
-    assert [(m, i, p) for m, i, p, _, _ in _trace(rec)] == [
-        ("on_chain_start", 99, None),
-        ("on_chain_end", 99, None),
-        ("on_chain_start", 1, None),
-        ("on_chain_end", 1, None),
-        ("on_chain_start", 2, None),
-        ("on_chain_end", 2, None),
-    ]
-    assert [r.args[-1] for r in rec.records] == ["x", "X", "y", "Y", "z", "Z"]
 
 
 def test_S11_abatch_inside_an_async_run_makes_children() -> None:
@@ -6227,37 +6204,6 @@ def test_R3_abatch_max_concurrency_bounds_the_tasks(limit: int | None) -> None:
         config["max_concurrency"] = limit
     assert asyncio.run(Lambda(work).abatch(list(range(7)), config)) == list(range(7))
     assert peak[0] == (limit or 7)  # all seven at once without a limit: the count is real
-
-
-def test_R3_abatch_return_exceptions_puts_exceptions_in_place() -> None:
-    rec, checker = Recorder(), TraceChecker()
-
-    async def pick(x: int) -> int:
-        if x == 2:
-            raise ValueError("two")
-        return x
-
-    config: RunnableConfig = {"callbacks": [rec, checker], "max_concurrency": 1}
-    with sequential_run_ids():
-        out = asyncio.run(
-            Lambda(pick, name="pick").abatch([1, 2, 3], config, return_exceptions=True)
-        )
-    assert out[0] == 1 and out[2] == 3
-    assert isinstance(out[1], ValueError) and str(out[1]) == "two"
-    assert [(m, i) for m, i, _, _, _ in _trace(rec)] == [
-        ("on_chain_start", 1),
-        ("on_chain_end", 1),
-        ("on_chain_start", 2),
-        ("on_chain_error", 2),
-        ("on_chain_start", 3),
-        ("on_chain_end", 3),
-    ]
-    assert _errors(rec) == [out[1]]  # the very exception returned in place
-    checker.check()
-    rec2 = Recorder()
-    with pytest.raises(ValueError, match="two"):
-        asyncio.run(Lambda(pick).abatch([1, 2, 3], {"callbacks": [rec2], "max_concurrency": 1}))
-    assert len(rec2.records) == 6  # every input finished before the failure was raised
 
 
 # ===============================================================================================
@@ -6304,42 +6250,6 @@ def test_D5_astream_fires_each_token_before_its_chunk() -> None:
     assert rec.records[-2].args[0].generations[0][0].text == "one two three"
     assert rec.records[-1].args[0] == "one two three"
     checker.check()
-
-
-def test_D3_astream_closed_early_errors_innermost_first() -> None:
-    log: _Log = []
-    probes = _mixed_probes(log)
-    chain = Chain(
-        Lambda(_ident, name="a"),
-        Chain(Lambda(_ident, name="b"), LLM("one two three", name="llm"), name="inner"),
-        name="outer",
-    )
-
-    async def main() -> None:
-        stream = chain.astream("q", {"callbacks": probes})
-        assert isinstance(stream, AsyncGenerator)
-        assert await anext(stream) == "one "
-        await stream.aclose()
-
-    with sequential_run_ids():
-        asyncio.run(main())
-    for probe in probes:
-        assert _trace(probe.recorder) == [
-            ("on_chain_start", 1, None, [], {}),
-            ("on_chain_start", 2, 1, ["seq:step:1"], {}),
-            ("on_chain_start", 3, 1, ["seq:step:2"], {}),  # at a's first chunk (R7)
-            ("on_chain_start", 4, 3, ["seq:step:1"], {}),
-            ("on_chain_end", 2, 1, ["seq:step:1"], None),
-            ("on_chain_end", 4, 3, ["seq:step:1"], None),
-            ("on_llm_start", 5, 3, ["seq:step:2"], {}),  # a model reads its whole input first
-            ("on_llm_new_token", 5, 3, ["seq:step:2"], None),
-            ("on_llm_error", 5, 3, ["seq:step:2"], None),
-            ("on_chain_error", 3, 1, ["seq:step:2"], None),
-            ("on_chain_error", 1, None, [], None),
-        ], probe.label
-        errors = _errors(probe.recorder)
-        assert len(errors) == 3 and all(isinstance(e, GeneratorExit) for e in errors)
-        probe.checker.check()
 
 
 # ===============================================================================================
