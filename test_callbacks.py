@@ -536,7 +536,7 @@ def test_events_generated_methods_rebuilt_from_the_table_behave_as_documented() 
     for kind in sorted(_BROKEN_STREAMS):
         test_X1_trace_checker_finds_each_kind_of_violation(kind)
     test_X2_recorder_keeps_payload_positional_even_when_passed_by_keyword()
-    test_D4_chat_start_falls_back_to_llm_start_with_rendered_messages()
+    test_D4_chat_start_falls_back_to_llm_start_with_rendered_messages("invoke")
 
 
 @pytest.mark.parametrize(
@@ -1152,7 +1152,9 @@ def test_D3_run_manager_ends_exactly_once() -> None:
     assert rec.events() == ["on_chain_start", "on_chain_end", "on_chain_start"]
 
 
-def test_D4_chat_start_falls_back_to_llm_start_with_rendered_messages() -> None:
+@pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
+def test_D4_chat_start_falls_back_to_llm_start_with_rendered_messages(mode: str) -> None:
+    """Under sync and async dispatch alike, for a subclass and a duck-typed handler."""
     subclass = _LLMStartOnly(raise_error=True)
 
     duck = _PromptsDuck()
@@ -1164,8 +1166,12 @@ def test_D4_chat_start_falls_back_to_llm_start_with_rendered_messages() -> None:
         HumanMessage("again"),
     ]
     rendered = "System: be brief\nHuman: hi\nAI: hello\nTool: 42\nHuman: again"
+    config: RunnableConfig = {"callbacks": [subclass, duck]}
     with sequential_run_ids():
-        ChatModel("ok").invoke(messages, {"callbacks": [subclass, duck]})
+        if mode == "invoke":
+            ChatModel("ok").invoke(messages, config)
+        else:
+            asyncio.run(ChatModel("ok").ainvoke(messages, config))
     assert subclass.seen == [("on_llm_start", [rendered], 1), ("on_llm_end", "ok", 1)]
     assert duck.prompts == [[rendered]]
 
@@ -1523,12 +1529,6 @@ def test_D8_a_body_writing_into_its_manager_changes_no_other_call() -> None:
     Lambda(reads).invoke("q", {"callbacks": [rec]})
     assert [r.metadata for r in rec.records if r.event.phase == "start"] == [{}, {}]
     assert callbacks._EMPTY.metadata == callbacks._EMPTY.inheritable_metadata == {}
-
-
-def test_D4_a_handler_without_chat_start_gets_llm_start_under_async_dispatch() -> None:
-    duck = _PromptsDuck()
-    asyncio.run(ChatModel("ok").ainvoke("hi", {"callbacks": [duck]}))
-    assert duck.prompts == [["Human: hi"]]
 
 
 class _Bare:
@@ -2209,6 +2209,15 @@ def test_S12_fields_are_assigned_and_the_parent_set_as_in_langchain() -> None:
     other.add_metadata({"j": 2})
     run = m.merge(fresh).merge(other).on_chain_start({"name": "x"}, 1)
     assert (run.handlers, run.parent_run_id, run.metadata) == ([h, g], parent, {"k": 1, "j": 2})
+    heir = CallbackManager([], [g], parent, inheritable_tags=["i"], inheritable_metadata={"i": 1})
+    merged = CallbackManager().merge(heir)
+    fields = (merged.inheritable_handlers, merged.inheritable_tags, merged.inheritable_metadata)
+    assert (*fields, merged.parent_run_id) == ([g], ["i"], {"i": 1}, parent)
+    for name, value in (("inheritable_handlers", [42]), ("inheritable_tags", [7])):
+        with pytest.raises(TypeError, match=f"^{name}\\[0\\]"):
+            setattr(m, name, value)
+    with pytest.raises(TypeError, match=r"^inheritable_metadata keys must be strings"):
+        m.inheritable_metadata = {1: 2}  # type: ignore[dict-item]
     with pytest.raises(TypeError, match=r"^metadata keys must be strings, got 1 \(int\)$"):
         m.metadata = {1: 2}  # type: ignore[dict-item]
     with pytest.raises(TypeError, match=r"^parent_run_id must be a uuid.UUID or None, got 'p'"):
@@ -2217,6 +2226,14 @@ def test_S12_fields_are_assigned_and_the_parent_set_as_in_langchain() -> None:
         m.merge([h])  # type: ignore[arg-type]
     public = {name for name, _ in inspect.getmembers(CallbackManager) if name[0] != "_"}
     assert {"handlers", "inheritable_tags", "metadata", "parent_run_id"} <= public
+
+
+class _EqualToAll(BaseCallbackHandler):
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    def __hash__(self) -> int:
+        return 0
 
 
 def test_S12_S6_S7_an_item_appended_twice_to_a_field_is_heard_once_and_checked() -> None:
@@ -2232,14 +2249,27 @@ def test_S12_S6_S7_an_item_appended_twice_to_a_field_is_heard_once_and_checked()
         ("on_chain_start", ["t"]),
         ("on_chain_end", ["t"]),
     ]
-    m.handlers.append(42)
-    with pytest.raises(TypeError, match=r"^handlers\[2\]: expected a callback handler.*\(int\)$"):
+    twins, tag = [_EqualToAll(), _EqualToAll()], "".join(["ta", "g"])  # equal, not the same
+    m.handlers.extend(twins)
+    m.inheritable_handlers.extend(twins)
+    m.inheritable_tags.extend(["tag", tag])
+    run = m.on_chain_start({}, 1)
+    assert (run._handlers, run.get_child()._handlers) == ((h, *twins), (*twins,))  # S6
+    assert run.get_child()._tags == ("tag",)  # by equality (S7)
+    for field, value, message in (
+        ("handlers", 42, r"handlers\[\d\]: expected a callback handler.*\(int\)"),
+        ("tags", 7, r"tags\[\d\] must be a string, got 7 \(int\)"),
+        ("inheritable_handlers", 42, r"inheritable_handlers\[\d\]: expected a callback"),
+        ("inheritable_tags", 7, r"inheritable_tags\[\d\] must be a string"),
+    ):
+        getattr(m, field).append(value)
+        with pytest.raises(TypeError, match=f"^{message}"):
+            m.on_chain_start({"name": "x"}, 1)
+        getattr(m, field).pop()
+    m.inheritable_metadata[1] = 2  # type: ignore[index]
+    with pytest.raises(TypeError, match=r"^inheritable_metadata keys must be strings"):
         m.on_chain_start({"name": "x"}, 1)
-    m.handlers.pop()
-    m.tags.append(7)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"^tags\[2\] must be a string, got 7 \(int\)$"):
-        m.on_chain_start({"name": "x"}, 1)
-    assert len(h.records) == 2
+    assert len(h.records) == 3  # the start with twins; none of the refused ones
     with pytest.raises(TypeError, match=r"^tags must be a list of strings, got 'ab' \(str\)$"):
         m.tags = "ab"  # type: ignore[assignment]
 
@@ -2458,40 +2488,31 @@ def test_config_bad_manager_arguments_and_direct_run_managers_are_refused() -> N
         run.get_child(3)  # type: ignore[arg-type]
 
 
-def test_S4_R2_sync_manager_api_starts_every_kind_of_run() -> None:
-    rec = Recorder()
-    manager = CallbackManager([rec])
-    with sequential_run_ids():
-        tool = manager.on_tool_start({"name": "t"}, "in", inputs={"x": 1})
-        tool.on_tool_end("out")
-        retriever = manager.on_retriever_start({"name": "r"}, "q")
-        retriever.on_retriever_end([Document("d")])
-        [chat] = manager.on_chat_model_start({"name": "m"}, [[HumanMessage("hi")]])
-        chat.on_llm_end(LLMResult([[Generation("ok")]]))
-    assert [(e, run) for e, run, *_ in _trace(rec)] == [
-        ("on_tool_start", 1), ("on_tool_end", 1), ("on_retriever_start", 2),
-        ("on_retriever_end", 2), ("on_chat_model_start", 3), ("on_llm_end", 3),
-    ]  # fmt: skip
-    assert rec.records[0].kwargs == {"inputs": {"x": 1}}
-
-
-def test_S4_R2_async_manager_api_starts_every_kind_of_run_and_skips_work_without_handlers() -> None:
+@pytest.mark.parametrize("manager_class", [CallbackManager, AsyncCallbackManager])
+def test_S4_R2_D7_a_manager_starts_every_kind_of_run_and_skips_work_without_handlers(
+    manager_class: type[CallbackManager] | type[AsyncCallbackManager],
+) -> None:
     rec = Recorder()
 
     async def main() -> None:
-        manager = AsyncCallbackManager([rec])
-        retriever = await manager.on_retriever_start({"name": "r"}, "q")
-        await retriever.on_retriever_end([])
-        [chat] = await manager.on_chat_model_start({"name": "m"}, [[HumanMessage("hi")]])
-        await chat.on_llm_error(ValueError("down"))
-        silent = await AsyncCallbackManager().on_chain_start({}, {})  # D7: nobody listens
-        await silent.on_chain_end({})
+        manager = manager_class([rec])
+        tool = await _started(manager.on_tool_start({"name": "t"}, "in", inputs={"x": 1}))
+        await _started(tool.on_tool_end("out"))
+        retriever = await _started(manager.on_retriever_start({"name": "r"}, "q"))
+        await _started(retriever.on_retriever_end([Document("d")]))
+        chat = await _started(manager.on_chat_model_start({}, [[HumanMessage("hi")]]))
+        await _started(chat.on_llm_error(ValueError("down")))
+        silent = await _started(manager_class().on_chain_start({}, {}))  # D7: nobody listens
+        await _started(silent.on_chain_end({}))
         assert silent._run_id is None
 
-    asyncio.run(main())
-    assert rec.events() == [
-        "on_retriever_start", "on_retriever_end", "on_chat_model_start", "on_llm_error",
+    with sequential_run_ids():
+        asyncio.run(main())
+    assert [(e, run) for e, run, *_ in _trace(rec)] == [
+        ("on_tool_start", 1), ("on_tool_end", 1), ("on_retriever_start", 2),
+        ("on_retriever_end", 2), ("on_chat_model_start", 3), ("on_llm_error", 3),
     ]  # fmt: skip
+    assert rec.records[0].kwargs == {"inputs": {"x": 1}}
 
 
 def test_S9_with_config_twice_merges_the_bindings() -> None:
@@ -3120,21 +3141,12 @@ def test_R3_batch_makes_one_root_run_per_input_the_run_id_naming_the_first(mode:
     assert [r.args[-1] for r in rec.records] == [1, 2, 2, 4, 3, 6]
 
 
-def test_R3_batch_config_per_input_and_run_id_for_the_first_only() -> None:
+def test_R3_batch_takes_one_config_per_input() -> None:
     rec = Recorder()
-    with sequential_run_ids():
-        Lambda(_ident, name="f").batch(
-            ["a", "b"], {"callbacks": [rec], "run_id": _U(100), "max_concurrency": 1}
-        )
-        Lambda(_ident, name="g").batch(
-            ["c", "d"],
-            [{"callbacks": [rec], "tags": ["c"]}, {"callbacks": [rec], "tags": ["d"]}],
-        )
-    assert [(m, i, p, t) for m, i, p, t, _ in _trace(rec) if m.endswith("start")][:2] == [
-        ("on_chain_start", 100, None, []),
-        ("on_chain_start", 1, None, []),
-    ]
-    starts = sorted((r.args[1], r.tags) for r in rec.records[4:] if r.event.phase == "start")
+    Lambda(_ident, name="g").batch(
+        ["c", "d"], [{"callbacks": [rec], "tags": ["c"]}, {"callbacks": [rec], "tags": ["d"]}]
+    )
+    starts = sorted((r.args[1], r.tags) for r in rec.records if r.event.phase == "start")
     assert starts == [("c", ["c"]), ("d", ["d"])]
     with pytest.raises(ValueError):
         Lambda(_ident).batch([1, 2], [{}])
@@ -3405,6 +3417,12 @@ def test_R5_payloads_dump_to_plain_data_as_langchains_pydantic_ones() -> None:
         "type": "Document",
     }
     assert HumanMessage("q", id="m1").model_dump() == {"content": "q", "id": "m1", "type": "human"}
+    generation = Generation("t", generation_info={"k": [1]})
+    message = AIMessage("c", response_metadata={"k": [1]})
+    for payload in (generation, document, message):  # a nested value of the dump is a copy too
+        next(v for v in payload.model_dump().values() if isinstance(v, dict) and v)["k"].append(2)
+    nested = (generation.generation_info, document.metadata, message.response_metadata)
+    assert nested == ({"k": [1]},) * 3
 
 
 def test_R5_langchain_style_token_handler_runs() -> None:
@@ -4677,12 +4695,6 @@ def test_S10_custom_event_with_another_runs_config_belongs_to_that_run() -> None
     Lambda(outer, name="outer").invoke(1, {"callbacks": [rec]})
     [custom] = [r for r in rec.records if r.event is Event.CUSTOM_EVENT]
     assert custom.run_id == rec.records[0].run_id  # the outer run, not the inner one
-    with pytest.raises(RuntimeError) as info:
-        dispatch_custom_event("evt", {})
-    assert str(info.value) == (
-        "dispatching a custom event needs an enclosing run: call it from inside a "
-        "runnable, or pass the config that runnable received"
-    )
 
 
 def test_R1_D3_a_body_that_cancels_its_own_task_gives_that_very_error() -> None:
@@ -6854,8 +6866,12 @@ def test_D2_handler_with_a_wrong_signature_is_a_handler_error_not_a_crash(
 
 
 def test_S10_custom_event_outside_a_run_is_a_clear_error() -> None:
-    with pytest.raises(RuntimeError, match="needs an enclosing run"):
+    with pytest.raises(RuntimeError) as info:
         dispatch_custom_event("evt", {})
+    assert str(info.value) == (
+        "dispatching a custom event needs an enclosing run: call it from inside a "
+        "runnable, or pass the config that runnable received"
+    )
     with pytest.raises(RuntimeError, match="needs an enclosing run"):
         asyncio.run(adispatch_custom_event("evt", {}))
     with pytest.raises(TypeError, match="custom event name must be a string, got 3"):
@@ -9669,13 +9685,10 @@ def test_X4_every_rule_test_has_a_readme_entry() -> None:
 def test_X4_the_api_reference_shows_every_public_name_with_its_signature(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """The README's API reference has one entry per name of ``__all__``, in any order. Each
-    signature it shows, an entry's own (``Lambda(func, **options)``) and its methods'
-    (``.invoke(input, config=None)``), is what `inspect.signature` gives, without annotations
-    (and ``self``); each method or attribute it names exists; and every public method, property
-    and declared attribute of a public class (or of the private classes it builds on) is named
-    somewhere in it, event methods aside (the event table lists those). The command line's
-    entries name each command of its usage."""
+    """The README's API reference has one entry per name of ``__all__``; each signature it shows
+    (``Lambda(func, **options)``, ``.invoke(input, config=None)``) is `_shown_signature`'s; what
+    it names exists; every public method and attribute of a public class (and of its private
+    bases) is named in it, event methods aside; the command line's entries name each command."""
     text = _README.read_text(encoding="utf-8")
     section = text.split("\n## API reference\n", 1)[1].split("\n## ", 1)[0]
     section, commands = section.split("\n### Command line\n")
@@ -9720,29 +9733,16 @@ def test_X4_the_api_reference_shows_every_public_name_with_its_signature(
     assert missing == {}, missing
 
 
-class _Shown:
-    """A default as the README shows it: a dataclass field's factory by what it makes."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-    def __repr__(self) -> str:
-        return self.text
-
-
 def _shown_signature(target: Any) -> str:
-    signature = _untyped(target)
-    factories = {
-        f.name: f.default_factory
-        for f in (dataclasses.fields(target) if dataclasses.is_dataclass(target) else ())
-        if f.default_factory is not dataclasses.MISSING
-    }
-    parameters = [
-        p.replace(default=_Shown(repr(factories[p.name]()))) if p.name in factories else p
-        for p in signature.parameters.values()
-        if p.name != "self"
-    ]
-    return str(signature.replace(parameters=parameters))
+    """``target``'s signature without annotations or ``self``, a dataclass field's default
+    factory shown by what it makes (``metadata={}``)."""
+    fields = dataclasses.fields(target) if dataclasses.is_dataclass(target) else ()
+    made = {f.name: f.default_factory() for f in fields if callable(f.default_factory)}
+    parameters = [p for p in _untyped(target).parameters.values() if p.name != "self"]
+    shown = str(inspect.Signature(parameters))
+    for name, value in made.items():
+        shown = shown.replace(f"{name}=<factory>", f"{name}={value!r}")
+    return shown
 
 
 def test_X4_readme_doctests_pass() -> None:
@@ -9799,11 +9799,10 @@ def test_X4_readme_test_command_is_what_ci_runs() -> None:
 
 
 def test_packaging_an_installed_wheel_gives_type_checkers_the_types(tmp_path: pathlib.Path) -> None:
-    """Installed from the wheel, the module comes with its stub-only package, made from it at
-    build time (PEP 561 gives a lone module no ``py.typed``; see ``.ci/hatch_build.py``):
-    mypy's ``stubtest`` finds the stub true to the module as it runs, and a user's ``mypy
-    --strict``, away from any checkout, sees the types as `test_events_type_checkers_see_the_handler_methods` does. CI's packaging section runs
-    it (``CALLBACKS_REQUIRE_INSTALLED``); elsewhere it is skipped unless the wheel is installed."""
+    """Installed from the wheel, the module comes with its stub-only package (PEP 561; made at
+    build time by ``.ci/hatch_build.py``): ``stubtest`` finds it true to the module, and a
+    user's ``mypy --strict`` away from any checkout sees the types. Run by CI's packaging
+    section (``CALLBACKS_REQUIRE_INSTALLED``); skipped where the module is not installed."""
     module = pathlib.Path(callbacks.__file__).resolve()
     if not (module.parent / "callbacks-stubs" / "__init__.pyi").is_file():
         if os.environ.get("CALLBACKS_REQUIRE_INSTALLED"):
