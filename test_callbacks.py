@@ -2252,10 +2252,11 @@ def test_S12_S6_S7_an_item_appended_twice_to_a_field_is_heard_once_and_checked()
     twins, tag = [_EqualToAll(), _EqualToAll()], "".join(["ta", "g"])  # equal, not the same
     m.handlers.extend(twins)
     m.inheritable_handlers.extend(twins)
+    m.tags.extend(["tag", tag])
     m.inheritable_tags.extend(["tag", tag])
     run = m.on_chain_start({}, 1)
     assert (run._handlers, run.get_child()._handlers) == ((h, *twins), (*twins,))  # S6
-    assert run.get_child()._tags == ("tag",)  # by equality (S7)
+    assert (run._tags, run.get_child()._tags) == (("t", "tag"), ("tag",))  # by equality (S7)
     for field, value, message in (
         ("handlers", 42, r"handlers\[\d\]: expected a callback handler.*\(int\)"),
         ("tags", 7, r"tags\[\d\] must be a string, got 7 \(int\)"),
