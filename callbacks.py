@@ -2302,9 +2302,8 @@ class _Run(_Scope):
         listening = bool(self._listeners)
         if not event.closes:
             if listening:
-                kw = self._kw if not extra and event.keywords is _OTHER_KEYWORDS else None
                 try:
-                    _dispatch(self, self._listeners, event, args, kw or self._kwargs(event, extra))
+                    _dispatch(self, self._listeners, event, args, self._kwargs(event, extra))
                 except _Undelivered as undelivered:  # too deep to go on: the real error (R1)
                     raise undelivered.error from None
             else:  # nobody listens, nor ever will: the next notes return at once (D7)
@@ -3371,9 +3370,8 @@ class Runnable:
             )
             request_tags, request_metadata = config.get("tags", ()), config.get("metadata", {})
             manager._merge(request, request_tags, request_metadata, True)  # S1, S3
-            manager._merge(
-                self.callbacks, self.tags, self.metadata, False
-            )  # S2, S3, S5: local last
+            # S2, S3, S5: local values last
+            manager._merge(self.callbacks, self.tags, self.metadata, False)
         return cls._new(manager, self._run_type, run_id)
 
     def _start_event(
