@@ -973,20 +973,20 @@ def test_D2_D6_a_note_fired_again_reaches_every_handler_whatever_one_does(
 
 
 def test_D2_an_interrupt_from_a_handler_beats_an_earlier_raise_error_failure() -> None:
+    """...and a later interrupt does not replace it: the first one leaves."""
     log: list[_LogEntry] = []
     strict = _Shared(
         "strict", log, fail=("on_chain_start", None, ValueError("x")), raise_error=True
     )
     interrupt = KeyboardInterrupt()
     stopper = _Shared("stopper", log, fail=("on_chain_start", None, interrupt))
+    later = _Shared("later", log, fail=("on_chain_start", None, KeyboardInterrupt()))
     with sequential_run_ids(), pytest.raises(KeyboardInterrupt) as info:
-        Lambda(_ident, name="f").invoke("q", {"callbacks": [strict, stopper]})
+        Lambda(_ident, name="f").invoke("q", {"callbacks": [strict, stopper, later]})
     assert info.value is interrupt
     assert log == [
-        ("strict", "on_chain_start", 1),
-        ("stopper", "on_chain_start", 1),
-        ("strict", "on_chain_error", 1),
-        ("stopper", "on_chain_error", 1),
+        *[(name, "on_chain_start", 1) for name in ("strict", "stopper", "later")],
+        *[(name, "on_chain_error", 1) for name in ("strict", "stopper", "later")],
     ]
 
 
@@ -3183,7 +3183,16 @@ def test_R3_max_concurrency_bounds_the_worker_threads() -> None:
     assert peak[0] == 2
 
 
+@pytest.fixture
+def ctrl_c() -> Iterator[None]:
+    """SIGINT raises `KeyboardInterrupt`, whatever the test runner set (mutmut takes it)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="POSIX signals")
+@pytest.mark.usefixtures("ctrl_c")
 @pytest.mark.parametrize("kind", ["batch", "parallel"])
 def test_D3_R3_an_interrupt_stops_a_batch_from_starting_more_inputs(kind: str) -> None:
     """Ctrl-C during a ``batch`` (or a `Parallel`) of 60 at ``max_concurrency=2`` surfaces at
@@ -5461,6 +5470,7 @@ def test_D6_an_awaitable_that_is_not_a_coroutine_is_awaited_in_every_mode(
 
 
 @pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="POSIX signals")
+@pytest.mark.usefixtures("ctrl_c")
 def test_D3_D6_an_interrupt_while_an_async_handler_runs_under_invoke_waits_for_it() -> None:
     """Ctrl-C while ``invoke`` waits for an async handler (on the handler loop): the handler
     finishes its event first, the run closes, then the interrupt leaves the call (D3)."""
@@ -6614,7 +6624,7 @@ def test_D2_D3_R1_injected_faults_keep_traces_balanced_and_errors_intact(
     _, raised, view, warnings, expected_warnings = _faulty_run(tree, root, quiet, fault, mode)
     assert raised is not None and raised.__traceback__ is not None
     last = traceback.extract_tb(raised.__traceback__)[-1].name
-    assert last == "inject" or _runs(last, callbacks._raise)
+    assert _source_name(last) in ("inject", "_raise")
     assert warnings == expected_warnings  # D2: one warning per handler failure
     _, clean_raised, clean_view, clean_warnings, _ = _faulty_run(tree, root, clean, fault, mode)
     assert clean_warnings == []
@@ -7179,13 +7189,13 @@ def _drive_raising(runnable: Runnable, config: RunnableConfig, mode: str) -> Any
     return asyncio.run(runnable.ainvoke("q", config))
 
 
-def _raise_at(code: types.CodeType, error: Callable[[], BaseException], nth: int = 1) -> Any:
-    """A profile hook that raises ``error()`` at the ``nth`` call of the function with
-    ``code``, as a signal (or a stack with no room left) lands at its entry."""
+def _raise_at(func: Any, error: Callable[[], BaseException], nth: int = 1) -> Any:
+    """A profile hook that raises ``error()`` at the ``nth`` call of ``func`` (`_is_code_of`),
+    as a signal (or a stack with no room left) lands at its entry."""
     calls = itertools.count(1)
 
     def hook(frame: types.FrameType, event: str, arg: Any) -> None:
-        if event == "call" and frame.f_code is code and next(calls) == nth:
+        if event == "call" and _is_code_of(frame.f_code, func) and next(calls) == nth:
             raise error()
 
     return hook
@@ -7217,7 +7227,7 @@ def test_D3_an_interrupt_at_the_entry_of_the_error_closing_still_closes_the_run(
     fail = callbacks._Run._fail if mode in ("invoke", "stream") else AsyncRunManager._afail
     body = _failing_async_body if mode.startswith("a") else _failing_body
     rec, checker = Recorder(), TraceChecker()
-    hook = _raise_at(fail.__code__, lambda: KeyboardInterrupt("at the closing"))
+    hook = _raise_at(fail, lambda: KeyboardInterrupt("at the closing"))
     raised = _run_with_hook(hook, Lambda(body), {"callbacks": [rec, checker]}, mode)
     assert isinstance(raised, KeyboardInterrupt)
     checker.check()
@@ -7243,7 +7253,7 @@ def test_D2_D3_an_interrupt_held_while_closing_outranks_a_handler_failing_on_the
     finish = callbacks._Run._finish if mode in ("invoke", "stream") else AsyncRunManager._afinish
     body = _failing_async_body if mode.startswith("a") else _failing_body
     rec, checker = Recorder(), TraceChecker()
-    hook = _raise_at(finish.__code__, lambda: KeyboardInterrupt("while closing"))
+    hook = _raise_at(finish, lambda: KeyboardInterrupt("while closing"))
     handlers = [rec, checker, *([Strict()] if strict else [])]
     raised = _run_with_hook(hook, Lambda(body), {"callbacks": handlers}, mode)
     assert isinstance(raised, KeyboardInterrupt)
@@ -7252,36 +7262,39 @@ def test_D2_D3_an_interrupt_held_while_closing_outranks_a_handler_failing_on_the
     assert type(rec.records[-1].args[0]) is ValueError  # the run's own error
 
 
+@contextlib.contextmanager
+def _no_stack_to_log(times: int = -1) -> Iterator[None]:
+    """Logging a handler's failure runs out of stack, as deep in a recursion (``times`` times;
+    -1: always): a filter on the library's logger raises `RecursionError`."""
+    left = [times]
+
+    def refuse(record: logging.LogRecord) -> bool:
+        if left[0]:
+            left[0] -= 1
+            raise RecursionError("no stack left")
+        return True
+
+    logging.getLogger("callbacks").addFilter(refuse)
+    try:
+        yield
+    finally:
+        logging.getLogger("callbacks").removeFilter(refuse)
+
+
 def test_D3_the_handlers_after_one_whose_failure_could_not_be_logged_hear_it_later() -> None:
     """Logging a handler's failure needs stack too: if that fails, the handlers after it have
     not heard the event; they hear it from the parent run, before its own (D3)."""
-
-    class NoStack(logging.Filter):
-        def __init__(self) -> None:
-            super().__init__()
-            self.left = 1
-
-        def filter(self, record: logging.LogRecord) -> bool:
-            if self.left:
-                self.left -= 1
-                raise RecursionError("no stack left to log")
-            return True
 
     class Breaks(BaseCallbackHandler):
         def on_chain_end(self, outputs: Any, **kwargs: Any) -> None:
             raise ValueError("handler broke")
 
-    before, after, logger = Recorder("before"), Recorder("after"), logging.getLogger("callbacks")
+    before, after = Recorder("before"), Recorder("after")
     inner = Lambda(_ident, name="inner")
-    no_stack = NoStack()
-    logger.addFilter(no_stack)
-    try:
-        with sequential_run_ids(), pytest.raises(RecursionError):
-            Lambda(lambda x: inner.invoke(x), name="outer").invoke(
-                "q", {"callbacks": [before, Breaks(), after]}
-            )
-    finally:
-        logger.removeFilter(no_stack)
+    with _no_stack_to_log(1), sequential_run_ids(), pytest.raises(RecursionError):
+        Lambda(lambda x: inner.invoke(x), name="outer").invoke(
+            "q", {"callbacks": [before, Breaks(), after]}
+        )
     for rec in (before, after):
         assert [(m, i) for m, i, *_ in _trace(rec)] == [
             ("on_chain_start", 1), ("on_chain_start", 2), ("on_chain_end", 2),
@@ -7346,7 +7359,7 @@ def test_D3_an_interrupt_while_a_handlers_failure_is_handled_lets_the_rest_hear_
             raise ValueError("handler broke")
 
     rec, checker = Recorder(), TraceChecker()
-    hook = _raise_at(callbacks._keep.__code__, lambda: KeyboardInterrupt("between handlers"))
+    hook = _raise_at(callbacks._keep, lambda: KeyboardInterrupt("between handlers"))
     raised = _run_with_hook(hook, Lambda(_ident), {"callbacks": [Breaks(), rec, checker]}, "invoke")
     assert isinstance(raised, KeyboardInterrupt)
     assert rec.events() == ["on_chain_start", "on_chain_error"]
@@ -7395,51 +7408,34 @@ def test_R1_D3_a_note_that_runs_out_of_stack_raises_recursion_error(fast: bool) 
     """When the stack runs out in the library's own code while a note is delivered (here:
     logging a handler's failure), the note's call raises that `RecursionError`, never the
     library's internal signal; the handlers before heard it, those after did not."""
-
-    class Deep(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            raise RecursionError("no stack left")
-
     log: list[tuple[str, str]] = []
     before, broken, after = _Hears("a", log), _Hears("bad", log, ValueError("x")), _Hears("b", log)
     run = CallbackManager([before, broken, after]).on_chain_start({}, {})
     if fast:
         run.on_text("resolves")  # its failure logged
     log.clear()
-    deep = Deep()
-    logging.getLogger("callbacks").addFilter(deep)
-    try:
-        with pytest.raises(RecursionError, match="no stack left"):
-            run.on_text("x")
-    finally:
-        logging.getLogger("callbacks").removeFilter(deep)
+    with _no_stack_to_log(), pytest.raises(RecursionError, match="no stack left"):
+        run.on_text("x")
     assert log == [("a", "x"), ("bad", "x")]
 
 
 def test_R1_D3_D5_an_async_note_that_runs_out_of_stack_raises_recursion_error() -> None:
     """The same under async dispatch (`AsyncRunManager`): the note raises `RecursionError`."""
 
-    class Deep(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            raise RecursionError("no stack left")
-
     class Broken(AsyncCallbackHandler):
         @property
         def run_inline(self) -> bool:  # type: ignore[override]
             raise ValueError("x")  # logged, where the stack runs out
 
-    rec, deep = Recorder(), Deep()
+    rec = Recorder()
 
     async def main() -> None:
         run = await AsyncCallbackManager([Broken(), rec]).on_chain_start({}, {})
-        logging.getLogger("callbacks").addFilter(deep)
-        await run.on_text("x")
+        with _no_stack_to_log():
+            await run.on_text("x")
 
-    try:
-        with pytest.raises(RecursionError, match="no stack left"):
-            asyncio.run(main())
-    finally:
-        logging.getLogger("callbacks").removeFilter(deep)
+    with pytest.raises(RecursionError, match="no stack left"):
+        asyncio.run(main())
     assert rec.events() == ["on_chain_start"]  # the note's tasks were not made
 
 
@@ -7500,17 +7496,21 @@ def test_D3_D4_a_chat_start_an_interrupt_kept_from_a_handler_falls_back_for_it()
     assert rec.events() == ["on_chat_model_start", "on_llm_error"]
 
 
-def _runs(name: str, func: Any) -> bool:
-    """Whether a frame called ``name`` runs ``func``: its own name, or that of the renamed copy
-    which mutation testing (``.ci/mutation``, mutmut) runs behind a wrapper of ``func``'s."""
-    dotted = func.__qualname__  # kept by the wrapper, whose code is not ``func``'s
-    renamed = f"xǁ{dotted.replace('.', 'ǁ')}" if "." in dotted else f"x_{dotted}"
-    return name == func.__name__ or name.startswith(f"{renamed}__mutmut_")
+def _source_name(qualname: str) -> str:
+    """A function's qualified name in callbacks.py, also for a copy that mutation testing
+    (mutmut) renamed and runs behind a wrapper: ``xǁ_Runǁ_fail__mutmut_3`` is
+    ``_Run._fail``, ``x__checker_method__mutmut_orig.<locals>.m`` is ``_checker_method...``."""
+    head, renamed, rest = qualname.partition("__mutmut_")
+    name, inner = head.rpartition(".")[2], rest.partition(".")[2]  # inner: ``<locals>.m``
+    name = name.removeprefix("xǁ").replace("ǁ", ".") if "ǁ" in name else name.removeprefix("x_")
+    return qualname if not renamed else f"{name}.{inner}" if inner else name
 
 
 def _is_code_of(code: types.CodeType, func: Any) -> bool:
-    """Whether ``code`` runs ``func`` (`_runs`)."""
-    return code is func.__code__ or _runs(code.co_name, func)
+    """Whether ``code`` runs ``func``, a function of callbacks.py: its own, or a renamed copy
+    of it (`_source_name`; the wrapper's code is shared by every wrapped function)."""
+    name = _source_name(code.co_qualname)
+    return code.co_filename == callbacks.__file__ and name == func.__qualname__
 
 
 def _raise_c_call(builtin: Any, error: Callable[[], BaseException]) -> Any:
@@ -7548,9 +7548,9 @@ class _AtLine:
 
     def _ours(self, frame: types.FrameType) -> bool:
         code = frame.f_code
-        return code.co_filename == callbacks.__file__ and not code.co_qualname.startswith(
-            self.HANDLERS
-        )
+        return code.co_filename == callbacks.__file__ and not _source_name(
+            code.co_qualname
+        ).startswith(self.HANDLERS)
 
     def __call__(self, frame: types.FrameType, event: str, arg: Any) -> Any:
         if event == "return" and frame.f_code.co_flags & self.SUSPENDS:
