@@ -3057,12 +3057,7 @@ def test_R1_error_is_the_same_object_with_its_traceback_ancestors_innermost_firs
         ("on_chain_error", 3, error),
         ("on_chain_error", 1, error),
     ]
-    frames = []
-    tb = error.__traceback__
-    while tb is not None:
-        frames.append(tb.tb_frame.f_code.co_name)
-        tb = tb.tb_next
-    assert frames[-1] == "deepest_frame"
+    assert traceback.extract_tb(error.__traceback__)[-1].name == "deepest_frame"
 
 
 def test_R1_base_exception_counts() -> None:
@@ -3742,10 +3737,16 @@ def test_R7_a_generator_lambda_streams_its_chunks_and_returns_them_added_up() ->
     """Under ``invoke`` its output is its chunks added with ``+`` (where they do not add, the
     last one), as LangChain's; under ``stream`` each chunk is yielded as it comes. An async
     generator function is refused (a `TypeError` naming it)."""
-    words = Lambda(_words, name="words")
+    words, rec = Lambda(_words, name="words"), Recorder()
+
+    async def drain(lam: Lambda, x: Any) -> list[Any]:
+        return [chunk async for chunk in lam.astream(x, {"callbacks": [rec]})]
+
     assert words.invoke("a b c") == "a b c"
-    assert list(words.stream("a b c")) == ["a ", "b ", "c"]
     assert asyncio.run(words.ainvoke("a b c")) == "a b c"
+    assert list(words.stream("a b c", {"callbacks": [rec]})) == ["a ", "b ", "c"]
+    assert asyncio.run(drain(words, "a b c")) == ["a ", "b ", "c"]
+    assert [r.args[0] for r in rec.records if r.event.phase == "end"] == ["a b c"] * 2  # added up
 
     def dicts(x: Any) -> Generator[dict[str, int], None, None]:
         yield {"a": 1}
@@ -3762,11 +3763,8 @@ def test_R7_a_generator_lambda_streams_its_chunks_and_returns_them_added_up() ->
         yield "a"
         raise ValueError("half")
 
-    async def drain() -> list[Any]:
-        return [chunk async for chunk in Lambda(broken).astream(1)]
-
     with pytest.raises(ValueError, match="half"):
-        asyncio.run(drain())
+        asyncio.run(drain(Lambda(broken), 1))
 
     async def agen(x: Any) -> AsyncGenerator[str, None]:
         yield x
