@@ -1750,14 +1750,13 @@ class _Manager(_Scope):
         self._parent, self._owned = parent_run_id, False
         self._handlers = self._inheritable_handlers = self._tags = self._inheritable_tags = ()
         self._metadata, self._inheritable_metadata = {}, {}
-        self._merge(_check_handlers(handlers, "handlers"), (), {}, False)  # in the order given
+        handlers, tags = _check_handlers(handlers, "handlers"), _check_tags(tags or (), "tags")
+        self._merge(handlers, tags, {}, False)  # in the order given
         self._merge(
-            _check_handlers(inheritable_handlers or (), "inheritable_handlers"), (), {}, True
-        )
-        self._merge((), _check_tags(tags or (), "tags"), {}, False)
-        self._merge((), _check_tags(inheritable_tags or (), "inheritable_tags"), {}, True)
-        self._merge(
-            (), (), _check_metadata(inheritable_metadata or {}, "inheritable_metadata"), True
+            _check_handlers(inheritable_handlers or (), "inheritable_handlers"),
+            _check_tags(inheritable_tags or (), "inheritable_tags"),
+            _check_metadata(inheritable_metadata or {}, "inheritable_metadata"),
+            True,
         )
         self._merge((), (), _check_metadata(metadata or {}, "metadata"), False)  # it wins (S8)
 
@@ -1785,17 +1784,17 @@ class _Manager(_Scope):
         inheritable_callbacks = _foreign_manager(inheritable_callbacks) or inheritable_callbacks
         local_callbacks = _foreign_manager(local_callbacks) or local_callbacks
         if isinstance(inheritable_callbacks, _Manager):
-            manager = cls._clone(inheritable_callbacks)
+            manager, inheritable_callbacks = cls._clone(inheritable_callbacks), ()
         else:
             manager = cls()
-            manager._merge(_check_handlers(inheritable_callbacks or ()), (), {}, True)
         if isinstance(local_callbacks, _Manager):
             local_callbacks = tuple(local_callbacks._handlers)
-        manager._merge(_check_handlers(local_callbacks or ()), (), {}, False)
-        manager._merge((), _check_tags(inheritable_tags or ()), {}, True)
-        manager._merge((), _check_tags(local_tags or ()), {}, False)
-        manager._merge((), (), _check_metadata(inheritable_metadata or {}), True)
-        manager._merge((), (), _check_metadata(local_metadata or {}), False)
+        for callbacks, tags, metadata, inherit in (
+            (inheritable_callbacks, inheritable_tags, inheritable_metadata, True),  # S1, S3
+            (local_callbacks, local_tags, local_metadata, False),  # then local ones (S5)
+        ):
+            checked = _check_handlers(callbacks or ()), _check_tags(tags or ())
+            manager._merge(*checked, _check_metadata(metadata or {}), inherit)
         return manager
 
     @classmethod
