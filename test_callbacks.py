@@ -1097,31 +1097,44 @@ def test_D3_children_close_before_the_parent_when_a_branch_fails() -> None:
     checker.check()
 
 
+def _take_then_close(
+    runnable: Runnable, config: RunnableConfig, mode: str, taken: list[Any], n: int = 1
+) -> None:
+    """Put the first ``n`` chunks of ``runnable.stream`` or ``astream`` (``mode``, a generator
+    either way) on "q" in ``taken``, then close the stream early; what closing raises leaves."""
+    if mode == "stream":
+        stream = runnable.stream("q", config)
+        assert isinstance(stream, Generator)
+        taken.extend(next(stream) for _ in range(n))
+        stream.close()
+        return
+
+    async def main() -> None:
+        stream = runnable.astream("q", config)
+        assert isinstance(stream, AsyncGenerator)
+        taken.extend([await anext(stream) for _ in range(n)])
+        await stream.aclose()
+
+    asyncio.run(main())
+
+
+def _nested(step: Runnable) -> Chain:
+    """``outer`` (run 1 of `sequential_run_ids`): ``a`` (2), then ``inner`` (3): ``b`` (4), then
+    ``step`` (5)."""
+    inner = Chain(Lambda(_ident, name="b"), step, name="inner")
+    return Chain(Lambda(_ident, name="a"), inner, name="outer")
+
+
 @pytest.mark.parametrize("mode", ["stream", "astream"])
 def test_D3_D5_a_stream_closed_early_errors_innermost_first(mode: str) -> None:
     """Closing a stream after its first chunk fails every open run with `GeneratorExit`,
     innermost first, for every kind of handler, sync and async, inline or not."""
     probes = _mixed_probes([])
-    chain = Chain(
-        Lambda(_ident, name="a"),
-        Chain(Lambda(_ident, name="b"), LLM("one two three", name="llm"), name="inner"),
-        name="outer",
-    )
-
-    async def consume() -> None:
-        stream = chain.astream("q", {"callbacks": probes})
-        assert isinstance(stream, AsyncGenerator)
-        assert await anext(stream) == "one "
-        await stream.aclose()
-
+    chain = _nested(LLM("one two three", name="llm"))
+    taken: list[Any] = []
     with sequential_run_ids():
-        if mode == "stream":
-            stream = chain.stream("q", {"callbacks": probes})
-            assert isinstance(stream, Generator)
-            assert next(stream) == "one "
-            stream.close()
-        else:
-            asyncio.run(consume())
+        _take_then_close(chain, {"callbacks": probes}, mode, taken)
+    assert taken == ["one "]
     for probe in probes:
         assert _trace(probe.recorder) == [
             ("on_chain_start", 1, None, [], {}),
@@ -1941,12 +1954,7 @@ def test_S9_bound_runnable_invoked_without_config_stays_a_child() -> None:
         ("on_chain_end", 2, 1, ["t"], None),
         ("on_chain_end", 1, None, ["t"], None),
     ]
-    assert _trace(bound_rec) == [
-        ("on_chain_start", 2, 1, ["t"], {}),
-        ("on_llm_start", 3, 2, ["t"], {}),
-        ("on_llm_end", 3, 2, ["t"], None),
-        ("on_chain_end", 2, 1, ["t"], None),
-    ]
+    assert _trace(bound_rec) == _trace(outer_rec)[1:5]  # the bound run and its child
 
 
 class ManagerMachine(RuleBasedStateMachine):
@@ -2576,20 +2584,9 @@ def test_S9_bound_values_merge_with_order_and_bound_max_concurrency_holds() -> N
     assert [label for label, method, _ in log if method == "on_chain_start"] == ["1", "2"]
     with pytest.raises(TypeError, match=r"^run_id cannot be bound: it names one run; pass it"):
         Lambda(_ident).with_config(run_id=uuid.uuid4())
-    running, most = [0], [0]
-    lock = threading.Lock()
-
-    def slow(x: int) -> int:
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-        time.sleep(0.01)
-        with lock:
-            running[0] -= 1
-        return x
-
-    assert Lambda(slow).with_config(max_concurrency=1).batch([1, 2, 3]) == [1, 2, 3]
-    assert most == [1]
+    peak = _Peak()
+    assert Lambda(peak.branch).with_config(max_concurrency=1).batch([1, 2, 3]) == [1, 2, 3]
+    assert peak.peak == 1
 
 
 def test_S4_chain_with_only_tags_metadata_or_callbacks_is_not_spliced() -> None:
@@ -2671,23 +2668,17 @@ def test_S3_R3_max_concurrency_bounds_the_branches_a_stream_runs(
     if limit is not None:
         config["max_concurrency"] = limit
     want = {"a": 7, "b": 7, "c": 7}  # the chunks ({key: chunk}, R7), put together
-    if mode == "stream":
-        if shape == "inherited":
-            outer = Lambda(lambda x: _merged(target.stream(x)), name="outer")
-            assert outer.invoke(7, config) == want
-        else:
-            assert _merged(target.stream(7, config)) == want
+    if shape != "inherited":
+        assert _merged(_streamed(target, config, mode, 7)) == want
+    elif mode == "stream":
+        outer = Lambda(lambda x: _merged(target.stream(x)), name="outer")
+        assert outer.invoke(7, config) == want
     else:
 
         async def drain(x: int) -> Any:
             return _merged([chunk async for chunk in target.astream(x)])
 
-        async def main() -> Any:
-            if shape == "inherited":
-                return await Lambda(drain, name="outer").ainvoke(7, config)
-            return _merged([chunk async for chunk in target.astream(7, config)])
-
-        assert asyncio.run(main()) == want
+        assert asyncio.run(Lambda(drain, name="outer").ainvoke(7, config)) == want
     assert peak.peak == (limit or 3)  # all three at once without a limit: the count is real
 
 
@@ -2926,12 +2917,23 @@ def test_S11_library_threads_copy_the_context() -> None:
     ]
 
 
-def test_S11_batch_inside_a_run_makes_children() -> None:
+@pytest.mark.parametrize("mode", ["batch", "abatch"])
+def test_S11_batch_inside_a_run_makes_children(mode: str) -> None:
+    """``batch`` in a body run by ``invoke``, or ``abatch`` in an async one run by ``ainvoke``:
+    each input's run is a child of the body's."""
     rec = Recorder()
     leaf = Lambda(_ident, name="leaf")
-    outer = Lambda(lambda xs: leaf.batch(xs), name="outer")
+
+    async def abatch(xs: list[str]) -> list[Any]:
+        return await leaf.abatch(xs)
+
+    config: RunnableConfig = {"callbacks": [rec], "max_concurrency": 1}
     with sequential_run_ids():
-        assert outer.invoke(["x", "y"], {"callbacks": [rec], "max_concurrency": 1}) == ["x", "y"]
+        if mode == "batch":
+            out = Lambda(lambda xs: leaf.batch(xs), name="outer").invoke(["x", "y"], config)
+        else:
+            out = asyncio.run(Lambda(abatch, name="outer").ainvoke(["x", "y"], config))
+    assert out == ["x", "y"]
     assert [(m, i, p) for m, i, p, _, _ in _trace(rec)] == [
         ("on_chain_start", 1, None),
         ("on_chain_start", 2, 1),
@@ -3464,13 +3466,15 @@ def _flow(rec: Recorder) -> list[str]:
     return flow
 
 
-def _streamed(runnable: Runnable, config: RunnableConfig, mode: str) -> list[Any]:
-    """The chunks of ``runnable.stream`` or ``astream`` (``mode``) on "q"."""
+def _streamed(
+    runnable: Runnable, config: RunnableConfig | None, mode: str, value: Any = "q"
+) -> list[Any]:
+    """The chunks of ``runnable.stream`` or ``astream`` (``mode``) on ``value``."""
     if mode == "stream":
-        return list(runnable.stream("q", config))
+        return list(runnable.stream(value, config))
 
     async def main() -> list[Any]:
-        return [chunk async for chunk in runnable.astream("q", config)]
+        return [chunk async for chunk in runnable.astream(value, config)]
 
     return asyncio.run(main())
 
@@ -3616,20 +3620,9 @@ def test_R7_D3_closing_a_parallel_stream_early_closes_every_branch(mode: str) ->
     every branch's run that started closes, before the parallel's own."""
     rec, checker = Recorder(), TraceChecker(strict=True)
     fan = Parallel(a=LLM("1 2 3", name="a"), b=LLM("4 5 6", name="b"), name="fan")
-    config: RunnableConfig = {"callbacks": [rec, checker]}
-    if mode == "stream":
-        stream: Any = fan.stream("q", config)  # a generator: it has close()
-        first = next(stream)
-        stream.close()
-    else:
-
-        async def main() -> Any:
-            stream: Any = fan.astream("q", config)
-            first = await anext(stream)
-            await stream.aclose()
-            return first
-
-        first = asyncio.run(main())
+    taken: list[Any] = []
+    _take_then_close(fan, {"callbacks": [rec, checker]}, mode, taken)
+    (first,) = taken
     assert first in ({"a": "1 "}, {"b": "4 "})
     checker.check()
     flow = _flow(rec)  # a branch whose task had not begun when cancelled never started
@@ -3687,19 +3680,10 @@ def test_R7_D3_a_branch_failing_to_close_does_not_keep_the_others_open(mode: str
     rec, checker = Recorder(), TraceChecker(strict=True)
     fan = Parallel(g=Lambda(stubborn, name="g"), m=LLM("1 2 3", name="m"), name="fan")
     config: RunnableConfig = {"callbacks": [rec, checker], "max_concurrency": 1}
+    taken: list[Any] = []
     with pytest.raises(ValueError, match="will not close"):
-        if mode == "stream":
-            stream: Any = fan.stream("q", config)
-            assert [next(stream), next(stream)] == [{"g": "a"}, {"m": "1 "}]  # both started
-            stream.close()
-        else:
-
-            async def main() -> None:
-                stream: Any = fan.astream("q", config)
-                assert [await anext(stream), await anext(stream)] == [{"g": "a"}, {"m": "1 "}]
-                await stream.aclose()
-
-            asyncio.run(main())
+        _take_then_close(fan, config, mode, taken, 2)
+    assert taken == [{"g": "a"}, {"m": "1 "}]  # both started
     checker.check()
     assert sorted(step for step in _flow(rec) if step.startswith("!")) == ["!fan", "!g", "!m"]
 
@@ -3738,14 +3722,10 @@ def test_R7_a_generator_lambda_streams_its_chunks_and_returns_them_added_up() ->
     last one), as LangChain's; under ``stream`` each chunk is yielded as it comes. An async
     generator function is refused (a `TypeError` naming it)."""
     words, rec = Lambda(_words, name="words"), Recorder()
-
-    async def drain(lam: Lambda, x: Any) -> list[Any]:
-        return [chunk async for chunk in lam.astream(x, {"callbacks": [rec]})]
-
     assert words.invoke("a b c") == "a b c"
     assert asyncio.run(words.ainvoke("a b c")) == "a b c"
     assert list(words.stream("a b c", {"callbacks": [rec]})) == ["a ", "b ", "c"]
-    assert asyncio.run(drain(words, "a b c")) == ["a ", "b ", "c"]
+    assert _streamed(words, {"callbacks": [rec]}, "astream", "a b c") == ["a ", "b ", "c"]
     assert [r.args[0] for r in rec.records if r.event.phase == "end"] == ["a b c"] * 2  # added up
 
     def dicts(x: Any) -> Generator[dict[str, int], None, None]:
@@ -3764,7 +3744,7 @@ def test_R7_a_generator_lambda_streams_its_chunks_and_returns_them_added_up() ->
         raise ValueError("half")
 
     with pytest.raises(ValueError, match="half"):
-        asyncio.run(drain(Lambda(broken), 1))
+        _streamed(Lambda(broken), {"callbacks": [rec]}, "astream", 1)
 
     async def agen(x: Any) -> AsyncGenerator[str, None]:
         yield x
@@ -4520,22 +4500,14 @@ def test_R1_streams_without_handlers_and_async_tools_run_plainly() -> None:
     chain = Lambda(_ident) | Tool(ashout)
     assert list(chain.stream("a")) == ["A"]
     assert asyncio.run(chain.ainvoke("b")) == "B"
-
-    async def chunks() -> list[Any]:
-        return [c async for c in chain.astream("c")]
-
-    assert asyncio.run(chunks()) == ["C"]
+    assert _streamed(chain, None, "astream", "c") == ["C"]
 
 
 def test_R1_a_retriever_streams_its_documents_as_one_chunk() -> None:
     retriever = Retriever(["a b", "c"], name="docs")
     rec = Recorder()
     assert list(retriever.stream("a", {"callbacks": [rec]})) == [[Document("a b")]]
-
-    async def chunks() -> list[Any]:
-        return [c async for c in retriever.astream("c", {"callbacks": [rec]})]
-
-    assert asyncio.run(chunks()) == [[Document("c")]]
+    assert _streamed(retriever, {"callbacks": [rec]}, "astream", "c") == [[Document("c")]]
     assert rec.events() == ["on_retriever_start", "on_retriever_end"] * 2
 
 
@@ -4623,11 +4595,7 @@ def test_S10_R1_streams_carry_the_input_the_output_and_the_enclosing_run() -> No
 
     chain = Chain(Lambda(lambda x: x + 1, name="a"), Lambda(body, name="b"), Lambda(str, name="c"))
     assert list(chain.stream(1, {"callbacks": [rec]})) == ["20"]
-
-    async def achunks() -> list[Any]:
-        return [c async for c in chain.astream(1, {"callbacks": [rec]})]
-
-    assert asyncio.run(achunks()) == ["20"]
+    assert _streamed(chain, {"callbacks": [rec]}, "astream", 1) == ["20"]
     for records in (rec.records[: len(rec.records) // 2], rec.records[len(rec.records) // 2 :]):
         starts = {r.kwargs["name"]: r for r in records if r.event.phase == "start"}
         ends = [r for r in records if r.event.phase == "end"]
@@ -5516,12 +5484,8 @@ def test_D3_D6_an_interrupt_just_after_a_handler_returned_lets_what_it_returned_
                 log.append("sent")
                 raise KeyboardInterrupt("after the call")
 
-    sys.setprofile(interrupt)
-    try:
-        with pytest.raises(KeyboardInterrupt, match="after the call"):
-            Lambda(_ident).invoke(1, {"callbacks": [Returns()]})
-    finally:
-        sys.setprofile(None)
+    raised = _run_with_hook(interrupt, Lambda(_ident), {"callbacks": [Returns()]}, "invoke")
+    assert isinstance(raised, KeyboardInterrupt) and "after the call" in str(raised)
     started = [] if returns == "a plain value" else ["start"]
     assert log == ["sent", *started, "error KeyboardInterrupt"]
 
@@ -5620,14 +5584,8 @@ def test_D3_an_interrupt_outranks_a_failure_of_closing_the_inner_runs(
 
     rec, checker = Recorder(), TraceChecker()
     chain = Chain(Lambda(_ident, name="a"), LLM("a b c"), name="outer")
-    stream = chain.stream("q", {"callbacks": [rec, checker, FailsOnLLMError()]})
-    sys.setprofile(interrupt)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            for _ in stream:
-                pass
-    finally:
-        sys.setprofile(None)
+    config: RunnableConfig = {"callbacks": [rec, checker, FailsOnLLMError()]}
+    assert isinstance(_run_with_hook(interrupt, chain, config, "stream"), KeyboardInterrupt)
     checker.check()
     assert rec.events()[-2:] == ["on_llm_error", "on_chain_error"]
     assert [type(e) for e in _errors(rec)] == [GeneratorExit, KeyboardInterrupt]
@@ -5636,6 +5594,21 @@ def test_D3_an_interrupt_outranks_a_failure_of_closing_the_inner_runs(
 # ===============================================================================================
 # D3: balance under cancellation and interrupts
 # ===============================================================================================
+
+
+# What every handler hears when the step of `_nested` fails: each run closes with an error.
+_NESTED_FAILED: list[_Row] = [
+    ("on_chain_start", 1, None, [], {}),
+    ("on_chain_start", 2, 1, ["seq:step:1"], {}),
+    ("on_chain_end", 2, 1, ["seq:step:1"], None),
+    ("on_chain_start", 3, 1, ["seq:step:2"], {}),
+    ("on_chain_start", 4, 3, ["seq:step:1"], {}),
+    ("on_chain_end", 4, 3, ["seq:step:1"], None),
+    ("on_chain_start", 5, 3, ["seq:step:2"], {}),
+    ("on_chain_error", 5, 3, ["seq:step:2"], None),  # innermost first
+    ("on_chain_error", 3, 1, ["seq:step:2"], None),
+    ("on_chain_error", 1, None, [], None),
+]
 
 
 def test_D3_cancelling_a_nested_async_run_keeps_every_trace_balanced() -> None:
@@ -5649,11 +5622,7 @@ def test_D3_cancelling_a_nested_async_run_keeps_every_trace_balanced() -> None:
         await asyncio.sleep(10)
         return x
 
-    chain = Chain(
-        Lambda(_ident, name="a"),
-        Chain(Lambda(_ident, name="b"), Lambda(slow), name="inner"),
-        name="outer",
-    )
+    chain = _nested(Lambda(slow))
 
     async def main() -> None:
         started.append(asyncio.Event())
@@ -5667,18 +5636,7 @@ def test_D3_cancelling_a_nested_async_run_keeps_every_trace_balanced() -> None:
     with sequential_run_ids():
         asyncio.run(main())
     for probe in probes:
-        assert _trace(probe.recorder) == [
-            ("on_chain_start", 1, None, [], {}),
-            ("on_chain_start", 2, 1, ["seq:step:1"], {}),
-            ("on_chain_end", 2, 1, ["seq:step:1"], None),
-            ("on_chain_start", 3, 1, ["seq:step:2"], {}),
-            ("on_chain_start", 4, 3, ["seq:step:1"], {}),
-            ("on_chain_end", 4, 3, ["seq:step:1"], None),
-            ("on_chain_start", 5, 3, ["seq:step:2"], {}),
-            ("on_chain_error", 5, 3, ["seq:step:2"], None),  # innermost first
-            ("on_chain_error", 3, 1, ["seq:step:2"], None),
-            ("on_chain_error", 1, None, [], None),
-        ], probe.label
+        assert _trace(probe.recorder) == _NESTED_FAILED, probe.label
         errors = _errors(probe.recorder)
         assert len(errors) == 3
         assert all(isinstance(e, asyncio.CancelledError) for e in errors)
@@ -5761,26 +5719,11 @@ def test_D3_keyboard_interrupt_inside_an_async_run_closes_every_run(
 ) -> None:
     log: _Log = []
     probes = _mixed_probes(log)
-    chain = Chain(
-        Lambda(_ident, name="a"),
-        Chain(Lambda(_ident, name="b"), Lambda(func, name="boom"), name="inner"),
-        name="outer",
-    )
+    chain = _nested(Lambda(func, name="boom"))
     with sequential_run_ids(), pytest.raises(KeyboardInterrupt) as info:
         asyncio.run(chain.ainvoke("q", {"callbacks": probes}))
     for probe in probes:
-        assert _trace(probe.recorder) == [
-            ("on_chain_start", 1, None, [], {}),
-            ("on_chain_start", 2, 1, ["seq:step:1"], {}),
-            ("on_chain_end", 2, 1, ["seq:step:1"], None),
-            ("on_chain_start", 3, 1, ["seq:step:2"], {}),
-            ("on_chain_start", 4, 3, ["seq:step:1"], {}),
-            ("on_chain_end", 4, 3, ["seq:step:1"], None),
-            ("on_chain_start", 5, 3, ["seq:step:2"], {}),
-            ("on_chain_error", 5, 3, ["seq:step:2"], None),
-            ("on_chain_error", 3, 1, ["seq:step:2"], None),
-            ("on_chain_error", 1, None, [], None),
-        ], probe.label
+        assert _trace(probe.recorder) == _NESTED_FAILED, probe.label
         assert _errors(probe.recorder) == [info.value] * 3  # the same object, re-raised
         probe.checker.check()
 
@@ -5835,26 +5778,12 @@ def test_D3_a_run_its_body_already_ended_is_not_closed_twice() -> None:
         assert rec.events() == ["on_chain_start", "on_chain_end"], mode
 
 
-def test_D3_astream_whose_start_fails_closes_that_run_only() -> None:
-    strict = _Shared("strict", [], fail=("on_chain_start", "f", ValueError("no")), raise_error=True)
-    rec = Recorder()
-
-    async def main() -> None:
-        stream: Any = Lambda(_ident, name="f").astream(1, {"callbacks": [strict, rec]})
-        async with contextlib.aclosing(stream):
-            async for _ in stream:
-                pass
-
-    with pytest.raises(ValueError, match="no"):
-        asyncio.run(main())
-    assert rec.events() == ["on_chain_start", "on_chain_error"]
-
-
-def test_D3_stream_whose_start_fails_closes_that_run_and_raises_the_failure() -> None:
+@pytest.mark.parametrize("mode", ["stream", "astream"])
+def test_D3_stream_whose_start_fails_closes_that_run_and_raises_the_failure(mode: str) -> None:
     strict = _Shared("strict", [], fail=("on_chain_start", "f", ValueError("no")), raise_error=True)
     rec = Recorder()
     with pytest.raises(ValueError, match=r"^no$"):
-        list(Lambda(_ident, name="f").stream(1, {"callbacks": [strict, rec]}))
+        _streamed(Lambda(_ident, name="f"), {"callbacks": [strict, rec]}, mode, 1)
     assert rec.events() == ["on_chain_start", "on_chain_error"]
 
 
@@ -6187,44 +6116,14 @@ def test_D3_keyboard_interrupt_in_an_async_parallel_branch_closes_every_run() ->
 # ===============================================================================================
 
 
-def test_S11_abatch_inside_an_async_run_makes_children() -> None:
-    rec = Recorder()
-    leaf = Lambda(_ident, name="leaf")
-
-    async def outer_body(xs: list[str]) -> list[Any]:
-        return await leaf.abatch(xs)
-
-    outer = Lambda(outer_body, name="outer")
-    config: RunnableConfig = {"callbacks": [rec], "max_concurrency": 1}
-    with sequential_run_ids():
-        assert asyncio.run(outer.ainvoke(["x", "y"], config)) == ["x", "y"]
-    assert [(m, i, p) for m, i, p, _, _ in _trace(rec)] == [
-        ("on_chain_start", 1, None),
-        ("on_chain_start", 2, 1),
-        ("on_chain_end", 2, 1),
-        ("on_chain_start", 3, 1),
-        ("on_chain_end", 3, 1),
-        ("on_chain_end", 1, None),
-    ]
-
-
 @pytest.mark.parametrize("limit", [1, 3, None])
 def test_R3_abatch_max_concurrency_bounds_the_tasks(limit: int | None) -> None:
-    active, peak = [0], [0]
-
-    async def work(x: int) -> int:
-        active[0] += 1
-        peak[0] = max(peak[0], active[0])
-        for _ in range(3):  # let every other ready task run meanwhile
-            await asyncio.sleep(0.001)
-        active[0] -= 1
-        return x
-
+    peak = _Peak()
     config: RunnableConfig = {"callbacks": [Recorder()]}
     if limit is not None:
         config["max_concurrency"] = limit
-    assert asyncio.run(Lambda(work).abatch(list(range(7)), config)) == list(range(7))
-    assert peak[0] == (limit or 7)  # all seven at once without a limit: the count is real
+    assert asyncio.run(Lambda(peak.abranch).abatch(list(range(7)), config)) == list(range(7))
+    assert peak.peak == (limit or 7)  # all seven at once without a limit: the count is real
 
 
 # ===============================================================================================
@@ -6382,27 +6281,16 @@ def test_D3_astream_closed_early_stays_balanced_when_closing_an_inner_run_fails(
         def on_llm_error(self, error: BaseException, **kwargs: Any) -> None:
             raise ValueError("handler broke")
 
-    async def main(rec: Recorder, checker: TraceChecker) -> None:
-        chain = Chain(Lambda(_ident, name="a"), LLM("a b c"), name="outer")
-        stream = chain.astream("q", {"callbacks": [rec, checker, FailsOnLLMError()]})
-        assert isinstance(stream, AsyncGenerator)
-        await stream.__anext__()
-        with pytest.raises(ValueError, match="handler broke"):
-            await stream.aclose()
-
-    for closer in ("sync", "async"):
+    for mode in ("stream", "astream"):  # the sync stream, for comparison: the same trace
         rec, checker = Recorder(), TraceChecker()
-        if closer == "async":
-            asyncio.run(main(rec, checker))
-        else:  # the sync stream, for comparison: the same trace
-            chain = Chain(Lambda(_ident, name="a"), LLM("a b c"), name="outer")
-            stream = chain.stream("q", {"callbacks": [rec, checker, FailsOnLLMError()]})
-            next(stream)
-            assert isinstance(stream, Generator)
-            with pytest.raises(ValueError, match="handler broke"):
-                stream.close()
+        taken: list[Any] = []
+        chain = Chain(Lambda(_ident, name="a"), LLM("a b c"), name="outer")
+        config: RunnableConfig = {"callbacks": [rec, checker, FailsOnLLMError()]}
+        with pytest.raises(ValueError, match="handler broke"):
+            _take_then_close(chain, config, mode, taken)
+        assert len(taken) == 1  # the closing raised, not the first chunk
         checker.check()
-        assert rec.events()[-2:] == ["on_llm_error", "on_chain_error"], closer
+        assert rec.events()[-2:] == ["on_llm_error", "on_chain_error"], mode
         assert [type(e).__name__ for e in _errors(rec)] == ["GeneratorExit", "ValueError"]
 
 
