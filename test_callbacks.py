@@ -3479,6 +3479,29 @@ def _streamed(
     return asyncio.run(main())
 
 
+@pytest.mark.parametrize("generator", [False, True], ids=["plain", "generator"])
+@pytest.mark.parametrize("mode", ["stream", "astream"])
+def test_S3_S10_a_streamed_lambdas_body_runs_in_its_runs_scope(mode: str, generator: bool) -> None:
+    """What a streamed `Lambda`'s body calls, a plain function's or a generator function's
+    (each chunk is made in the run's scope), is a child of its run and obeys the call's
+    ``max_concurrency``."""
+    peak, rec = _Peak(), Recorder()
+    inner = Lambda(peak.branch, name="inner")
+
+    def plain(x: int) -> list[int]:
+        return inner.batch([x] * 3)
+
+    def chunks(x: int) -> Generator[list[int], None, None]:
+        yield inner.batch([x] * 3)
+
+    lam = Lambda(chunks if generator else plain, name="outer")
+    config: RunnableConfig = {"max_concurrency": 1, "callbacks": [rec]}
+    assert _streamed(lam, config, mode, 7) == [[7, 7, 7]]
+    assert peak.peak == 1
+    starts = [r for r in rec.records if r.event.phase == "start"]
+    assert [r.parent_run_id for r in starts] == [None] + [starts[0].run_id] * 3
+
+
 def _words(text: Any) -> Generator[str, None, None]:
     """A generator function for a `Lambda`: the input's words, one chunk each."""
     yield from _TOKEN_WORDS.findall(text.content if hasattr(text, "content") else str(text))
