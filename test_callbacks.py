@@ -3618,6 +3618,35 @@ def test_R7_a_parallel_yields_one_key_chunk_per_branch_chunk(mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", ["stream", "astream"])
+def test_R7_a_parallel_passes_a_branchs_chunk_on_as_soon_as_it_is_made(mode: str) -> None:
+    """A branch's chunk is not held back until the other branches have one: here the slow
+    branch makes its chunk only once the consumer has the fast one's."""
+    consumed = threading.Event()
+
+    def fast(x: Any) -> Generator[str, None, None]:
+        yield "fast"
+
+    def slow(x: Any) -> Generator[str, None, None]:
+        assert consumed.wait(5), "the fast branch's chunk was held back"
+        yield "slow"
+
+    fan, chunks = Parallel(f=Lambda(fast), s=Lambda(slow)), list[Any]()
+
+    async def consume() -> None:
+        async for chunk in fan.astream(1):
+            chunks.append(chunk)
+            consumed.set()
+
+    if mode == "astream":
+        asyncio.run(consume())
+    else:
+        for chunk in fan.stream(1):
+            chunks.append(chunk)
+            consumed.set()
+    assert chunks == [{"f": "fast"}, {"s": "slow"}]
+
+
+@pytest.mark.parametrize("mode", ["stream", "astream"])
 def test_R7_D3_a_failure_of_the_step_before_a_parallel_reaches_every_branch(mode: str) -> None:
     """Each branch reads the streamed input at its own pace: a failure to read it (the model
     before fails after its first token) is every branch's, and every run closes with it."""
