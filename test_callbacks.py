@@ -8765,8 +8765,8 @@ def test_X5_check_accepts_a_trace_that_keeps_the_rules_in_either_spelling(
 def test_X5_check_names_the_rule_and_the_line_a_trace_breaks(
     tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """One end removed, a token after its run's end, an end for a run that never started: each
-    is reported with its rule id and line, and the exit status is 1."""
+    """One end removed, a token after its run's end, an end for a run that never started, run
+    ids that are not UUIDs: each is reported with its rule id and line; the exit status is 1."""
     lines = _sample_trace()
     llm, root = _U(3), _U(1)
     assert _check(lines[:6] + lines[7:], tmp_path, capsys) == (1, [
@@ -8782,6 +8782,12 @@ def test_X5_check_names_the_rule_and_the_line_a_trace_breaks(
     assert _check([*lines, stray], tmp_path, capsys) == (1, [
         f"T:11: D3 on_chain_end(run_id={_U(99)}): no run with this id has started",
         "T: 11 events, 4 runs: 1 broken rule(s)",
+    ])  # fmt: skip
+    odd: list[Any] = ["abc", 5, [1]]  # not UUIDs: each is reported, none stops the check
+    notes = [json.dumps({"event": "on_text", "run_id": rid}) for rid in odd]
+    assert _check(notes, tmp_path, capsys) == (1, [
+        *[f"T:{n}: R6 on_text(run_id={rid}): run_id is not a UUID" for n, rid in enumerate(odd, 1)],
+        "T: 3 events, 0 runs: 3 broken rule(s)",
     ])  # fmt: skip
 
 
