@@ -1783,7 +1783,7 @@ class _Manager(_Scope):
         """
         inheritable_callbacks = _foreign_manager(inheritable_callbacks) or inheritable_callbacks
         local_callbacks = _foreign_manager(local_callbacks) or local_callbacks
-        if isinstance(inheritable_callbacks, _Manager):
+        if isinstance(inheritable_callbacks, _Manager):  # its handlers are the clone's own
             manager, inheritable_callbacks = cls._clone(inheritable_callbacks), ()
         else:
             manager = cls()
