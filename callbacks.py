@@ -1793,8 +1793,12 @@ class _Manager(_Scope):
             (inheritable_callbacks, inheritable_tags, inheritable_metadata, True),  # S1, S3
             (local_callbacks, local_tags, local_metadata, False),  # then local ones (S5)
         ):
-            checked = _check_handlers(callbacks or ()), _check_tags(tags or ())
-            manager._merge(*checked, _check_metadata(metadata or {}), inherit)
+            manager._merge(
+                _check_handlers(callbacks or ()),
+                _check_tags(tags or ()),
+                _check_metadata(metadata or {}),
+                inherit,
+            )
         return manager
 
     @classmethod

@@ -7447,8 +7447,9 @@ def _source_name(qualname: str) -> str:
 def _is_code_of(code: types.CodeType, func: Any) -> bool:
     """Whether ``code`` runs ``func``, a function of callbacks.py: its own, or a renamed copy
     of it (`_source_name`; the wrapper's code is shared by every wrapped function)."""
-    name = _source_name(code.co_qualname)
-    return code.co_filename == callbacks.__file__ and name == func.__qualname__
+    if code.co_filename != callbacks.__file__:
+        return False
+    return _source_name(code.co_qualname) == str(func.__qualname__)
 
 
 def _raise_c_call(builtin: Any, error: Callable[[], BaseException]) -> Any:
