@@ -1230,7 +1230,41 @@ def _call_handler(
 
 
 _UNCALLED: Final = object()  # `_dispatch`'s ``result`` until the handler's method is called
-_FRESH: Final = (None, _UNCALLED, None)  # a handler at hand: not called, no result, no failure
+
+
+def _settle(
+    handlers: Sequence[object],
+    i: int,
+    event: Event,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    called: Any,
+    result: Any,
+    error: BaseException,
+    raised: BaseException | None,
+) -> BaseException | None:
+    """For `_dispatch`: what ``error``, met while delivering the event to ``handlers[i]``,
+    means. Of it and ``raised`` (the failure kept so far), return the one to raise last.
+
+    ``called`` is the handler's method if it was called (None if not yet), and ``result``
+    what it returned (`_UNCALLED` if it did not return). An `Exception` is the handler's
+    failure (D2), or its fallback event's (D4); a `RecursionError` before its method could be
+    entered means Python cannot deliver it (`_Undelivered`). An interrupt is held: the handler
+    hears the event first if it had not (D3), and what it returned is run (D6).
+    """
+    handler = handlers[i] if i < len(handlers) else None  # None: past the last one
+    if isinstance(error, Exception):
+        if result is _UNCALLED and _never_entered(error, called):
+            raise _Undelivered(handlers[i:], error) from None  # not heard
+        fallback = _fallback(event, args, error)
+        if fallback is not None:  # D4: its fallback obeys its own ignore flag
+            return _keep(raised, _call_handler(handler, *fallback, kwargs))
+        return _keep(raised, _after_failure(handler, event, kwargs, error))
+    if called is None and handler is not None:  # came before it was called: deliver now
+        raised = _keep(raised, _call_handler(handler, event, args, kwargs))
+    elif result is not _UNCALLED and result is not None:  # after it returned: run that (D6)
+        raised = _keep(raised, _call_awaitable(handler, event, kwargs, result))
+    return _keep(raised, error)
 
 
 def _dispatch(
@@ -1254,7 +1288,8 @@ def _dispatch(
     Every handler receives the event even when an earlier one failed or an interrupt arrived
     meanwhile, so that each handler's trace stays balanced (D3). Then the first non-`Exception`
     (such as `KeyboardInterrupt`) is raised, else the first failure of a ``raise_error``
-    handler; other failures are only logged. `_Undelivered` if Python cannot call a handler.
+    handler; other failures are only logged (`_settle`). `_Undelivered` if Python cannot call
+    a handler.
 
     The run's state moves with the delivery, so that an interrupt at any point leaves it
     truthful: a start event makes ``handlers`` the run's listeners as delivery begins, and a
@@ -1284,19 +1319,25 @@ def _dispatch(
         try:
             if resume:  # take over where the fast path stood (emptied: it knows we did)
                 i, pending, resume[:] = resume[0] - 1, resume[1:], ()
-                start = i + 1  # its handler's outcome is settled as this loop's first
             if opens:
                 run._listeners = handlers  # from here on, each of them hears it
-            for handler in handlers[start:] if start else handlers:
-                # The last line before the handler's guard: ``i`` is its index there, and what
-                # the fast path knows of it, if anything, is taken on the same line.
-                (called, result, failure), pending, i = pending or _FRESH, None, i + 1
-                try:  # `_call_handler`, inlined: the hot path
-                    if failure is not None:  # the fast path's outcome for it: settled below
+            if pending is not None:  # the fast path's handler: what became of it, settled
+                (called, result, failure), pending, i = pending, None, i + 1
+                try:
+                    if failure is not None:
                         raise failure
-                    if called is not None:  # the fast path called it: what it returned
-                        pass
-                    elif known is not None:
+                    if inspect.isawaitable(result):  # else a value, ignored (not None: handed)
+                        _await_handler(result)
+                except BaseException as error:
+                    raised = _settle(
+                        handlers, i, event, args, kwargs, called, result, error, raised
+                    )
+                start = i + 1
+            for handler in handlers[start:] if start else handlers:
+                # The last line before the handler's guard: ``i`` is its index there.
+                called, result, i = None, uncalled, i + 1
+                try:  # `_call_handler`, inlined: the hot path
+                    if known is not None:
                         method = known[i]
                         if method is None:
                             continue
@@ -1311,33 +1352,18 @@ def _dispatch(
                         if fresh is not None:
                             fresh[i] = method
                     # ``called`` is set on the very line that calls the handler: no line between
-                    if called is None and usual:
+                    if usual:
                         result = (called := method)(data, run_id=rid, parent_run_id=pid, tags=tags)
-                    elif called is None:
+                    else:
                         result = (called := method)(*args, **kwargs)
                     if result is not None and inspect.isawaitable(result):
                         _await_handler(result)
                 except BaseException as error:
                     if called is None:  # its flags failed, or will be read again: no cache
                         fresh = None
-                    if isinstance(error, Exception):
-                        if result is uncalled and _never_entered(error, called):
-                            raise _Undelivered(handlers[i:], error) from None  # not heard
-                        fallback = _fallback(event, args, error)
-                        if fallback is not None:  # D4: its fallback obeys its own ignore flag
-                            raised = _keep(raised, _call_handler(handler, *fallback, kwargs))
-                        else:
-                            raised = _keep(raised, _after_failure(handler, event, kwargs, error))
-                        continue
-                    # An interrupt: hold it. It came before the handler was called (deliver
-                    # now), after it returned (run what it returned, D6), or from the handler.
-                    if called is None:
-                        raised = _keep(raised, _call_handler(handler, event, args, kwargs))
-                    elif result is not uncalled and result is not None:
-                        raised = _keep(raised, _call_awaitable(handler, event, kwargs, result))
-                    raised = _keep(raised, error)
-            if pending is not None:  # the fast path was past its last handler: an interrupt
-                raised, pending = _keep(raised, pending[2]), None
+                    raised = _settle(
+                        handlers, i, event, args, kwargs, called, result, error, raised
+                    )
             if closes:
                 run._end = _DONE
             elif fresh is not None:
@@ -2124,20 +2150,24 @@ _V4_SET: Final = (0x4000 << 64) | (0x8000 << 48)
 
 
 _UNKNOWN: Final = uuid.SafeUUID.unknown  # an enum member: slow to look up on each call
-_SET: Final = object.__setattr__  # `uuid.UUID` refuses plain assignment
+_SLOTS: Final = {"int", "is_safe"} <= set(getattr(uuid.UUID, "__slots__", ()))
+# `uuid.UUID` refuses plain assignment: its slots are set through their own descriptors,
+# looked up once here (a third of the cost of ``object.__setattr__`` by name).
+_SET_INT: Final = vars(uuid.UUID)["int"].__set__ if _SLOTS else None
+_SET_SAFE: Final = vars(uuid.UUID)["is_safe"].__set__ if _SLOTS else None
+_GETRANDBITS: Final = _RANDOM.getrandbits
 
 
 def _uuid4() -> uuid.UUID:
     """A random UUID of version 4 and the RFC 4122 variant, like `uuid.uuid4`'s."""
     run_id = object.__new__(uuid.UUID)
-    _SET(run_id, "int", _RANDOM.getrandbits(128) & _V4_CLEAR | _V4_SET)
-    _SET(run_id, "is_safe", _UNKNOWN)
+    _SET_INT(run_id, _GETRANDBITS(128) & _V4_CLEAR | _V4_SET)  # type: ignore[misc]
+    _SET_SAFE(run_id, _UNKNOWN)  # type: ignore[misc]
     return run_id
 
 
 _ID_FACTORY: contextvars.ContextVar[Callable[[], uuid.UUID]] = contextvars.ContextVar(
-    "callbacks_run_id_factory",
-    default=_uuid4 if {"int", "is_safe"} <= set(uuid.UUID.__slots__) else uuid.uuid4,
+    "callbacks_run_id_factory", default=_uuid4 if _SLOTS else uuid.uuid4
 )
 
 
@@ -2350,25 +2380,16 @@ class _Run(_Scope):
         error path where an interrupt cannot be held, the entry of `_fail` (D3)."""
         self._fail(sys.exc_info()[1] or RuntimeError("the run was left open"))
 
-    def _closing(
-        self, event: Event, args: tuple[Any, ...], extra: dict[str, Any]
-    ) -> tuple[Any, ...]:
-        """Choose the run's one closing event (D3), for `_finish` and `_afinish` alike: kept in
-        ``_end`` from here on, so that a delivery cut short is finished, never replaced."""
-        listeners, kw = self._listeners, self._kw  # (D7: nobody to tell, no keywords)
-        kw = kw if listeners and kw is not None and not extra else None
-        kw = kw or (self._kwargs(event, extra) if listeners else {})
-        self._end = (listeners, event, args, kw)
-        return self._end
-
     def _finish(self, event: Event, args: tuple[Any, ...], extra: dict[str, Any]) -> None:
         """Deliver the run's closing event: ``event``, or the one chosen before if its delivery
         was cut short; first the closing events of children left open (D3)."""
         target: _Run = self
         try:
             end = self._end
-            if end is None:  # from here on, this is the run's one closing event (D3)
-                end = self._closing(event, args, extra)
+            if end is None:  # from here on, the run's one closing event: finished, not replaced
+                listeners, kw = self._listeners, None if extra else self._kw  # (D3)
+                kw = (kw or self._kwargs(event, extra)) if listeners else {}  # D7: nobody, no id
+                end = self._end = (listeners, event, args, kw)
             while self._orphans:
                 if (target := self._orphans[0])._end:
                     _dispatch(target, *target._end)
@@ -2536,8 +2557,10 @@ class AsyncRunManager(_Run):
         target: _Run = self
         try:
             end = self._end
-            if end is None:  # from here on, this is the run's one closing event (D3)
-                end = self._closing(event, args, extra)
+            if end is None:  # from here on, the run's one closing event: finished, not replaced
+                listeners, kw = self._listeners, None if extra else self._kw  # (D3)
+                kw = (kw or self._kwargs(event, extra)) if listeners else {}  # D7: nobody, no id
+                end = self._end = (listeners, event, args, kw)
             while self._orphans:
                 if (target := self._orphans[0])._end:
                     await _adispatch(target, *target._end)

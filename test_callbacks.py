@@ -809,11 +809,14 @@ def test_D1_a_runs_flags_are_read_once_for_an_event_it_fires_again() -> None:
     assert [r.kwargs for r in rec.records[1:5]] == [{}, {}, {"attempt": 2}, {"attempt": 3}]
 
 
-@pytest.mark.parametrize("before", ["async", "failing"])
-def test_D1_a_handler_after_one_that_hands_over_keeps_the_flags_read_first(before: str) -> None:
-    """A handler before it that is async (its coroutine run under sync dispatch) or fails
-    makes each token's fast path hand over to the general dispatch; the handlers after it
-    still keep the flags and methods read at the run's first token (D1)."""
+@pytest.mark.parametrize("before", ["async", "failing", "returning"])
+def test_D1_a_handler_after_one_that_hands_over_keeps_the_flags_read_first(
+    before: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler before it that is async (its coroutine run under sync dispatch), fails, or
+    returns a value that is not awaitable (ignored) makes each token's fast path hand over to
+    the general dispatch; the handlers after it still keep the flags and methods read at the
+    run's first token (D1)."""
 
     class Late(Recorder):
         def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
@@ -824,12 +827,17 @@ def test_D1_a_handler_after_one_that_hands_over_keeps_the_flags_read_first(befor
         def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
             raise ValueError("token handler broke")
 
-    first = AsyncCallbackHandler() if before == "async" else Failing()
+    class Returning(BaseCallbackHandler):
+        def on_llm_new_token(self, token: str, **kwargs: Any) -> str:
+            return token
+
+    first = {"async": AsyncCallbackHandler, "failing": Failing, "returning": Returning}[before]()
     late = Late()
     assert "".join(LLM("a b c d").stream("q", {"callbacks": [first, late]})) == "a b c d"
     assert [r.args[0] for r in late.records if r.event is Event.LLM_NEW_TOKEN] == [
         "a ", "b ", "c ", "d",
     ]  # fmt: skip
+    assert bool(caplog.records) == (before == "failing")  # a value returned is not awaited
 
 
 def test_D1_ignore_chat_model_skips_only_the_chat_start() -> None:
