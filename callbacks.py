@@ -282,7 +282,14 @@ class Event(enum.Enum):
 _START: Final = {e.run_type: e for e in Event if e.phase == "start"}
 _END: Final = {e.run_type: e for e in Event if e.phase == "end"}
 _ERROR: Final = {e.run_type: e for e in Event if e.phase == "error"}
-_FAMILY: Final = {"chat_model": "llm"}  # a chat run streams, ends and fails as an LLM run
+# The run family of each run type: a chat run streams, ends and fails as an LLM run.
+_FAMILY: Final = {
+    "chain": "chain",
+    "llm": "llm",
+    "chat_model": "llm",
+    "tool": "tool",
+    "retriever": "retriever",
+}
 _START_KEYWORDS: Final = _KEYWORDS["start"]
 _OTHER_KEYWORDS: Final = _KEYWORDS["other"]
 _METHODS: Final = frozenset(e.method for e in Event)
@@ -2241,11 +2248,10 @@ class _Run(_Scope):
             self._inheritable_metadata = manager._inheritable_metadata
             self._owned, self._parent = False, manager._parent
         self.run_type = run_type
-        self._family = _FAMILY.get(run_type, run_type)
+        self._family = _FAMILY[run_type]
         self._run_id = run_id
         self._listeners = ()
-        self._end = self._orphans = self._methods = None
-        self._kw = None
+        self._end = self._orphans = self._methods = self._kw = None
         return self
 
     @classmethod
@@ -2304,7 +2310,11 @@ class _Run(_Scope):
         if keywords is _OTHER_KEYWORDS:
             return {**kw, **extra} if extra else kw
         if keywords is _START_KEYWORDS:
-            return {**kw, "metadata": dict(self._metadata), **extra}
+            start = kw.copy()
+            start["metadata"] = self._metadata.copy()
+            if extra:
+                start.update(extra)
+            return start
         return {
             "run_id": kw["run_id"],
             "tags": kw["tags"],
@@ -2626,12 +2636,12 @@ def {method}(self, {payload}, {params}**kwargs):
 """
 _RUN_EVENT_CLOSE: Final = """\
 def {method}(self, {payload}, **kwargs):
-    if kwargs or self._end is not None or self._family != event.run_type or self._orphans:
-        return self._fire(event, ({payload},), kwargs)
-    if not self._listeners:
-        self._end = _DONE
-        return None
-    return self._finish(event, ({payload},), _NO_EXTRA)
+    if self._end is not None or self._family != event.run_type:
+        return self._fire(event, ({payload},), kwargs)  # refused, or finishing a delivery
+    if self._listeners or self._orphans:
+        return self._finish(event, ({payload},), kwargs)
+    self._end = _DONE  # nobody to tell (D7)
+    return None
 """
 _ARUN_EVENT: Final = """\
 async def {method}(self, {payload}, {params}**kwargs):
@@ -4435,7 +4445,7 @@ class TraceChecker(BaseCallbackHandler):
             return self._start(event, run_id, kwargs.get("parent_run_id"), state)
         if state is None:
             hidden = {
-                _FAMILY.get(e.run_type, e.run_type)
+                _FAMILY[e.run_type]
                 for e in _START.values()
                 if getattr(self, e.ignore_flag or "", False)
             }
@@ -4471,7 +4481,7 @@ class TraceChecker(BaseCallbackHandler):
             parent.children.add(run_id)
         elif parent_id is not None:  # a partial view, unless that parent starts later
             self._unseen_parents.add(parent_id)
-        family = _FAMILY.get(event.run_type, event.run_type)
+        family = _FAMILY[event.run_type]
         hidden = getattr(self, _END[family].ignore_flag or "", False)
         self._runs[run_id] = _RunState(family, event.method, must_close=not hidden)
         return None
@@ -5401,7 +5411,7 @@ def _played(
     """``scenario`` with ``ordered``, ``outcome`` and ``trace`` from playing it with ``kit``."""
     play = _Play(scenario, kit)
     outcome = play.outcome(timeout)
-    handlers = scenario["handlers"].values()  # sync ones run concurrently under async dispatch
+    handlers = scenario.get("handlers", {}).values()  # sync ones run concurrently (async)
     ordered = not play.asynchronous or all(h.get("async") or h.get("run_inline") for h in handlers)
     return {**scenario, "ordered": ordered, "outcome": outcome, "trace": play.trace()}
 
