@@ -443,8 +443,10 @@ def test_events_handler_defaults_are_no_ops_except_chat_start() -> None:
     for event in Event:
         args: list[Any] = [None] * len(event.payload)
         if event is Event.CHAT_MODEL_START:
-            with pytest.raises(NotImplementedError):
+            with pytest.raises(NotImplementedError, match=r"^BaseCallbackHandler does not imp"):
                 handler.on_chat_model_start(*args, run_id=run_id)
+            with pytest.raises(NotImplementedError, match=r"^AsyncCallbackHandler does not imp"):
+                asyncio.run(AsyncCallbackHandler().on_chat_model_start(*args, run_id=run_id))
         else:
             assert getattr(handler, event.method)(*args, run_id=run_id) is None
     flags = ["raise_error", "run_inline", *sorted({e.ignore_flag for e in Event if e.ignore_flag})]
@@ -547,8 +549,9 @@ def test_events_plainly_not_a_handler_is_a_type_error(bad: Any) -> None:
         TypeError, match=r"expected a callback handler .* got " + re.escape(repr(bad))
     ):
         Lambda(_ident).invoke(1, {"callbacks": [bad]})
-    with pytest.raises(TypeError, match="expected a callback handler"):
-        CallbackManager().add_handler(bad)
+    for add in (CallbackManager().add_handler, CallbackManager().set_handler):
+        with pytest.raises(TypeError, match=r"^handlers\[0\]: expected a callback handler"):
+            add(bad)
     with pytest.raises(TypeError, match="expected a callback handler"):
         LLM("x", callbacks=[bad])
 
@@ -570,6 +573,8 @@ def test_events_a_handler_need_not_subclass_the_base() -> None:
     assert chain.invoke("hi", {"callbacks": [Duck()]}) == AIMessage("ok")
     assert seen == [("start", "hi"), ("start", "hi"), ("end", "hi"), ("llm", ["Human: hi"]),
                     ("end", AIMessage("ok"))]  # fmt: skip
+    LLM("x", callbacks=[Recorder()])  # checked once per class; a subclass of the base never
+    assert (Duck in callbacks._DUCK_HANDLERS, Recorder in callbacks._DUCK_HANDLERS) == (True, False)
 
 
 @pytest.mark.parametrize(
@@ -1716,6 +1721,7 @@ def test_S4_get_child_takes_the_inheritable_half_and_a_local_tag() -> None:
     )
     with sequential_run_ids():
         run = manager.on_chain_start({"name": "root"}, {"x": 1})
+        assert run.handlers == [inherited, local]  # read: now the run's own lists
         child = run.get_child("seq:step:2")
         assert child.handlers == [inherited]  # LangChain's lists (S12)
         assert child.inheritable_handlers == [inherited]
@@ -2225,6 +2231,12 @@ def test_S12_fields_are_assigned_and_the_parent_set_as_in_langchain() -> None:
     other.add_metadata({"j": 2})
     run = m.merge(fresh).merge(other).on_chain_start({"name": "x"}, 1)
     assert (run.handlers, run.parent_run_id, run.metadata) == ([h, g], parent, {"k": 1, "j": 2})
+    tags = m.tags
+    m.set_handler(g)  # inheritable by default
+    m.add_metadata({"j": 2})
+    m.handlers = [h]
+    tags.append("t")  # still the manager's own list, as in LangChain
+    assert (m.handlers, m.inheritable_handlers, m.tags) == ([h], [g], ["t"])
     heir = CallbackManager([], [g], parent, inheritable_tags=["i"], inheritable_metadata={"i": 1})
     merged = CallbackManager().merge(heir)
     fields = (merged.inheritable_handlers, merged.inheritable_tags, merged.inheritable_metadata)
@@ -2273,6 +2285,11 @@ def test_S12_S6_S7_an_item_appended_twice_to_a_field_is_heard_once_and_checked()
     run = m.on_chain_start({}, 1)
     assert (run._handlers, run.get_child()._handlers) == ((h, *twins), (*twins,))  # S6
     assert (run._tags, run.get_child()._tags) == (("t", "tag"), ("tag",))  # by equality (S7)
+    fresh = CallbackManager()
+    fresh.add_handlers(twins)
+    fresh.add_tags(["tag", tag])
+    ids = [[*map(id, fresh.handlers)], [*map(id, fresh.inheritable_handlers)]]
+    assert (ids, fresh.tags, fresh.inheritable_tags) == ([[*map(id, twins)]] * 2, ["tag"], ["tag"])
     for field, value, message in (
         ("handlers", 42, r"handlers\[\d\]: expected a callback handler.*\(int\)"),
         ("tags", 7, r"tags\[\d\] must be a string, got 7 \(int\)"),
@@ -3011,7 +3028,9 @@ def test_R0_an_error_that_cannot_be_copied_is_refused() -> None:
         def __init__(self, a: str, b: str) -> None:  # args holds one: a copy cannot be made
             super().__init__(a)
 
-    with pytest.raises(TypeError, match=r"^error must be an exception that copy.copy\(\) can"):
+    with pytest.raises(
+        TypeError, match=r"^error must be an exception that copy.copy\(\) can .* NeedsTwo\('a'\) "
+    ):
         LLM("x", error=NeedsTwo("a", "b"))
 
 
@@ -3746,6 +3765,62 @@ def test_R7_D3_a_branch_failing_to_close_does_not_keep_the_others_open(mode: str
     assert taken == [{"g": "a"}, {"m": "1 "}]  # both started
     checker.check()
     assert sorted(step for step in _flow(rec) if step.startswith("!")) == ["!fan", "!g", "!m"]
+
+
+@pytest.mark.parametrize("mode", ["stream", "astream"])
+def test_R7_D2_a_chains_failure_stands_over_a_failure_to_close_the_step_before(mode: str) -> None:
+    """A step fails at its start (a ``raise_error`` handler), its first input chunk taken;
+    closing the step before, still open, fails too (a generator raising in its ``finally``):
+    every run closes (D3), and the first failure leaves the call (D2)."""
+
+    class FailsOnStart(BaseCallbackHandler):
+        raise_error = True
+
+        def on_chain_start(self, *args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("first")
+
+    def stubborn(x: Any) -> Generator[str, None, None]:
+        try:
+            yield "a"
+            yield "b"
+        finally:
+            raise ValueError("will not close")
+
+    rec, checker = Recorder(), TraceChecker(strict=True)
+    late = Lambda(_ident, name="b", callbacks=[FailsOnStart()])
+    with pytest.raises(RuntimeError, match="first"):
+        _streamed(
+            Chain(Lambda(stubborn, name="g"), late, name="c"), {"callbacks": [rec, checker]}, mode
+        )
+    checker.check()
+    assert _flow(rec) == ["+c", "+g", "+b", "!b", "!g", "!c"]
+
+
+@pytest.mark.parametrize("mode", ["stream", "astream"])
+def test_R7_D2_an_interrupt_in_a_parallel_stream_outranks_a_branch_failing_to_close(
+    mode: str,
+) -> None:
+    """An interrupt (Ctrl-C; under asyncio a cancellation) lands in a parallel's stream between
+    two chunks, while a branch whose closing fails is open (a generator raising in its
+    ``finally``): every run closes (D3), and the interrupt leaves the call (D2)."""
+
+    def stubborn(x: Any) -> Generator[str, None, None]:
+        try:
+            yield "a"
+            yield "b"
+        finally:
+            raise ValueError("will not close")
+
+    body, interrupt = Parallel._stream_body, KeyboardInterrupt
+    if mode == "astream":
+        body, interrupt = Parallel._astream_body, asyncio.CancelledError  # type: ignore[assignment]
+    rec, checker = Recorder(), TraceChecker(strict=True)
+    fan = Parallel(g=Lambda(stubborn, name="g"), m=LLM("1 2 3", name="m"), name="fan")
+    config: RunnableConfig = {"callbacks": [rec, checker], "max_concurrency": 1}
+    raised = _run_with_hook(_raise_at(body, interrupt, 2), fan, config, mode)
+    assert type(raised) is interrupt
+    checker.check()
+    assert _flow(rec) == ["+fan", "+g", "!g", "!fan"]  # at the second chunk's asking
 
 
 def test_R7_D3_a_branch_still_making_a_chunk_when_the_stream_closes_is_waited_for(
@@ -7738,7 +7813,7 @@ _BROKEN_STREAMS: dict[str, tuple[list[_Step], list[Violation]]] = {
         [Violation("X1", _A, "on_chain_start", "tags must be a list of strings, got 't' (str)")],
     ),
     "metadata_not_a_dict": (
-        [_start(_A, metadata=[1]), _end(_A)],
+        [_start(_A, tags=None, metadata=[1]), _end(_A)],  # tags may be absent
         [
             Violation(
                 "X1", _A, "on_chain_start", "metadata must be a dict with string keys, got a list"
@@ -8752,6 +8827,9 @@ def test_X5_a_recorder_writes_one_json_object_per_event_from_the_event_table() -
     assert lines[2]["metadata"] is None and "name" not in lines[2]
     assert lines[9]["error"] == {"type": "ZeroDivisionError", "message": "division by zero"}
     assert all("inputs" not in line and "outputs" not in line for line in lines)
+    (rec := Recorder()).on_chain_error(ValueError("e" * 300), run_id=None)  # type: ignore[arg-type]
+    line = json.loads(rec.jsonl())  # no run id: null; a long message: its first 200 characters
+    assert (line["run_id"], line["error"]["message"]) == (None, "e" * 200)
 
 
 def test_X5_check_accepts_a_trace_that_keeps_the_rules_in_either_spelling(
@@ -8792,6 +8870,13 @@ def test_X5_check_names_the_rule_and_the_line_a_trace_breaks(
         f"T:11: D3 on_chain_end(run_id={_U(99)}): no run with this id has started",
         "T: 11 events, 4 runs: 1 broken rule(s)",
     ])  # fmt: skip
+    bad = {"event": "on_chain_start", "run_id": str(_U(9)), "tags": "t", "metadata": [1]}
+    assert _check([json.dumps(bad)], tmp_path, capsys) == (1, [  # in the order found, line by line
+        f"T:1: X1 on_chain_start(run_id={_U(9)}): tags must be a list of strings, got 't' (str)",
+        f"T:1: X1 on_chain_start(run_id={_U(9)}): metadata must be a dict with string keys, got a list",
+        f"T:1: D3 on_chain_start(run_id={_U(9)}): never closed by an end or error event",
+        "T: 1 events, 1 runs: 3 broken rule(s)",
+    ])  # fmt: skip
     odd: list[Any] = ["abc", 5, [1]]  # not UUIDs: each is reported, none stops the check
     notes = [json.dumps({"event": "on_text", "run_id": rid}) for rid in odd]
     assert _check(notes, tmp_path, capsys) == (1, [
@@ -8824,14 +8909,15 @@ def test_X5_check_exits_2_naming_the_line_it_cannot_read(
 def test_X5_python_m_callbacks_check_reads_a_file_or_standard_input(tmp_path: pathlib.Path) -> None:
     """The command itself, as a user runs it, in a fresh interpreter (the stdlib alone)."""
     path = tmp_path / "trace.jsonl"
-    trace = "".join(line + "\n" for line in _sample_trace())
-    path.write_text(trace, encoding="utf-8")
+    trace = "".join(line + "\n" for line in _sample_trace()).replace('"t"', '"t\u00e9"')
+    path.write_text(trace, encoding="utf-8")  # read as UTF-8 whatever the locale
     here = pathlib.Path(__file__).parent
-    for command, stdin in (
-        ([sys.executable, "-m", "callbacks", "check", str(path)], None),
-        ([sys.executable, str(here / "callbacks.py"), "check", "-"], trace),
+    c_locale = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    for cmd, stdin, env in (
+        ([sys.executable, "-m", "callbacks", "check", str(path)], None, c_locale),
+        ([sys.executable, str(here / "callbacks.py"), "check", "-"], trace, None),
     ):
-        done = subprocess.run(command, input=stdin, capture_output=True, text=True, cwd=here)
+        done = subprocess.run(cmd, input=stdin, capture_output=True, text=True, cwd=here, env=env)
         assert (done.returncode, done.stderr) == (0, "")
         assert done.stdout.endswith("10 events, 4 runs: keeps the rules\n")
     broken = subprocess.run(
@@ -9370,6 +9456,7 @@ def test_X5_corpus_entries_are_the_rules_written_out(capsys: pytest.CaptureFixtu
             {"runnable": {"kind": "llm", "text": "x", "error": {"type": "open"}}},
             "an error's type must name a builtin exception, got 'open'",
         ),
+        ({"runnable": {"kind": "llm", "text": "x", "error": {"type": "No"}}}, "got 'No' \\("),
     ],
 )
 def test_X5_a_scenario_description_that_is_not_well_formed_is_refused(
@@ -9400,6 +9487,17 @@ def test_X5_async_modes_play_with_async_handlers_and_functions(mode: str) -> Non
         assert inspect.iscoroutinefunction(play.handlers["a"].on_chain_start)
         assert not inspect.iscoroutinefunction(play.handlers["s"].on_chain_start)
         assert inspect.iscoroutinefunction(play.runnable.func) == (mode == "ainvoke")
+
+
+@pytest.mark.parametrize("mode", ["stream", "astream"])
+def test_X5_a_scenario_streams_its_input_built_with_the_kit_given(mode: str) -> None:
+    """``handlers`` may be left out; the kit builds every node, the corpus's too."""
+    scenario = {"runnable": {"kind": "lambda", "name": "f"}, "call": {"mode": mode, "input": "q"}}
+    assert callbacks._played(scenario)["outcome"] == {"returns": ["q"]}
+    kit = {**callbacks._TOY_KIT, "lambda": lambda f, **o: Lambda(str.upper, **o)}
+    assert callbacks._played({**scenario, "handlers": {}}, kit)["outcome"] == {"returns": ["Q"]}
+    with pytest.raises(ZeroDivisionError):
+        callbacks._corpus({**callbacks._TOY_KIT, "lambda": lambda *a, **o: 1 / 0})
 
 
 def test_X5_playing_a_scenario_lets_an_interrupt_it_did_not_raise_through() -> None:
