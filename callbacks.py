@@ -1857,13 +1857,14 @@ class _Manager(_Scope):
 
     def _merge(
         self,
-        handlers: Sequence[Any],
-        tags: Sequence[str],
-        metadata: Mapping[str, Any],
+        handlers: Sequence[Any] | None,
+        tags: Sequence[str] | None,
+        metadata: Mapping[str, Any] | None,
         inherit: bool,
     ) -> None:
         """Add checked values to a manager that does not own its values (new ones replace
-        them): handlers and tags as ordered sets (S6, S7), metadata merged (S8)."""
+        them): handlers and tags as ordered sets (S6, S7), metadata merged (S8). None adds
+        nothing."""
         if handlers:
             self._handlers = _add_unique(self._handlers, handlers, by_identity=True)
             if inherit:
@@ -2342,19 +2343,15 @@ class _Run(_Scope):
         it. (A child's is delivered by its parent, `_cut_short`: the child refuses it.)"""
         if (self._end is not None and self._over(event)) or _WRONG_RUN[event][self._family]:
             self._refuse(event)
-        listening = bool(self._listeners)
-        if not event.closes:
-            if listening:
-                try:
-                    _dispatch(self, self._listeners, event, args, self._kwargs(event, extra))
-                except _Undelivered as undelivered:  # too deep to go on: the real error (R1)
-                    raise undelivered.error from None
-            else:  # nobody listens, nor ever will: the next notes return at once (D7)
-                self._methods = _UNHEARD[self._family]
-        elif listening or self._orphans:
+        if event.closes:  # (an open run's goes straight to `_finish`, or nowhere: D7)
             self._finish(event, args, extra)
-        else:  # nobody to tell (D7)
-            self._end = _DONE
+        elif self._listeners:
+            try:
+                _dispatch(self, self._listeners, event, args, self._kwargs(event, extra))
+            except _Undelivered as undelivered:  # too deep to go on: the real error (R1)
+                raise undelivered.error from None
+        else:  # nobody listens, nor ever will: the next notes return at once (D7)
+            self._methods = _UNHEARD[self._family]
 
     def _open(self, event: Event, args: tuple[Any, ...], extra: dict[str, Any]) -> None:
         """Fire the start event; if that raises, close the run with an error and re-raise (D3)."""
@@ -3401,11 +3398,8 @@ class Runnable:
             manager, request = _EMPTY, callbacks
         if request or adds:
             bound, manager = self._bound, CallbackManager._clone(manager)
-            manager._merge(
-                bound.get("callbacks", ()), bound.get("tags", ()), bound.get("metadata", {}), True
-            )
-            request_tags, request_metadata = config.get("tags", ()), config.get("metadata", {})
-            manager._merge(request, request_tags, request_metadata, True)  # S1, S3
+            manager._merge(bound.get("callbacks"), bound.get("tags"), bound.get("metadata"), True)
+            manager._merge(request, config.get("tags"), config.get("metadata"), True)  # S1, S3
             # S2, S3, S5: local values last
             manager._merge(self.callbacks, self.tags, self.metadata, False)
         return cls._new(manager, self._run_type, run_id)
