@@ -1333,7 +1333,7 @@ def _dispatch(
                 try:
                     if failure is not None:
                         raise failure
-                    if inspect.isawaitable(result):  # else a value, ignored (not None: handed)
+                    if inspect.isawaitable(result):  # (it hands over any value returned)
                         _await_handler(result)
                 except BaseException as error:
                     raised = _settle(

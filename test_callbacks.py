@@ -3744,20 +3744,22 @@ def test_R7_D3_a_cancellation_while_a_parallel_astream_closes_still_closes_every
     assert sorted(step for step in _flow(rec) if step.startswith("!")) == ["!a", "!b", "!fan"]
 
 
+def _stubborn(x: Any) -> Generator[str, None, None]:
+    """A generator function that fails to close: its ``finally`` raises."""
+    try:
+        yield "a"
+        yield "b"
+    finally:
+        raise ValueError("will not close")
+
+
 @pytest.mark.parametrize("mode", ["stream", "astream"])
 def test_R7_D3_a_branch_failing_to_close_does_not_keep_the_others_open(mode: str) -> None:
     """A generator function that raises while being closed (in its ``finally``), the first
     branch closed: its failure is raised once the other branch has closed too."""
 
-    def stubborn(x: Any) -> Generator[str, None, None]:
-        try:
-            yield "a"
-            yield "b"
-        finally:
-            raise ValueError("will not close")
-
     rec, checker = Recorder(), TraceChecker(strict=True)
-    fan = Parallel(g=Lambda(stubborn, name="g"), m=LLM("1 2 3", name="m"), name="fan")
+    fan = Parallel(g=Lambda(_stubborn, name="g"), m=LLM("1 2 3", name="m"), name="fan")
     config: RunnableConfig = {"callbacks": [rec, checker], "max_concurrency": 1}
     taken: list[Any] = []
     with pytest.raises(ValueError, match="will not close"):
@@ -3779,18 +3781,11 @@ def test_R7_D2_a_chains_failure_stands_over_a_failure_to_close_the_step_before(m
         def on_chain_start(self, *args: Any, **kwargs: Any) -> None:
             raise RuntimeError("first")
 
-    def stubborn(x: Any) -> Generator[str, None, None]:
-        try:
-            yield "a"
-            yield "b"
-        finally:
-            raise ValueError("will not close")
-
     rec, checker = Recorder(), TraceChecker(strict=True)
     late = Lambda(_ident, name="b", callbacks=[FailsOnStart()])
     with pytest.raises(RuntimeError, match="first"):
         _streamed(
-            Chain(Lambda(stubborn, name="g"), late, name="c"), {"callbacks": [rec, checker]}, mode
+            Chain(Lambda(_stubborn, name="g"), late, name="c"), {"callbacks": [rec, checker]}, mode
         )
     checker.check()
     assert _flow(rec) == ["+c", "+g", "+b", "!b", "!g", "!c"]
@@ -3804,18 +3799,11 @@ def test_R7_D2_an_interrupt_in_a_parallel_stream_outranks_a_branch_failing_to_cl
     two chunks, while a branch whose closing fails is open (a generator raising in its
     ``finally``): every run closes (D3), and the interrupt leaves the call (D2)."""
 
-    def stubborn(x: Any) -> Generator[str, None, None]:
-        try:
-            yield "a"
-            yield "b"
-        finally:
-            raise ValueError("will not close")
-
     body, interrupt = Parallel._stream_body, KeyboardInterrupt
     if mode == "astream":
         body, interrupt = Parallel._astream_body, asyncio.CancelledError  # type: ignore[assignment]
     rec, checker = Recorder(), TraceChecker(strict=True)
-    fan = Parallel(g=Lambda(stubborn, name="g"), m=LLM("1 2 3", name="m"), name="fan")
+    fan = Parallel(g=Lambda(_stubborn, name="g"), m=LLM("1 2 3", name="m"), name="fan")
     config: RunnableConfig = {"callbacks": [rec, checker], "max_concurrency": 1}
     raised = _run_with_hook(_raise_at(body, interrupt, 2), fan, config, mode)
     assert type(raised) is interrupt
