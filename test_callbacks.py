@@ -3506,12 +3506,12 @@ def _streamed(
     return asyncio.run(main())
 
 
-@pytest.mark.parametrize("generator", [False, True], ids=["plain", "generator"])
+@pytest.mark.parametrize("shape", ["plain", "generator", "in_chain", "in_parallel"])
 @pytest.mark.parametrize("mode", ["stream", "astream"])
-def test_S3_S10_a_streamed_lambdas_body_runs_in_its_runs_scope(mode: str, generator: bool) -> None:
+def test_S3_S10_a_streamed_lambdas_body_runs_in_its_runs_scope(mode: str, shape: str) -> None:
     """What a streamed `Lambda`'s body calls, a plain function's or a generator function's
     (each chunk is made in the run's scope), is a child of its run and obeys the call's
-    ``max_concurrency``."""
+    ``max_concurrency``, also as a chain's step or a parallel's branch."""
     peak, rec = _Peak(), Recorder()
     inner = Lambda(peak.branch, name="inner")
 
@@ -3521,12 +3521,14 @@ def test_S3_S10_a_streamed_lambdas_body_runs_in_its_runs_scope(mode: str, genera
     def chunks(x: int) -> Generator[list[int], None, None]:
         yield inner.batch([x] * 3)
 
-    lam = Lambda(chunks if generator else plain, name="outer")
+    lam = Lambda(chunks if shape == "generator" else plain, name="outer")
+    outer = {"in_chain": Chain(lam), "in_parallel": Parallel(p=lam)}.get(shape, lam)
     config: RunnableConfig = {"max_concurrency": 1, "callbacks": [rec]}
-    assert _streamed(lam, config, mode, 7) == [[7, 7, 7]]
+    assert _streamed(outer, config, mode, 7) == [{"p": [7, 7, 7]} if "par" in shape else [7, 7, 7]]
     assert peak.peak == 1
-    starts = [r for r in rec.records if r.event.phase == "start"]
-    assert [r.parent_run_id for r in starts] == [None] + [starts[0].run_id] * 3
+    starts = [r for r in rec.records if r.event.phase == "start"][-4:]  # the Lambda's, its calls'
+    root = None if outer is lam else rec.records[0].run_id
+    assert [r.parent_run_id for r in starts] == [root] + [starts[0].run_id] * 3
 
 
 def _words(text: Any) -> Generator[str, None, None]:
