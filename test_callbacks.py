@@ -673,11 +673,8 @@ def test_R8_a_manager_with_langchains_fields_as_callbacks_continues_its_tree() -
     ]
     assert local.events() == ["on_chain_start", "on_chain_end"]  # not inheritable
     runs = CallbackManager.configure(foreign).on_chain_start({}, {})
-    assert (runs.parent_run_id, runs.handlers, runs.inheritable_handlers) == (
-        parent,
-        [rec, local],
-        [rec],
-    )
+    fields = (runs.parent_run_id, runs.handlers, runs.inheritable_handlers)
+    assert fields == (parent, [rec, local], [rec])
     foreign.handlers = "not a list"
     with pytest.raises(TypeError, match="handlers must be a list of handlers, got 'not a list'"):
         chain.invoke("q", {"callbacks": foreign})
@@ -753,23 +750,11 @@ def test_D1_ignore_flags_skip_their_events() -> None:
     )
     handlers = [NoLLM(), NoChain(), NoAgent(), NoRetriever(), NoCustom(), Recorder("all")]
     chain.invoke("q", {"callbacks": handlers})
-    everything = [
-        "on_chain_start",
-        "on_retriever_start",
-        "on_retriever_end",
-        "on_chain_start",
-        "on_chain_end",
-        "on_tool_start",
-        "on_tool_end",
-        "on_chain_start",
-        "on_custom_event",
-        "on_chain_end",
-        "on_llm_start",
-        "on_llm_end",
-        "on_chat_model_start",
-        "on_llm_end",
-        "on_chain_end",
-    ]
+    everything = (  # what a handler ignoring nothing hears, in order
+        "on_chain_start on_retriever_start on_retriever_end on_chain_start on_chain_end"
+        " on_tool_start on_tool_end on_chain_start on_custom_event on_chain_end on_llm_start"
+        " on_llm_end on_chat_model_start on_llm_end on_chain_end"
+    ).split()
 
     def without(*methods: str) -> list[str]:
         return [m for m in everything if m not in methods]
@@ -869,9 +854,7 @@ def test_D1_on_text_cannot_be_ignored_but_retry_can() -> None:
     assert rec.events() == ["on_chain_start", "on_text", "on_retry", "on_chain_end"]
 
 
-def test_D2_failing_handler_is_logged_and_the_run_goes_on(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+def test_D2_failing_handler_is_logged_and_the_run_goes_on(caplog: pytest.LogCaptureFixture) -> None:
     log: list[_LogEntry] = []
     bad = _Shared("bad", log, fail=("on_chain_start", None, ValueError("boom")))
     good = _Shared("good", log)
@@ -1023,6 +1006,17 @@ def test_D3_balance_when_the_runnable_raises() -> None:
     checker.check()
 
 
+# What a handler hears when the second step of a chain fails: no later step starts.
+_SECOND_STEP_FAILED: list[_Row] = [
+    ("on_chain_start", 1, None, [], {}),
+    ("on_chain_start", 2, 1, ["seq:step:1"], {}),
+    ("on_chain_end", 2, 1, ["seq:step:1"], None),
+    ("on_chain_start", 3, 1, ["seq:step:2"], {}),
+    ("on_chain_error", 3, 1, ["seq:step:2"], None),
+    ("on_chain_error", 1, None, [], None),
+]
+
+
 def test_D3_balance_when_raise_error_handler_fails_on_start() -> None:
     log: list[_LogEntry] = []
     error = RuntimeError("handler broke")
@@ -1039,14 +1033,7 @@ def test_D3_balance_when_raise_error_handler_fails_on_start() -> None:
         chain.invoke("q", {"callbacks": [strict, rec, checker]})
     assert info.value is error
     assert ran == []  # the failing start stops the run before its body
-    assert _trace(rec) == [
-        ("on_chain_start", 1, None, [], {}),
-        ("on_chain_start", 2, 1, ["seq:step:1"], {}),
-        ("on_chain_end", 2, 1, ["seq:step:1"], None),
-        ("on_chain_start", 3, 1, ["seq:step:2"], {}),
-        ("on_chain_error", 3, 1, ["seq:step:2"], None),
-        ("on_chain_error", 1, None, [], None),
-    ]
+    assert _trace(rec) == _SECOND_STEP_FAILED
     assert [r.args for r in rec.records[-2:]] == [(error,), (error,)]
     assert log == [
         ("strict", "on_chain_start", 1),
@@ -1068,14 +1055,7 @@ def test_D3_balance_on_keyboard_interrupt() -> None:
     chain = Chain(Lambda(_ident, name="a"), Lambda(interrupt, name="b"), name="outer")
     with sequential_run_ids(), pytest.raises(KeyboardInterrupt):
         chain.invoke("q", {"callbacks": [rec, checker]})
-    assert _trace(rec) == [
-        ("on_chain_start", 1, None, [], {}),
-        ("on_chain_start", 2, 1, ["seq:step:1"], {}),
-        ("on_chain_end", 2, 1, ["seq:step:1"], None),
-        ("on_chain_start", 3, 1, ["seq:step:2"], {}),
-        ("on_chain_error", 3, 1, ["seq:step:2"], None),
-        ("on_chain_error", 1, None, [], None),
-    ]
+    assert _trace(rec) == _SECOND_STEP_FAILED
     assert all(isinstance(r.args[0], KeyboardInterrupt) for r in rec.records[-2:])
     checker.check()
 
@@ -1402,10 +1382,8 @@ def test_D8_a_handler_raising_stop_iteration_is_a_logged_failure_in_every_mode(
     for handler, logged in ((_Stops(), "StopIteration()"), (_AsyncStops(), "RuntimeError(")):
         rec = Recorder()
         caplog.clear()
-        assert _in_mode(Lambda(_ident, name="f"), "x", {"callbacks": [handler, rec]}, mode) == (
-            "x",
-            None,
-        )
+        config: RunnableConfig = {"callbacks": [handler, rec]}
+        assert _in_mode(Lambda(_ident, name="f"), "x", config, mode) == ("x", None)
         assert rec.events() == ["on_chain_start", "on_chain_end"]
         (warning,) = [r.getMessage() for r in caplog.records]
         start = f"error in {type(handler).__name__}.on_chain_start callback for run "
@@ -1787,10 +1765,8 @@ def test_S5_manager_constructor_keeps_the_order_given() -> None:
     assert (list(manager.handlers), list(manager.inheritable_handlers)) == ([a, b, c], [b, c])
     assert (list(manager.tags), list(manager.inheritable_tags)) == (["x", "y", "z"], ["y", "z"])
     manager = CallbackManager(metadata={"k": "run"}, inheritable_metadata={"k": "kids", "j": 1})
-    assert (manager.metadata, manager.inheritable_metadata) == (
-        {"k": "run", "j": 1},
-        {"k": "kids", "j": 1},
-    )
+    metadata = (manager.metadata, manager.inheritable_metadata)
+    assert metadata == ({"k": "run", "j": 1}, {"k": "kids", "j": 1})
 
 
 def test_S6_handler_listed_twice_at_request_time_is_called_once() -> None:
@@ -1859,11 +1835,7 @@ def test_S7_a_local_tag_never_removes_an_inheritable_one() -> None:
 
 def test_S8_metadata_request_then_nested_then_constructor() -> None:
     rec = Recorder()
-    inner = Chain(
-        Lambda(_ident, name="leaf"),
-        name="inner",
-        metadata={"k": "ctor", "c": 3},
-    )
+    inner = Chain(Lambda(_ident, name="leaf"), name="inner", metadata={"k": "ctor", "c": 3})
 
     def nested(x: str) -> Any:
         return inner.invoke(x, {"metadata": {"k": "nested", "n": 2}})
@@ -2273,10 +2245,8 @@ def test_S12_S6_S7_an_item_appended_twice_to_a_field_is_heard_once_and_checked()
     m.handlers.extend([h, h])
     m.tags.extend(["t", "t"])
     m.on_chain_start({"name": "x"}, 1).on_chain_end(2)
-    assert [(r.event.method, r.tags) for r in h.records] == [
-        ("on_chain_start", ["t"]),
-        ("on_chain_end", ["t"]),
-    ]
+    heard = [(r.event.method, r.tags) for r in h.records]
+    assert heard == [("on_chain_start", ["t"]), ("on_chain_end", ["t"])]
     twins, tag = [_EqualToAll(), _EqualToAll()], "".join(["ta", "g"])  # equal, not the same
     m.handlers.extend(twins)
     m.inheritable_handlers.extend(twins)
@@ -2330,10 +2300,8 @@ def test_S12_D8_a_manager_changed_in_place_changes_no_other_manager_or_run() -> 
         ("two", ["req", "step:2"], {"k": 1}),
     ]
     one = h.records[1].run_id
-    assert [(r.event.method, r.run_id) for r in late.records] == [
-        ("on_chain_start", one),
-        ("on_chain_end", one),
-    ]
+    heard = [(r.event.method, r.run_id) for r in late.records]
+    assert heard == [("on_chain_start", one), ("on_chain_end", one)]
     assert (parent.tags, parent.metadata, second.handlers) == (["req"], {"k": 1}, [h])
     assert Chain(Lambda(lambda x: x)).invoke(1, {"callbacks": [h]}) == 1
     assert all("tenant" not in (r.metadata or {}) for r in h.records[-4:])
@@ -2727,10 +2695,8 @@ def test_S6_S7_S9_binding_twice_keeps_equal_handlers_and_merges_equal_tags() -> 
     )
     assert runnable.invoke(1) == 1
     for handler in (first, second):
-        assert [(r.event.method, r.tags) for r in handler.records] == [
-            ("on_chain_start", ["tag", "other"]),
-            ("on_chain_end", ["tag", "other"]),
-        ]
+        heard = [(r.event.method, r.tags) for r in handler.records]
+        assert heard == [("on_chain_start", ["tag", "other"]), ("on_chain_end", ["tag", "other"])]
 
 
 # ===============================================================================================
@@ -3127,12 +3093,8 @@ def test_R2_one_llm_run_per_prompt_run_id_for_the_first() -> None:
         ("on_chat_model_start", 60, ([[HumanMessage("a")]],)),
         ("on_chat_model_start", 2, ([[HumanMessage("b")]],)),
     ]
-    assert [(r.event.method, _int(r.run_id)) for r in rec.records[4:]] == [
-        ("on_llm_end", 50),
-        ("on_llm_end", 1),
-        ("on_llm_end", 60),
-        ("on_llm_end", 2),
-    ]
+    ends = [(r.event.method, _int(r.run_id)) for r in rec.records[4:]]
+    assert ends == [("on_llm_end", 50), ("on_llm_end", 1), ("on_llm_end", 60), ("on_llm_end", 2)]
 
 
 def test_R2_llm_and_chat_runs_are_leaves() -> None:
@@ -3195,23 +3157,9 @@ def test_R3_one_run_id_in_two_per_input_configs_is_refused_before_any_run() -> N
 
 
 def test_R3_max_concurrency_bounds_the_worker_threads() -> None:
-    lock = threading.Lock()
-    barrier = threading.Barrier(2, timeout=5)
-    active = [0]
-    peak = [0]
-
-    def work(x: int) -> int:
-        with lock:
-            active[0] += 1
-            peak[0] = max(peak[0], active[0])
-        barrier.wait()  # needs two at once: fails if only one worker
-        time.sleep(0.01)
-        with lock:
-            active[0] -= 1
-        return x
-
-    assert Lambda(work).batch(list(range(6)), {"max_concurrency": 2}) == list(range(6))
-    assert peak[0] == 2
+    peak = _Peak(meet=2)  # each branch waits for a second: fails if only one worker
+    assert Lambda(peak.branch).batch(list(range(6)), {"max_concurrency": 2}) == list(range(6))
+    assert peak.peak == 2
 
 
 @pytest.fixture
@@ -3360,21 +3308,13 @@ def test_R5_payloads_are_shaped_like_langchains() -> None:
     chat_messages = rec.records[4].args[1]
     assert [(m.type, m.content) for m in chat_messages[0]] == [("human", "hi")]
     chat_gen = rec.records[5].args[0].generations[0][0]
-    assert (chat_gen.text, chat_gen.message.type, chat_gen.message.content) == (
-        "chat out",
-        "ai",
-        "chat out",
-    )
-    assert [(m.type, m.content) for m in (SystemMessage("s"), ToolMessage("t"))] == [
-        ("system", "s"),
-        ("tool", "t"),
-    ]
+    chat = (chat_gen.text, chat_gen.message.type, chat_gen.message.content)
+    assert chat == ("chat out", "ai", "chat out")
+    roles = [(m.type, m.content) for m in (SystemMessage("s"), ToolMessage("t"))]
+    assert roles == [("system", "s"), ("tool", "t")]
     serialized = [r.args[0] for r in rec.records if r.event.phase == "start"]
-    assert [(s["name"], s["id"][-1]) for s in serialized] == [
-        ("r", "Retriever"),
-        ("llm", "LLM"),
-        ("chat", "ChatModel"),
-    ]
+    ids = [(s["name"], s["id"][-1]) for s in serialized]
+    assert ids == [("r", "Retriever"), ("llm", "LLM"), ("chat", "ChatModel")]
 
 
 class _UsageCounter(BaseCallbackHandler):
@@ -3452,11 +3392,8 @@ def test_R5_payloads_dump_to_plain_data_as_langchains_pydantic_ones() -> None:
     assert chat_end.llm_output["token_usage"]["total_tokens"] == 3
     assert chat_end.generations[0][0].message.usage_metadata["total_tokens"] == 3
     document = Document("text", {"k": [1]})
-    assert document.model_dump() == {
-        "metadata": {"k": [1]},
-        "page_content": "text",
-        "type": "Document",
-    }
+    as_dict = document.model_dump()
+    assert as_dict == {"metadata": {"k": [1]}, "page_content": "text", "type": "Document"}
     assert HumanMessage("q", id="m1").model_dump() == {"content": "q", "id": "m1", "type": "human"}
     generation = Generation("t", generation_info={"k": [1]})
     message = AIMessage("c", response_metadata={"k": [1]})
@@ -3604,9 +3541,7 @@ def test_R7_D3_a_step_after_a_model_failing_mid_stream_has_started_and_closes_wi
 ) -> None:
     rec, checker = Recorder(), TraceChecker(strict=True)
     chain = Chain(
-        LLM("a b c", name="llm", error=ValueError("cut")),
-        Lambda(_ident, name="after"),
-        name="seq",
+        LLM("a b c", name="llm", error=ValueError("cut")), Lambda(_ident, name="after"), name="seq"
     )
     with pytest.raises(ValueError, match="cut") as info:
         _streamed(chain, {"callbacks": [rec, checker]}, mode)
@@ -3632,10 +3567,8 @@ def test_R7_a_parallel_yields_one_key_chunk_per_branch_chunk(mode: str) -> None:
         Parallel(p=Lambda(_ident, name="lamP"), q=ChatModel("z", name="chatP"), name="fan"),
         name="seq",
     )
-    assert _merged(_streamed(fed, {"callbacks": [rec], "max_concurrency": 1}, mode)) == {
-        "p": "a b",
-        "q": AIMessage("z"),
-    }
+    merged = _merged(_streamed(fed, {"callbacks": [rec], "max_concurrency": 1}, mode))
+    assert merged == {"p": "a b", "q": AIMessage("z")}
     assert _flow(rec) == [
         "+seq",
         "+llm",
@@ -4647,10 +4580,8 @@ def test_S10_a_streamed_lambdas_implicit_children_stay_in_the_tree() -> None:
     child = Lambda(_ident, name="child")
     for mode in ("stream", "astream"):
         rec = Recorder()
-        assert (
-            _drive(Lambda(lambda x: child.invoke(x), name="body"), {"callbacks": [rec]}, mode)
-            is None
-        )
+        body = Lambda(lambda x: child.invoke(x), name="body")
+        assert _drive(body, {"callbacks": [rec]}, mode) is None
         starts = [r for r in rec.records if r.event.phase == "start"]
         assert [r.kwargs["name"] for r in starts] == ["body", "child"]
         assert starts[1].parent_run_id == starts[0].run_id, mode
@@ -5798,9 +5729,7 @@ def _cancel_while_delivering(method: str, slow_inline: bool) -> tuple[_Log, list
 
 
 @pytest.mark.parametrize(
-    "slow_inline",
-    [False, True],
-    ids=["slow_handler_not_inline", "slow_handler_inline"],
+    "slow_inline", [False, True], ids=["slow_handler_not_inline", "slow_handler_inline"]
 )
 def test_D3_end_event_is_not_lost_when_the_awaiting_task_is_cancelled(slow_inline: bool) -> None:
     log, handlers = _cancel_while_delivering("on_chain_end", slow_inline)
@@ -5817,13 +5746,9 @@ def test_D3_end_event_is_not_lost_when_the_awaiting_task_is_cancelled(slow_inlin
 
 
 @pytest.mark.parametrize(
-    "slow_inline",
-    [False, True],
-    ids=["slow_handler_not_inline", "slow_handler_inline"],
+    "slow_inline", [False, True], ids=["slow_handler_not_inline", "slow_handler_inline"]
 )
-def test_D3_start_event_is_not_lost_when_the_awaiting_task_is_cancelled(
-    slow_inline: bool,
-) -> None:
+def test_D3_start_event_is_not_lost_when_the_awaiting_task_is_cancelled(slow_inline: bool) -> None:
     log, handlers = _cancel_while_delivering("on_chain_start", slow_inline)
     assert ("slow", "done", "on_chain_start", 2) in log
     for h in handlers:
@@ -6122,10 +6047,8 @@ def test_S10_sync_invoke_inside_an_async_run_is_a_child() -> None:
         ("on_chain_end", 4, 1),
         ("on_chain_end", 1, None),
     ]
-    assert [r.args[1] for r in rec.records if r.event is Event.LLM_START] == [
-        ["q-from-async"],
-        ["out-from-thread"],
-    ]
+    prompts = [r.args[1] for r in rec.records if r.event is Event.LLM_START]
+    assert prompts == [["q-from-async"], ["out-from-thread"]]
 
 
 @pytest.mark.parametrize("outer_async", [False, True], ids=["invoke", "ainvoke"])
@@ -8152,10 +8075,7 @@ def test_X1_X2_langchain_core_constructor_handlers_see_a_partial_view() -> None:
     [
         (
             "ignore_chain",
-            [
-                "FakeListChatModel (chat_model) [on_llm_new_token x2] -> ok",
-                "shout (tool) -> ok",
-            ],
+            ["FakeListChatModel (chat_model) [on_llm_new_token x2] -> ok", "shout (tool) -> ok"],
         ),
         (
             "ignore_llm",  # langchain_core gates chat starts on ignore_chat_model only (D1)
@@ -9064,6 +8984,34 @@ def _compact(line: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+# Traces two entries share (the same in a sync mode and an async one).
+_WRITTEN_MD = [
+    'h on_chain_start 1<- - outer {"k":"req","r":1}',
+    'h on_llm_start 2<1 - model {"k":"model","r":1,"n":2}',
+    "h on_llm_end 2<1 -",
+    'h on_retriever_start 3<1 - docs {"k":"req","r":1}',
+    "h on_retriever_end 3<1 -",
+    "h on_chain_end 1<- -",
+]
+_WRITTEN_LATE = [
+    "h on_chain_start 1<- - outer",
+    "h on_llm_start 2<1 - model",
+    "late on_llm_start 2<1 - model",
+    "h on_llm_end 2<1 -",
+    "late on_llm_end 2<1 -",
+    "h on_chain_end 1<- -",
+]
+_WRITTEN_CLOSED = [
+    "h on_chain_start 1<- - outer",
+    "h on_chain_start 2<1 seq:step:1 prompt",
+    "h on_chain_end 2<1 seq:step:1",
+    "h on_llm_start 3<1 seq:step:2 model",
+    "h on_llm_new_token 3<1 seq:step:2 a ",
+    "h on_llm_error 3<1 seq:step:2 GeneratorExit",
+    "h on_chain_error 1<- - GeneratorExit",
+]
+
+
 # Entries of the corpus written out by hand from the rules, to pin the interpreter itself (a
 # replay by the same interpreter cannot catch its own mistakes): ids numbered in order of first
 # appearance, handler after handler.
@@ -9101,26 +9049,12 @@ _WRITTEN_OUT: dict[str, tuple[bool, dict[str, Any], list[str]]] = {
     "metadata-merges-key-by-key/invoke": (
         True,
         {"returns": [{"page_content": "a b"}]},
-        [
-            'h on_chain_start 1<- - outer {"k":"req","r":1}',
-            'h on_llm_start 2<1 - model {"k":"model","r":1,"n":2}',
-            "h on_llm_end 2<1 -",
-            'h on_retriever_start 3<1 - docs {"k":"req","r":1}',
-            "h on_retriever_end 3<1 -",
-            "h on_chain_end 1<- -",
-        ],
+        _WRITTEN_MD,
     ),
     "metadata-merges-key-by-key/ainvoke": (
         False,
         {"returns": [{"page_content": "a b"}]},
-        [
-            'h on_chain_start 1<- - outer {"k":"req","r":1}',
-            'h on_llm_start 2<1 - model {"k":"model","r":1,"n":2}',
-            "h on_llm_end 2<1 -",
-            'h on_retriever_start 3<1 - docs {"k":"req","r":1}',
-            "h on_retriever_end 3<1 -",
-            "h on_chain_end 1<- -",
-        ],
+        _WRITTEN_MD,
     ),
     "bound-handlers-are-inherited/invoke": (
         True,
@@ -9193,14 +9127,7 @@ _WRITTEN_OUT: dict[str, tuple[bool, dict[str, Any], list[str]]] = {
     "a-handler-added-to-a-lambdas-manager-hears-what-it-passes-on/ainvoke": (
         False,
         {"returns": "a b"},
-        [
-            "h on_chain_start 1<- - outer",
-            "h on_llm_start 2<1 - model",
-            "late on_llm_start 2<1 - model",
-            "h on_llm_end 2<1 -",
-            "late on_llm_end 2<1 -",
-            "h on_chain_end 1<- -",
-        ],
+        _WRITTEN_LATE,
     ),
     "a-chain-batches-input-by-input/batch": (
         True,
@@ -9233,23 +9160,12 @@ _WRITTEN_OUT: dict[str, tuple[bool, dict[str, Any], list[str]]] = {
     "a-raise-error-handler-failing-at-a-start-still-closes-the-run/invoke": (
         True,
         {"raises": {"type": "RuntimeError", "message": "f"}},
-        [
-            "f on_chain_start 1<- - outer",
-            "f on_chain_error 1<- - RuntimeError",
-        ],
+        ["f on_chain_start 1<- - outer", "f on_chain_error 1<- - RuntimeError"],
     ),
     "a-stream-closed-early-fails-its-runs-innermost-first/astream": (
         False,
         {"returns": ["a "]},
-        [
-            "h on_chain_start 1<- - outer",
-            "h on_chain_start 2<1 seq:step:1 prompt",
-            "h on_chain_end 2<1 seq:step:1",
-            "h on_llm_start 3<1 seq:step:2 model",
-            "h on_llm_new_token 3<1 seq:step:2 a ",
-            "h on_llm_error 3<1 seq:step:2 GeneratorExit",
-            "h on_chain_error 1<- - GeneratorExit",
-        ],
+        _WRITTEN_CLOSED,
     ),
     "a-handler-without-chat-start-gets-llm-start/invoke": (
         True,
@@ -9314,15 +9230,7 @@ _WRITTEN_OUT: dict[str, tuple[bool, dict[str, Any], list[str]]] = {
     "a-stream-closed-early-fails-its-runs-innermost-first/stream": (
         True,
         {"returns": ["a "]},
-        [
-            "h on_chain_start 1<- - outer",
-            "h on_chain_start 2<1 seq:step:1 prompt",
-            "h on_chain_end 2<1 seq:step:1",
-            "h on_llm_start 3<1 seq:step:2 model",
-            "h on_llm_new_token 3<1 seq:step:2 a ",
-            "h on_llm_error 3<1 seq:step:2 GeneratorExit",
-            "h on_chain_error 1<- - GeneratorExit",
-        ],
+        _WRITTEN_CLOSED,
     ),
     "async-handlers-run-in-their-turn-under-sync-dispatch/invoke": (
         True,
@@ -9345,14 +9253,7 @@ _WRITTEN_OUT: dict[str, tuple[bool, dict[str, Any], list[str]]] = {
     "a-handler-added-to-a-lambdas-manager-hears-what-it-passes-on/invoke": (
         True,
         {"returns": "a b"},
-        [
-            "h on_chain_start 1<- - outer",
-            "h on_llm_start 2<1 - model",
-            "late on_llm_start 2<1 - model",
-            "h on_llm_end 2<1 -",
-            "late on_llm_end 2<1 -",
-            "h on_chain_end 1<- -",
-        ],
+        _WRITTEN_LATE,
     ),
     "ignore-flags-silence-their-events/invoke": (
         True,
@@ -9418,12 +9319,8 @@ def test_X5_corpus_entries_are_the_rules_written_out(capsys: pytest.CaptureFixtu
     }
     astream = entries["a-stream-closed-early-fails-its-runs-innermost-first/astream"]
     assert set(astream) == set(batch)  # the stream's "take" is in its call only
-    assert astream["call"] == {
-        "mode": "astream",
-        "input": "a b",
-        "config": {"callbacks": ["h"]},
-        "take": 1,
-    }
+    call = {"mode": "astream", "input": "a b", "config": {"callbacks": ["h"]}, "take": 1}
+    assert astream["call"] == call
     differs = {key: entries[key]["differs"] for key in entries if key.startswith("an-interrupt")}
     assert differs == {
         "an-interrupt-from-a-body-closes-every-run/invoke": [],
