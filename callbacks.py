@@ -1269,7 +1269,7 @@ def _settle(
         return _keep(raised, _after_failure(handler, event, kwargs, error))
     if called is None and handler is not None:  # came before it was called: deliver now
         raised = _keep(raised, _call_handler(handler, event, args, kwargs))
-    elif result is not _UNCALLED and result is not None:  # after it returned: run that (D6)
+    elif called is not None:  # after: run what it returned, if it returned an awaitable (D6)
         raised = _keep(raised, _call_awaitable(handler, event, kwargs, result))
     return _keep(raised, error)
 
@@ -2387,16 +2387,24 @@ class _Run(_Scope):
         error path where an interrupt cannot be held, the entry of `_fail` (D3)."""
         self._fail(sys.exc_info()[1] or RuntimeError("the run was left open"))
 
+    def _closing(
+        self, event: Event, args: tuple[Any, ...], extra: dict[str, Any]
+    ) -> tuple[Any, ...]:
+        """Choose the run's one closing event, for `_finish` and `_afinish` alike: kept in
+        ``_end`` from here on, so that a delivery cut short is finished, never replaced (D3)."""
+        listeners, kw = self._listeners, None if extra else self._kw
+        kw = (kw or self._kwargs(event, extra)) if listeners else {}  # D7: nobody, no id
+        self._end = (listeners, event, args, kw)
+        return self._end
+
     def _finish(self, event: Event, args: tuple[Any, ...], extra: dict[str, Any]) -> None:
         """Deliver the run's closing event: ``event``, or the one chosen before if its delivery
         was cut short; first the closing events of children left open (D3)."""
         target: _Run = self
         try:
             end = self._end
-            if end is None:  # from here on, the run's one closing event: finished, not replaced
-                listeners, kw = self._listeners, None if extra else self._kw  # (D3)
-                kw = (kw or self._kwargs(event, extra)) if listeners else {}  # D7: nobody, no id
-                end = self._end = (listeners, event, args, kw)
+            if end is None:  # from here on, the run's one closing event (D3)
+                end = self._closing(event, args, extra)
             while self._orphans:
                 if (target := self._orphans[0])._end:
                     _dispatch(target, *target._end)
@@ -2564,10 +2572,8 @@ class AsyncRunManager(_Run):
         target: _Run = self
         try:
             end = self._end
-            if end is None:  # from here on, the run's one closing event: finished, not replaced
-                listeners, kw = self._listeners, None if extra else self._kw  # (D3)
-                kw = (kw or self._kwargs(event, extra)) if listeners else {}  # D7: nobody, no id
-                end = self._end = (listeners, event, args, kw)
+            if end is None:  # from here on, the run's one closing event (D3)
+                end = self._closing(event, args, extra)
             while self._orphans:
                 if (target := self._orphans[0])._end:
                     await _adispatch(target, *target._end)
