@@ -89,6 +89,7 @@ import itertools
 import json
 import linecache
 import logging
+import operator
 import os
 import random
 import re
@@ -292,6 +293,8 @@ _FAMILY: Final = {
 }
 _START_KEYWORDS: Final = _KEYWORDS["start"]
 _OTHER_KEYWORDS: Final = _KEYWORDS["other"]
+_START_VALUES: Final = operator.itemgetter(*_START_KEYWORDS)  # for `_dispatch`
+_NAMED_VALUES: Final = operator.itemgetter(*_START_KEYWORDS, "name")
 _METHODS: Final = frozenset(e.method for e in Event)
 _NO_EXTRA: Final[dict[str, Any]] = {}  # no keywords beyond an event's own (never written to)
 _EVENTS: Final = tuple(Event)
@@ -1304,12 +1307,18 @@ def _dispatch(
     """
     raised: BaseException | None = None
     flag, name, opens, closes, usual, index, repeats = event.dispatch
-    # The usual event (one payload argument, the three usual keywords) is passed with explicit
-    # keywords: that call costs half of a ``**kwargs`` one.
-    if usual and kwargs is run._kw:  # the run's own keywords, unpacked once (`_Run._kwargs`)
-        data, (rid, pid, tags) = args[0], run._usual
-    else:
-        usual = False
+    # How the handlers are called, chosen once per event: a call with explicit keywords costs
+    # half of a ``**kwargs`` one, so each usual shape of call has its own line below. 1: the
+    # usual event (one payload argument, the run's own three keywords, unpacked once in
+    # `_Run._kwargs`); 2: a start event (two payload arguments, the four keywords of a start);
+    # 3: the same and the runnable's ``name``; 0: any other (more keywords).
+    shape = 0
+    if usual and kwargs is run._kw:
+        shape, data, (rid, pid, tags) = 1, args[0], run._usual
+    elif opens and len(kwargs) == 4:  # a start's four keywords
+        shape, (data, more), (rid, pid, tags, meta) = 2, args, _START_VALUES(kwargs)
+    elif opens and len(kwargs) == 5 and "name" in kwargs:  # and the runnable's name
+        shape, (data, more), (rid, pid, tags, meta, run_name) = 3, args, _NAMED_VALUES(kwargs)
     uncalled, start, i = _UNCALLED, 0, -1
     # An event a run may fire many times (a token, a note) goes to the methods resolved the
     # first time, for the run's listeners: their flags are read once per run (D1).
@@ -1358,11 +1367,16 @@ def _dispatch(
                             method = _not_implemented
                         if fresh is not None:
                             fresh[i] = method
-                    # ``called`` is set on the very line that calls the handler: no line between
-                    if usual:
+                    # ``called`` is set on the very line that calls the handler, with no line
+                    # between (a call split over lines would make one: hence the long lines)
+                    if shape == 1:
                         result = (called := method)(data, run_id=rid, parent_run_id=pid, tags=tags)
-                    else:
+                    elif shape == 0:
                         result = (called := method)(*args, **kwargs)
+                    elif shape == 2:
+                        result = (called := method)(data, more, run_id=rid, parent_run_id=pid, tags=tags, metadata=meta)  # fmt: skip
+                    else:
+                        result = (called := method)(data, more, run_id=rid, parent_run_id=pid, tags=tags, metadata=meta, name=run_name)  # fmt: skip
                     if result is not None and inspect.isawaitable(result):
                         _await_handler(result)
                 except BaseException as error:
@@ -2164,11 +2178,12 @@ _SLOTS: Final = {"int", "is_safe"} <= set(getattr(uuid.UUID, "__slots__", ()))
 _SET_INT: Final = vars(uuid.UUID)["int"].__set__ if _SLOTS else None
 _SET_SAFE: Final = vars(uuid.UUID)["is_safe"].__set__ if _SLOTS else None
 _GETRANDBITS: Final = _RANDOM.getrandbits
+_BLANK_UUID: Final = functools.partial(object.__new__, uuid.UUID)  # slots unset: set them next
 
 
 def _uuid4() -> uuid.UUID:
     """A random UUID of version 4 and the RFC 4122 variant, like `uuid.uuid4`'s."""
-    run_id = object.__new__(uuid.UUID)
+    run_id = _BLANK_UUID()
     _SET_INT(run_id, _GETRANDBITS(128) & _V4_CLEAR | _V4_SET)  # type: ignore[misc]
     _SET_SAFE(run_id, _UNKNOWN)  # type: ignore[misc]
     return run_id
