@@ -1878,23 +1878,33 @@ class _Manager(_Scope):
     ) -> None:
         """Add checked values to a manager that does not own its values (new ones replace
         them): handlers and tags as ordered sets (S6, S7), metadata merged (S8). None adds
-        nothing."""
+        nothing. Where the inheritable half is the current one (a fresh manager's, a child's),
+        it gets the current half's result: the same values, merged once."""
         if handlers:
+            same = self._inheritable_handlers is self._handlers
             self._handlers = _add_unique(self._handlers, handlers, by_identity=True)
             if inherit:
-                self._inheritable_handlers = _add_unique(
-                    self._inheritable_handlers, handlers, by_identity=True
+                self._inheritable_handlers = (
+                    self._handlers
+                    if same
+                    else _add_unique(self._inheritable_handlers, handlers, by_identity=True)
                 )
         if tags:
+            same = self._inheritable_tags is self._tags
             self._tags = _add_unique(self._tags, tags, by_identity=False)
             if inherit:
-                self._inheritable_tags = _add_unique(
-                    self._inheritable_tags, tags, by_identity=False
+                self._inheritable_tags = (
+                    self._tags
+                    if same
+                    else _add_unique(self._inheritable_tags, tags, by_identity=False)
                 )
         if metadata:
+            same = self._inheritable_metadata is self._metadata
             self._metadata = {**self._metadata, **metadata}
             if inherit:
-                self._inheritable_metadata = {**self._inheritable_metadata, **metadata}
+                self._inheritable_metadata = (
+                    self._metadata if same else {**self._inheritable_metadata, **metadata}
+                )
 
     @property
     def parent_run_id(self) -> uuid.UUID | None:
