@@ -3346,12 +3346,13 @@ class Runnable:
     def _default_name(self) -> str:
         return type(self).__name__
 
-    def _serialized(self) -> dict[str, Any]:
-        return {"name": self.get_name(), "id": ["callbacks", type(self).__name__]}
+    def _serialized(self, name: str) -> dict[str, Any]:
+        return {"name": name, "id": ["callbacks", type(self).__name__]}
 
-    def _start_args(self, input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """The start event's payload and extra keywords (built only when someone listens, D7)."""
-        return (self._serialized(), input), {}
+    def _start_args(self, input: Any, name: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The start event's payload and extra keywords (built only when someone listens, D7);
+        ``name`` is the runnable's own (`get_name`), found once per start."""
+        return (self._serialized(name), input), {}
 
     def _end_payload(self, input: Any, output: Any) -> Any:
         return output
@@ -3440,8 +3441,9 @@ class Runnable:
     def _start_event(
         self, input: Any, config: Mapping[str, Any]
     ) -> tuple[Event, tuple[Any, ...], dict[str, Any]]:
-        args, extra = self._start_args(input)
-        name = config.get("run_name") or self._bound.get("run_name") or self.get_name()
+        own = self.get_name()  # the serialized name, and the run's unless a config names it
+        args, extra = self._start_args(input, own)
+        name = config.get("run_name") or self._bound.get("run_name") or own
         return _START[self._run_type], args, {**extra, "name": name}
 
     def _in_scope(
@@ -4036,8 +4038,8 @@ class LLM(Runnable):
         except Exception:  # a message whose content cannot be shown (D8)
             return _text(input)
 
-    def _start_args(self, input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        return (self._serialized(), [self._prompt(input)]), {}
+    def _start_args(self, input: Any, name: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (self._serialized(name), [self._prompt(input)]), {}
 
     def _message(self, text: str) -> BaseMessage | None:
         return None
@@ -4136,8 +4138,8 @@ class ChatModel(LLM):
 
     _run_type: ClassVar[str] = "chat_model"
 
-    def _start_args(self, input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        return (self._serialized(), [_as_messages(input)]), {}
+    def _start_args(self, input: Any, name: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (self._serialized(name), [_as_messages(input)]), {}
 
     def _message(self, text: str) -> BaseMessage | None:
         return AIMessage(text)
@@ -4188,8 +4190,8 @@ class Tool(Runnable):
     def _default_name(self) -> str:
         return _function_name(self.func, type(self).__name__)
 
-    def _start_args(self, input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        serialized = {**self._serialized(), "description": self.description}
+    def _start_args(self, input: Any, name: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        serialized = {**self._serialized(name), "description": self.description}
         return (serialized, _text(input)), {"inputs": input if isinstance(input, dict) else None}
 
     def _call_func(self, input: Any) -> Any:
@@ -4233,8 +4235,8 @@ class Retriever(Runnable):
         )
         self.error: BaseException | None = _check_error(error)
 
-    def _start_args(self, input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        return (self._serialized(), _text(input)), {}
+    def _start_args(self, input: Any, name: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (self._serialized(name), _text(input)), {}
 
     def _run(self, input: Any, run: _Run) -> Any:
         if self.error is not None:
