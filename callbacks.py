@@ -3404,7 +3404,8 @@ class Runnable:
         return items, configs, limit
 
     def _limit(self, config: Mapping[str, Any]) -> int | None:
-        """This call's own ``max_concurrency``, if it sets one (else the enclosing call's holds)."""
+        """This call's own ``max_concurrency``, if it sets one (else the enclosing call's holds):
+        None without a config or a binding, which `_invoke` knows without calling this."""
         return config.get("max_concurrency") or self._bound.get("max_concurrency")
 
     def _begin(self, config: Mapping[str, Any], parent: _Manager | None, cls: type[_R]) -> _R:
@@ -3412,9 +3413,11 @@ class Runnable:
         leaves nothing to close), from the manager for this call: inherited or given, then
         binding, request and constructor layers. An implicit child that adds nothing is made
         from the enclosing run itself: no manager in between."""
-        callbacks, run_id = config.get("callbacks"), config.get("run_id")
+        callbacks = run_id = None
         adds = bool(self._bound or self.callbacks or self.tags or self.metadata)
-        adds = adds or "tags" in config or "metadata" in config
+        if config:  # (a call with no config, as a nested call often is, asks for nothing)
+            callbacks, run_id = config.get("callbacks"), config.get("run_id")
+            adds = adds or "tags" in config or "metadata" in config
         request: tuple[Any, ...] = ()
         if parent is not None:  # a composite handing a child its manager
             manager = parent
@@ -3482,7 +3485,8 @@ class Runnable:
             if self._leaf:  # `_in_scope`, inlined: two frames per level of nesting, not four
                 output = self._run(input, run)
             else:
-                output = _scope(run, self._limit(config)).run(self._run, input, run)
+                limit = self._limit(config) if config or self._bound else None
+                output = _scope(run, limit).run(self._run, input, run)
             if run._listeners or run._orphans:
                 run._finish(_END[run._family], (self._end_payload(input, output),), _NO_EXTRA)
         except BaseException as error:  # R1: BaseException counts
@@ -3501,7 +3505,8 @@ class Runnable:
             if self._leaf:  # `_ain_scope`, inlined, as in `_invoke`
                 output = await self._arun(input, run)
             else:
-                context = _scope(run, self._limit(config))
+                limit = self._limit(config) if config or self._bound else None
+                context = _scope(run, limit)
                 output = await _run_in(context, context.run(self._arun, input, run))
             if run._listeners or run._orphans:
                 await run._afinish(
