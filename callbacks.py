@@ -2623,8 +2623,10 @@ class AsyncRunManager(_Run):
 # thing out of the ordinary: a failure, a returned awaitable, an interrupt, saying how far it
 # got. The line that calls a handler also notes it was called, so that an interrupt landing
 # anywhere leaves a true account: no handler hears the event twice or not at all (D3).
-# An end or error event of an open run goes straight to `_Run._finish`, or nowhere when
-# nobody listens (D7).
+# An end or error event of an open run has a fast path too: with no extra keywords and no
+# children left to close, it is kept as the run's end and delivered by `_dispatch` from the
+# method's own frame, as `_Run._finish` would (two frames fewer on every run a handler
+# hears); otherwise it goes to `_Run._finish`, or nowhere when nobody listens (D7).
 _RUN_EVENT: Final = """\
 def {method}(self, {payload}, {params}**kwargs):
     return self._fire(event, ({payload},), {extra})
@@ -2668,10 +2670,21 @@ _RUN_EVENT_CLOSE: Final = """\
 def {method}(self, {payload}, **kwargs):
     if self._end is not None or self._family != event.run_type:
         return self._fire(event, ({payload},), kwargs)  # refused, or finishing a delivery
-    if self._listeners or self._orphans:
-        return self._finish(event, ({payload},), kwargs)
-    self._end = _DONE  # nobody to tell (D7)
-    return None
+    listeners = self._listeners
+    if kwargs or self._orphans or not listeners:
+        if listeners or self._orphans:
+            return self._finish(event, ({payload},), kwargs)
+        self._end = _DONE  # nobody to tell (D7)
+        return None
+    # The usual close, as `_Run._finish` makes it: kept as the run's end, then delivered.
+    self._end = end = (listeners, event, ({payload},), self._kw)
+    try:
+        return _dispatch(self, listeners, event, end[2], end[3])
+    except BaseException as error:
+        self._cut_short(self, error)
+        if isinstance(error, _Undelivered):  # too deep to go on: the real error (R1)
+            raise error.error from None
+        raise
 """
 _ARUN_EVENT: Final = """\
 async def {method}(self, {payload}, {params}**kwargs):
