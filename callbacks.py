@@ -1448,7 +1448,7 @@ async def _complete(tasks: Sequence[asyncio.Future[Any]]) -> BaseException | Non
     that cancellation, for the caller to raise once the event has reached everyone (D3). Tasks
     done already (started eagerly, `_task`) cost no turn of the event loop."""
     cancelled: BaseException | None = None
-    while not all(task.done() for task in tasks):
+    while not all(map(asyncio.Future.done, tasks)):  # (a map: no generator frame per event)
         try:
             await asyncio.wait(tasks)
         except asyncio.CancelledError as error:
@@ -1578,9 +1578,12 @@ async def _adispatch(
     except Exception as error:  # the handlers whose task started hear it; the others did not
         remaining = [h for i, h in enumerate(handlers) if i not in outcomes]
         raise _Undelivered(remaining, error) from None
-    in_order = (outcomes[i] for i in sorted(outcomes))
-    failures = [o.result() if isinstance(o, asyncio.Future) else o for o in in_order]
-    first = functools.reduce(_keep, [*failures, *held], None)
+    first: BaseException | None = None
+    for i in sorted(outcomes):  # the failure to raise, chosen in handler order (D2)
+        outcome = outcomes[i]
+        first = _keep(first, outcome.result() if isinstance(outcome, asyncio.Future) else outcome)
+    for cancelled in held:  # then a cancellation of this task meanwhile (D3)
+        first = _keep(first, cancelled)
     if first is not None:
         raise first
 
