@@ -2679,9 +2679,8 @@ def {method}(self, {payload}, **kwargs):
             return self._finish(event, ({payload},), kwargs)
         self._end = _DONE  # nobody to tell (D7)
         return None
-    # The usual close, as `_Run._finish` makes it: kept as the run's end, then delivered.
-    self._end = end = (listeners, event, ({payload},), self._kw)
-    try:
+    try:  # the usual close, as `_Run._finish` makes it: kept as the run's end, then delivered
+        self._end = end = (listeners, event, ({payload},), self._kw)
         return _dispatch(self, listeners, event, end[2], end[3])
     except BaseException as error:
         self._cut_short(self, error)

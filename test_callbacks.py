@@ -7426,6 +7426,41 @@ def test_D3_an_interrupt_cutting_a_roots_end_short_leaves_it_to_be_finished_by_f
         run.on_chain_end({})
 
 
+def test_D3_an_interrupt_at_any_line_of_a_childs_end_leaves_it_heard_once_before_its_parents() -> (
+    None
+):
+    """A child run's usual end, fired through its run manager, is delivered from the event
+    method's own frame. A `KeyboardInterrupt` at each point the library runs for it, in turn;
+    then, as a caller's ``finally`` would, the end fired again (refused once it was chosen: the
+    parent delivers it) and the parent's end. Each handler hears the child's end exactly once,
+    before the parent's."""
+    k = 1
+    while True:
+        recs = [Recorder("a"), Recorder("b")]
+        parent = CallbackManager(recs, recs).on_chain_start({}, {})
+        child = parent.get_child().on_chain_start({}, {})
+        at = _AtLine(k)
+        sys.settrace(at)
+        try:
+            child.on_chain_end({"out": 1})
+        except KeyboardInterrupt:
+            assert at.fired
+        else:
+            assert not at.fired
+        finally:
+            sys.settrace(None)
+        with contextlib.suppress(RuntimeError):  # refused when its end was chosen already
+            child.on_chain_end({"out": 1})
+        parent.on_chain_end({})
+        for rec in recs:
+            ends = [(r.event.method, r.run_id) for r in rec.records[2:]]
+            assert ends == [("on_chain_end", child.run_id), ("on_chain_end", parent.run_id)], k
+        if not at.fired:
+            break
+        k += 1
+    assert k > 10, k
+
+
 def test_D3_D4_a_chat_start_an_interrupt_kept_from_a_handler_falls_back_for_it() -> None:
     """Delivered after an interrupt (held), a chat start still falls back to ``on_llm_start``
     for a handler without chat support (D4)."""
