@@ -1443,12 +1443,15 @@ async def _acall_handler(
     return None
 
 
+_IS_DONE: Final = operator.methodcaller("done")  # any future's, a loop's own kind included
+
+
 async def _complete(tasks: Sequence[asyncio.Future[Any]]) -> BaseException | None:
     """Wait until every task is done, even if the waiting task is cancelled meanwhile; return
     that cancellation, for the caller to raise once the event has reached everyone (D3). Tasks
     done already (started eagerly, `_task`) cost no turn of the event loop."""
     cancelled: BaseException | None = None
-    while not all(map(asyncio.Future.done, tasks)):  # (a map: no generator frame per event)
+    while not all(map(_IS_DONE, tasks)):  # (a map: no generator frame per event)
         try:
             await asyncio.wait(tasks)
         except asyncio.CancelledError as error:

@@ -5027,6 +5027,39 @@ def test_D5_non_inline_handlers_are_awaited_concurrently() -> None:
     )
 
 
+def test_D5_a_loop_whose_futures_and_tasks_are_its_own_kind_is_served_alike() -> None:
+    """A loop may make its futures and tasks of another class than asyncio's C ones (here
+    asyncio's own pure-Python ones): each event still reaches every handler, a sync one in a
+    worker thread, before the run goes on, and a sync body under ``ainvoke`` still returns."""
+    log: list[str] = []
+
+    class Slow(BaseCallbackHandler):
+        def on_chain_start(self, *args: Any, **kwargs: Any) -> None:
+            time.sleep(0.01)
+            log.append("start")
+
+        def on_chain_end(self, *args: Any, **kwargs: Any) -> None:
+            time.sleep(0.01)
+            log.append("end")
+
+    class OwnFutures(asyncio.SelectorEventLoop):
+        def create_future(self) -> asyncio.Future[Any]:
+            return asyncio.futures._PyFuture(loop=self)  # type: ignore[attr-defined,no-any-return]
+
+    async def body(x: int) -> int:
+        log.append("body")
+        return x
+
+    loop = OwnFutures()
+    loop.set_task_factory(lambda lp, coro, **kw: asyncio.tasks._PyTask(coro, loop=lp, **kw))  # type: ignore[attr-defined]
+    try:
+        assert loop.run_until_complete(Lambda(body).ainvoke(1, {"callbacks": [Slow()]})) == 1
+        assert log == ["start", "body", "end"]
+        assert loop.run_until_complete(Lambda(lambda x: x + 1).ainvoke(1)) == 2
+    finally:
+        loop.close()
+
+
 def test_D5_every_handler_finishes_before_the_run_goes_on() -> None:
     log: _Log = []
     delays = {"h1": 0.05, "h2": 0.01, "h3": 0.04, "h4": 0.02, "h5": 0.03}
