@@ -7459,6 +7459,7 @@ def test_D3_an_interrupt_cutting_a_roots_end_short_leaves_it_to_be_finished_by_f
         run.on_chain_end({})
 
 
+@_untraced
 def test_D3_an_interrupt_at_any_line_of_a_childs_end_leaves_it_heard_once_before_its_parents() -> (
     None
 ):
