@@ -7358,19 +7358,10 @@ def test_D3_an_interrupt_at_any_line_of_a_runs_fast_path_leaves_every_handler_he
         run = CallbackManager(handlers).on_chain_start({}, {})
         run.on_text("x")  # resolves the listeners' methods: the next note takes the fast path
         log.clear()
-        at = _AtLine(k)
-        sys.settrace(at)
-        try:
-            run.on_text("y")
-        except KeyboardInterrupt:
-            assert at.fired
-        else:
-            assert not at.fired
-        finally:
-            sys.settrace(None)
+        fired = _AtLine(k).run(functools.partial(run.on_text, "y"))
         heard = _HEARD if troubled else ("a", "b")
         assert log in ([], [(name, "y") for name in heard]), f"interrupted at point {k}"
-        if not at.fired:
+        if not fired:
             break
         held += bool(log)
         k += 1
@@ -7473,23 +7464,14 @@ def test_D3_an_interrupt_at_any_line_of_a_childs_end_leaves_it_heard_once_before
         recs = [Recorder("a"), Recorder("b")]
         parent = CallbackManager(recs, recs).on_chain_start({}, {})
         child = parent.get_child().on_chain_start({}, {})
-        at = _AtLine(k)
-        sys.settrace(at)
-        try:
-            child.on_chain_end({"out": 1})
-        except KeyboardInterrupt:
-            assert at.fired
-        else:
-            assert not at.fired
-        finally:
-            sys.settrace(None)
+        fired = _AtLine(k).run(functools.partial(child.on_chain_end, {"out": 1}))
         with contextlib.suppress(RuntimeError):  # refused when its end was chosen already
             child.on_chain_end({"out": 1})
         parent.on_chain_end({})
         for rec in recs:
             ends = [(r.event.method, r.run_id) for r in rec.records[2:]]
             assert ends == [("on_chain_end", child.run_id), ("on_chain_end", parent.run_id)], k
-        if not at.fired:
+        if not fired:
             break
         k += 1
     assert k > 10, k
@@ -7574,6 +7556,20 @@ class _AtLine:
         if event == "line" and frame.f_code.co_code[frame.f_lasti] != self.NOP:
             self.point(frame)
         return self.line
+
+    def run(self, call: Callable[[], object]) -> bool:
+        """``call()`` with this tracer installed (`sys.settrace`); whether it fired: then the
+        `KeyboardInterrupt` left the call."""
+        sys.settrace(self)
+        try:
+            call()
+        except KeyboardInterrupt:
+            assert self.fired
+        else:
+            assert not self.fired
+        finally:
+            sys.settrace(None)
+        return self.fired
 
     def point(self, frame: types.FrameType) -> None:
         if self.fired:
