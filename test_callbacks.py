@@ -6993,9 +6993,10 @@ def test_S10_lambdas_invoking_lambdas_nest_deep_under_the_default_recursion_limi
 # the promise is for untraced code (`_Unreachable` below stands in for it under coverage).
 @_untraced
 @pytest.mark.filterwarnings("ignore:coroutine .* was never awaited")
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("mode", _MODES)
-def test_D3_a_run_too_deep_to_hear_its_error_is_closed_by_its_nearest_ancestor(mode: str) -> None:
+def test_D3_a_run_too_deep_to_hear_its_error_is_closed_by_its_nearest_ancestor(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Nested lambdas run until Python's recursion limit: somewhere down the tree there is no
     stack left to deliver a run's start or closing event. Whoever did not hear a start event
     hears nothing more of that run; a run whose closing event did not reach every handler is
@@ -7021,6 +7022,10 @@ def test_D3_a_run_too_deep_to_hear_its_error_is_closed_by_its_nearest_ancestor(m
     async def stream(tree: Runnable, config: RunnableConfig) -> list[Any]:
         return [chunk async for chunk in tree.astream("x", config)]
 
+    # What is collected at the stack's edge (a task left half-built, below) is reported there,
+    # where pytest's own hook cannot format it (its RecursionError fails the test on 3.12 now
+    # and then): such reports are expected here, and dropped.
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: None)
     overflowed, depth = 0, 60
     while overflowed < 30:  # deeper, through 30 depths where the stack runs out
         first, last = TraceChecker(), TraceChecker()
