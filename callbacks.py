@@ -1422,24 +1422,46 @@ async def _acall_handler(
     handler: object, event: Event, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> BaseException | None:
     """`_call_handler` under an event loop: coroutines are awaited; sync methods run here if
-    the handler is ``run_inline``, else in a worker thread with a copy of the context (D5)."""
+    the handler is ``run_inline``, else in a worker thread with a copy of the context (D5).
+
+    It returns once the handler heard the event: what the run must raise, if anything (a
+    failure of the library's own meanwhile, no stack left to log the handler's, included). It
+    raises if and only if the handler did not hear it: Python could not enter its method, or
+    this very frame (a `RecursionError`: the task starts eagerly, at its dispatcher's depth).
+    Its dispatcher then knows who did not, with no call of its own (`_adispatch`)."""
+    method: Any = None
+    result: Any = _UNCALLED  # until the method returns (a coroutine's: until awaited)
     try:
         method = _method_for(handler, event)
         if method is None:
             return None
-        if inspect.iscoroutinefunction(method) or getattr(handler, "run_inline", False):
+        if inspect.iscoroutinefunction(method):
+            result = await method(*args, **kwargs)  # entered at this await, not at the call
+            return None
+        if getattr(handler, "run_inline", False):
             result = method(*args, **kwargs)
-        else:
-            result, error = await _in_thread(method, *args, **kwargs)
-            if error is not None:
-                raise error  # not out of this frame: handled just below, as raised here
+        else:  # in a worker thread, handed over from a turn of the event loop: this task may
+            # have started eagerly, at its dispatcher's depth, where a hand-off cut short
+            # halfway (no stack left) would leave nobody knowing whether the handler is served
+            await asyncio.sleep(0)
+            result = None  # from here on, the handler hears the event
+            output, error = await _in_thread(method, *args, **kwargs)
+            if error is not None:  # what its call raised there: judged as if raised here
+                result = _UNCALLED
+                raise error  # not out of this frame: handled just below
+            result = output
         if result is not None and inspect.isawaitable(result):
             await result
     except BaseException as error:
-        fallback = _fallback(event, args, error)
-        if fallback is not None:
-            return await _acall_handler(handler, *fallback, kwargs)
-        return _after_failure(handler, event, kwargs, error)
+        if result is _UNCALLED and _never_entered(error, method):
+            raise  # not heard (D3), as in `_settle`
+        try:
+            fallback = _fallback(event, args, error)
+            if fallback is None:
+                return _after_failure(handler, event, kwargs, error)
+        except Exception as lost:  # heard, but no stack left to deal with its failure (R1)
+            return lost
+        return await _acall_handler(handler, *fallback, kwargs)  # D4, heard or not as its own
     return None
 
 
@@ -1576,19 +1598,47 @@ async def _adispatch(
             tasks.append(task)
         if tasks:
             held.append(await _complete(tasks))
-        if event.closes:
-            run._end = _DONE
-    except Exception as error:  # the handlers whose task started hear it; the others did not
-        remaining = [h for i, h in enumerate(handlers) if i not in outcomes]
+    except Exception as error:  # too deep to go on: the handlers whose task was not made, or
+        # could not call them, did not hear it; the others did, or will (a task not done yet)
+        remaining = [
+            h for i, h in enumerate(handlers) if i not in outcomes or _unheard(outcomes[i])
+        ]
         raise _Undelivered(remaining, error) from None
+    # Past this point the stack may have no room for more than one call (the handlers' tasks,
+    # started eagerly, ran one frame deeper, and may have found none): nothing here calls a
+    # function that calls another.
     first: BaseException | None = None
+    unheard: list[object] = []
+    lost: BaseException | None = None
     for i in sorted(outcomes):  # the failure to raise, chosen in handler order (D2)
         outcome = outcomes[i]
-        first = _keep(first, outcome.result() if isinstance(outcome, asyncio.Future) else outcome)
+        if isinstance(outcome, asyncio.Future):
+            if outcome.exception() is not None:  # its task could not call the handler
+                unheard.append(handlers[i])
+                lost = lost or outcome.exception()
+                continue
+            outcome = outcome.result()
+        if outcome is not None:
+            first = _keep(first, outcome)
+    if lost is not None:  # they hear it later (`_Run._finish`): the run is not closed for them
+        raise _Undelivered(unheard, lost)
+    if event.closes:
+        run._end = _DONE
     for cancelled in held:  # then a cancellation of this task meanwhile (D3)
         first = _keep(first, cancelled)
     if first is not None:
         raise first
+
+
+def _unheard(outcome: asyncio.Future[BaseException | None] | BaseException | None) -> bool:
+    """For `_adispatch` cut short: whether a handler whose task was made did not hear the
+    event: its task failed (`_acall_handler`)."""
+    return (
+        isinstance(outcome, asyncio.Future)
+        and outcome.done()
+        and not outcome.cancelled()
+        and outcome.exception() is not None
+    )
 
 
 # =================================================================================================

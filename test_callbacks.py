@@ -7071,20 +7071,61 @@ class _Unreachable:
         getattr(self.recorder, method)(*args, **kwargs)
 
 
+def _outer_inner(mode: str) -> Runnable:
+    """``outer`` whose body calls ``inner`` (the identity) in ``mode``: ``invoke`` or ``ainvoke``."""
+    inner = Lambda(_ident, name="inner")
+
+    async def call_async(x: Any) -> Any:
+        return await inner.ainvoke(x)
+
+    return Lambda(call_async if mode == "ainvoke" else inner.invoke, name="outer")
+
+
+@pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
 @pytest.mark.parametrize("refusals", [1, 3], ids=["once", "thrice"])
 def test_D3_a_handler_python_could_not_call_hears_the_closing_event_from_the_parent_run(
-    refusals: int,
+    refusals: int, mode: str
 ) -> None:
     """The inner run's end cannot reach the second handler: the run is not closed for it. The
     error that follows closes it on the way up, the end it did not hear first; if that fails
     too (``thrice``: the end, the error, the last try on the way out), the parent run delivers
-    it, before its own error (D3)."""
+    it, before its own error (D3). Under async dispatch, the handler's own task says so."""
     before, after = Recorder("before"), Recorder("after")
     unreachable = _Unreachable(on_chain_end=refusals)
-    outer = Lambda(lambda x: Lambda(_ident, name="inner").invoke(x), name="outer")
     with sequential_run_ids(), pytest.raises(RecursionError):
-        outer.invoke("q", {"callbacks": [before, unreachable, after]})
+        _drive_raising(_outer_inner(mode), {"callbacks": [before, unreachable, after]}, mode)
     for rec in (before, unreachable.recorder, after):  # each, the inner end before the error
+        assert [(m, i) for m, i, *_ in _trace(rec)] == [
+            ("on_chain_start", 1), ("on_chain_start", 2), ("on_chain_end", 2),
+            ("on_chain_error", 1),
+        ], rec  # fmt: skip
+
+
+def test_D3_D5_an_async_dispatcher_cut_short_counts_a_handler_its_task_could_not_call_as_unheard(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under async dispatch, the second handler's task could not call it with the inner run's
+    end, and then the dispatcher itself has no stack left to go on: the handlers whose tasks
+    called them heard the end; the second hears it later, from the error on the way up; nobody
+    hears it twice (D3)."""
+    complete, unreachable = callbacks._complete, _Unreachable(on_chain_end=1)
+
+    async def then_no_stack(tasks: Any) -> Any:
+        cancelled = await complete(tasks)
+        if len(tasks) == 3 and unreachable.refusals["on_chain_end"] == 0 and not left:
+            left.append(tasks)  # once: the inner end's dispatcher, its three tasks done
+            raise RecursionError("no stack left")
+        return cancelled
+
+    left: list[Any] = []
+
+    monkeypatch.setattr(callbacks, "_complete", then_no_stack)
+    before, after = Recorder("before"), Recorder("after")
+    with sequential_run_ids(), pytest.raises(RecursionError):
+        _drive_raising(
+            _outer_inner("ainvoke"), {"callbacks": [before, unreachable, after]}, "ainvoke"
+        )
+    for rec in (before, unreachable.recorder, after):
         assert [(m, i) for m, i, *_ in _trace(rec)] == [
             ("on_chain_start", 1), ("on_chain_start", 2), ("on_chain_end", 2),
             ("on_chain_error", 1),
@@ -7260,20 +7301,21 @@ def _no_stack_to_log(times: int = -1) -> Iterator[None]:
         logging.getLogger("callbacks").removeFilter(refuse)
 
 
-def test_D3_the_handlers_after_one_whose_failure_could_not_be_logged_hear_it_later() -> None:
+@pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
+def test_D3_the_handlers_after_one_whose_failure_could_not_be_logged_hear_it_later(
+    mode: str,
+) -> None:
     """Logging a handler's failure needs stack too: if that fails, the handlers after it have
-    not heard the event; they hear it from the parent run, before its own (D3)."""
+    not heard the event; they hear it from the parent run, before its own (D3). (Under async
+    dispatch each handler has its own task: the others heard it, and nobody hears it twice.)"""
 
     class Breaks(BaseCallbackHandler):
         def on_chain_end(self, outputs: Any, **kwargs: Any) -> None:
             raise ValueError("handler broke")
 
     before, after = Recorder("before"), Recorder("after")
-    inner = Lambda(_ident, name="inner")
     with _no_stack_to_log(1), sequential_run_ids(), pytest.raises(RecursionError):
-        Lambda(lambda x: inner.invoke(x), name="outer").invoke(
-            "q", {"callbacks": [before, Breaks(), after]}
-        )
+        _drive_raising(_outer_inner(mode), {"callbacks": [before, Breaks(), after]}, mode)
     for rec in (before, after):
         assert [(m, i) for m, i, *_ in _trace(rec)] == [
             ("on_chain_start", 1), ("on_chain_start", 2), ("on_chain_end", 2),
@@ -7295,21 +7337,30 @@ def test_D2_a_handlers_own_recursion_error_is_its_failure(caplog: pytest.LogCapt
     assert "Deep.on_chain_start callback for run" in caplog.text
 
 
+@pytest.mark.parametrize("made", [False, True], ids=["not-made", "made-not-entered"])
 @pytest.mark.parametrize("refusals", [1, 3], ids=["once", "thrice"])
 def test_D3_a_handler_whose_task_could_not_start_hears_the_closing_event_later(
-    refusals: int, monkeypatch: pytest.MonkeyPatch
+    refusals: int, made: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Async dispatch starts a task per handler; if the library has no stack left to start the
-    second handler's task for the inner run's end, that handler hears it later: when the
-    error on the way up closes the run, or from the parent run (``thrice``)."""
+    second handler's task for the inner run's end (``not-made``), or the task has none left to
+    enter the library's delivery (``made-not-entered``: it fails at once, started eagerly at
+    the dispatcher's depth), that handler hears it later: when the error on the way up closes
+    the run, or from the parent run (``thrice``)."""
     make_task = callbacks._handler_task  # what starts a handler's delivery task
     left = [refusals]
+
+    async def no_stack_to_enter() -> None:  # as the delivery fails at its entry
+        raise RecursionError("no stack left")
 
     def no_stack_for_the_second(coroutine: Any, **kwargs: Any) -> Any:
         handler = coroutine.cr_frame.f_locals.get("handler") if coroutine.cr_frame else None
         event = coroutine.cr_frame.f_locals.get("event") if coroutine.cr_frame else None
         if handler is after and event is Event.CHAIN_END and left[0]:
             left[0] -= 1
+            if made:
+                coroutine.close()
+                return make_task(no_stack_to_enter(), **kwargs)
             raise RecursionError("no stack left")
         return make_task(coroutine, **kwargs)
 
