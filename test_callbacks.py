@@ -7025,26 +7025,31 @@ def test_D3_a_run_too_deep_to_hear_its_error_is_closed_by_its_nearest_ancestor(
     # What is collected at the stack's edge (a task left half-built, below) is reported there,
     # where pytest's own hook cannot format it (its RecursionError fails the test on 3.12 now
     # and then): such reports are expected here, and dropped.
+    def beneath(frames: int, call: Callable[[], Any]) -> Any:
+        """``call()`` with ``frames`` more frames of stack beneath it."""
+        return beneath(frames - 1, call) if frames else call()
+
     monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: None)
-    overflowed, depth = 0, 60
-    while overflowed < 30:  # deeper, through 30 depths where the stack runs out
+    # A tree deeper than the stack allows runs out at the same point of the same level of
+    # nesting, whatever its depth: what moves that point through the library's code is how
+    # much stack lies beneath the call. One level of these trees takes four frames (six for a
+    # stream), so 24 offsets in a row make the stack run out at each line of a level's code,
+    # four times or more. (Where the depth only grew, a broken case could pass every time.)
+    tree = nested(sys.getrecursionlimit() // 2)  # each level takes two frames or more
+    for offset in range(24):
         first, last = TraceChecker(), TraceChecker()
-        checkers, tree = [first, Recorder(), last], nested(depth)
+        checkers = [first, Recorder(), last]
         config: RunnableConfig = {"callbacks": checkers}
-        try:  # the error leaves `asyncio.run`, which then cancels what is left
-            if mode == "invoke":
-                tree.invoke("x", config)
+        with pytest.raises(RecursionError):  # under ``a*``: it leaves `asyncio.run`, which
+            if mode == "invoke":  # then cancels what is left
+                beneath(offset, functools.partial(tree.invoke, "x", config))
             elif mode == "stream":
-                list(tree.stream("x", config))
+                beneath(offset, functools.partial(list, tree.stream("x", config)))
             else:
-                asyncio.run(
-                    tree.ainvoke("x", config) if mode == "ainvoke" else stream(tree, config)
-                )
-        except RecursionError:
-            overflowed += 1
+                run = tree.ainvoke("x", config) if mode == "ainvoke" else stream(tree, config)
+                beneath(offset, functools.partial(asyncio.run, run))
         first.check()  # the first handler and the last alike
         last.check()
-        depth += 3
     # A task whose creation ran out of stack is left half-built: asyncio reports it as
     # destroyed while pending once it is collected (its handler heard the event through the
     # parent all the same). The recorded errors' tracebacks hold it: let it go here, under
