@@ -5531,6 +5531,18 @@ def test_D6_an_awaitable_that_is_not_a_coroutine_is_awaited_in_every_mode(
     assert [r for r in caplog.records if r.name == "callbacks"] == []
 
 
+@pytest.mark.parametrize("mode", _ALL_MODES)
+def test_D6_a_plain_value_a_handler_returns_is_ignored_in_every_mode(
+    mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    class ReturnsValue(BaseCallbackHandler):
+        def on_chain_start(self, serialized: Any, inputs: Any, **kwargs: Any) -> Any:
+            return 42
+
+    assert _in_mode(Lambda(_ident), "x", {"callbacks": [ReturnsValue()]}, mode) == ("x", None)
+    assert [r for r in caplog.records if r.name == "callbacks"] == []
+
+
 @pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="POSIX signals")
 @pytest.mark.usefixtures("ctrl_c")
 def test_D3_D6_an_interrupt_while_an_async_handler_runs_under_invoke_waits_for_it() -> None:
@@ -7064,6 +7076,8 @@ class _Unreachable:
     method written in C), which raise `RecursionError` as a call with no stack left does;
     then it hears events, and keeps them as a `Recorder` does."""
 
+    run_inline = False  # True: under async dispatch, called on the loop, not in a thread (D5)
+
     def __init__(self, **refusals: int) -> None:
         self.refusals, self.recorder = refusals, Recorder("unreachable")
         for event in Event:
@@ -7086,7 +7100,7 @@ def _outer_inner(mode: str) -> Runnable:
     return Lambda(call_async if mode == "ainvoke" else inner.invoke, name="outer")
 
 
-@pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
+@pytest.mark.parametrize("mode", ["invoke", "ainvoke", "ainvoke-inline"])
 @pytest.mark.parametrize("refusals", [1, 3], ids=["once", "thrice"])
 def test_D3_a_handler_python_could_not_call_hears_the_closing_event_from_the_parent_run(
     refusals: int, mode: str
@@ -7094,12 +7108,16 @@ def test_D3_a_handler_python_could_not_call_hears_the_closing_event_from_the_par
     """The inner run's end cannot reach the second handler: the run is not closed for it. The
     error that follows closes it on the way up, the end it did not hear first; if that fails
     too (``thrice``: the end, the error, the last try on the way out), the parent run delivers
-    it, before its own error (D3). Under async dispatch, the handler's own task says so."""
+    it, before its own error (D3). A third handler that Python cannot call once hears it
+    later as well. Under async dispatch, each handler's own task says whether it heard it,
+    whether it calls it in a worker thread or on the loop."""
     before, after = Recorder("before"), Recorder("after")
-    unreachable = _Unreachable(on_chain_end=refusals)
+    unreachable, other = _Unreachable(on_chain_end=refusals), _Unreachable(on_chain_end=1)
+    unreachable.run_inline = other.run_inline = mode == "ainvoke-inline"
+    handlers: list[object] = [before, unreachable, other, after]
     with sequential_run_ids(), pytest.raises(RecursionError):
-        _drive_raising(_outer_inner(mode), {"callbacks": [before, unreachable, after]}, mode)
-    for rec in (before, unreachable.recorder, after):  # each, the inner end before the error
+        _drive_raising(_outer_inner(mode[:7]), {"callbacks": handlers}, mode[:7])
+    for rec in (before, unreachable.recorder, other.recorder, after):  # each, the inner end
         assert [(m, i) for m, i, *_ in _trace(rec)] == [
             ("on_chain_start", 1), ("on_chain_start", 2), ("on_chain_end", 2),
             ("on_chain_error", 1),
@@ -7328,16 +7346,22 @@ def test_D3_the_handlers_after_one_whose_failure_could_not_be_logged_hear_it_lat
         ], rec  # fmt: skip
 
 
-def test_D2_a_handlers_own_recursion_error_is_its_failure(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("mode", ["invoke", "ainvoke", "ainvoke-inline"])
+def test_D2_a_handlers_own_recursion_error_is_its_failure(
+    mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
     """Only a `RecursionError` raised before Python entered the handler means it did not hear
-    the event (D3); one raised inside it is its failure, logged, the run goes on (D2)."""
+    the event (D3); one raised inside it is its failure, logged, the run goes on (D2). Under
+    async dispatch, in its worker thread or on the loop (``run_inline``) alike."""
 
     class Deep(BaseCallbackHandler):
+        run_inline = mode == "ainvoke-inline"
+
         def on_chain_start(self, serialized: Any, inputs: Any, **kwargs: Any) -> None:
             raise RecursionError("its own")
 
     rec = Recorder()
-    assert Lambda(_ident).invoke(1, {"callbacks": [Deep(), rec]}) == 1
+    assert _drive_raising(Lambda(_ident), {"callbacks": [Deep(), rec]}, mode[:7]) == "q"
     assert rec.events() == ["on_chain_start", "on_chain_end"]
     assert "Deep.on_chain_start callback for run" in caplog.text
 
