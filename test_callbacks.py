@@ -7034,13 +7034,13 @@ def test_D3_a_run_too_deep_to_hear_its_error_is_closed_by_its_nearest_ancestor(
     async def stream(tree: Runnable, config: RunnableConfig) -> list[Any]:
         return [chunk async for chunk in tree.astream("x", config)]
 
-    # What is collected at the stack's edge (a task left half-built, below) is reported there,
-    # where pytest's own hook cannot format it (its RecursionError fails the test on 3.12 now
-    # and then): such reports are expected here, and dropped.
     def beneath(frames: int, call: Callable[[], Any]) -> Any:
         """``call()`` with ``frames`` more frames of stack beneath it."""
         return beneath(frames - 1, call) if frames else call()
 
+    # What is collected at the stack's edge (a task left half-built, below) is reported there,
+    # where pytest's own hook cannot format it (its RecursionError fails the test on 3.12 now
+    # and then): such reports are expected here, and dropped.
     monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: None)
     # A tree deeper than the stack allows runs out at the same point of the same level of
     # nesting, whatever its depth: what moves that point through the library's code is how
@@ -7132,15 +7132,14 @@ def test_D3_D5_an_async_dispatcher_cut_short_counts_a_handler_its_task_could_not
     called them heard the end; the second hears it later, from the error on the way up; nobody
     hears it twice (D3)."""
     complete, unreachable = callbacks._complete, _Unreachable(on_chain_end=1)
+    cut_short: list[Any] = []
 
     async def then_no_stack(tasks: Any) -> Any:
         cancelled = await complete(tasks)
-        if len(tasks) == 3 and unreachable.refusals["on_chain_end"] == 0 and not left:
-            left.append(tasks)  # once: the inner end's dispatcher, its three tasks done
+        if len(tasks) == 3 and unreachable.refusals["on_chain_end"] == 0 and not cut_short:
+            cut_short.append(tasks)  # once: the inner end's dispatcher, its three tasks done
             raise RecursionError("no stack left")
         return cancelled
-
-    left: list[Any] = []
 
     monkeypatch.setattr(callbacks, "_complete", then_no_stack)
     before, after = Recorder("before"), Recorder("after")
