@@ -1613,7 +1613,7 @@ async def _adispatch(
     for i in sorted(outcomes):  # the failure to raise, chosen in handler order (D2)
         outcome = outcomes[i]
         if isinstance(outcome, asyncio.Future):
-            if outcome.exception() is not None:  # its task could not call the handler
+            if _unheard(outcome):  # its task could not call the handler
                 unheard.append(handlers[i])
                 lost = lost or outcome.exception()
                 continue
@@ -1631,8 +1631,8 @@ async def _adispatch(
 
 
 def _unheard(outcome: asyncio.Future[BaseException | None] | BaseException | None) -> bool:
-    """For `_adispatch` cut short: whether a handler whose task was made did not hear the
-    event: its task failed (`_acall_handler`)."""
+    """For `_adispatch`: whether a handler whose task was made did not hear the event: its
+    task failed (`_acall_handler`). It calls nothing that calls another function."""
     return (
         isinstance(outcome, asyncio.Future)
         and outcome.done()

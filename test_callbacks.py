@@ -7394,13 +7394,8 @@ def test_D3_a_handler_whose_task_could_not_start_hears_the_closing_event_later(
 
     monkeypatch.setattr(callbacks, "_handler_task", no_stack_for_the_second)
     before, after = Recorder("before"), Recorder("after")
-    inner = Lambda(_ident, name="inner")
-
-    async def outer(x: Any) -> Any:
-        return await inner.ainvoke(x)
-
     with sequential_run_ids(), pytest.raises(RecursionError):
-        asyncio.run(Lambda(outer, name="outer").ainvoke("q", {"callbacks": [before, after]}))
+        _drive_raising(_outer_inner("ainvoke"), {"callbacks": [before, after]}, "ainvoke")
     for rec in (before, after):
         assert [(m, i) for m, i, *_ in _trace(rec)] == [
             ("on_chain_start", 1), ("on_chain_start", 2), ("on_chain_end", 2),
