@@ -500,31 +500,25 @@ def report(r: dict[Key, list[float]], sizes: Sizes) -> None:
     header = ["handlers", "depth", PLAIN, "this project (x plain)", "RunnableLambda (x this)"]
     table("depth: a Lambda invoking a nested Lambda, ns per level", header, rows)
 
-    rows = [
-        [
-            str(k),
-            str(n),
-            cell(("chain", THIS, k, n)),
-            cell(("chain", LC, k, n), ("chain", THIS, k, n)),
+    def against_lc(scenario: str, sizes_: Sequence[int], size: str, peer: str, title: str) -> None:
+        """A table of this project's time per unit, and langchain_core's as a multiple of it."""
+        rows = [
+            [
+                str(k),
+                str(n),
+                cell((scenario, THIS, k, n)),
+                cell((scenario, LC, k, n), (scenario, THIS, k, n)),
+            ]
+            for k in (0, 1)
+            for n in sizes_
         ]
-        for k in (0, 1)
-        for n in sizes.steps
-    ]
-    header = ["handlers", "steps", THIS, "RunnableSequence (x this)"]
-    table("chain: a Chain of Lambda steps, ns per step", header, rows)
+        handlers = "async handlers" if scenario == "async" else "handlers"
+        table(title, [handlers, size, THIS, f"{peer} (x this)"], rows)
 
-    rows = [
-        [
-            str(k),
-            str(d),
-            cell(("async", THIS, k, d)),
-            cell(("async", LC, k, d), ("async", THIS, k, d)),
-        ]
-        for k in (0, 1)
-        for d in sizes.async_depths
-    ]
-    header = ["async handlers", "depth", THIS, "RunnableLambda (x this)"]
-    table("async: ainvoke of an async Lambda awaiting a nested one, ns per level", header, rows)
+    title = "chain: a Chain of Lambda steps, ns per step"
+    against_lc("chain", sizes.steps, "steps", "RunnableSequence", title)
+    title = "async: ainvoke of an async Lambda awaiting a nested one, ns per level"
+    against_lc("async", sizes.async_depths, "depth", "RunnableLambda", title)
 
     low = sizes.flat[0]
     rows = [
