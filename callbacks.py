@@ -5084,15 +5084,19 @@ def _calling(name: str, *calls: Mapping[str, Any], **more: Any) -> dict[str, Any
 # The scenarios, in SPEC order: ``rules`` are the rules each shows, ``differs`` the rules on
 # which LangChain (langchain-core 1.7) gives another trace, each in the README's list of
 # differences; ``modes`` the call modes it is played in (one corpus entry each). The call's
-# input is "a b" unless given (a list of two for the batch modes).
+# input is "a b" unless given (a list of two for the batch modes). What a scenario leaves out
+# is `_USUAL`'s: one handler ``h``, given at request time, and the two invoke modes.
+_USUAL: Final = {
+    "handlers": {"h": {}},
+    "config": {"callbacks": ["h"]},
+    "modes": ("invoke", "ainvoke"),
+}
 _SCENARIOS: Final[tuple[dict[str, Any], ...]] = (
     {
         "id": "request-handlers-hear-every-run",
         "rules": ["S1", "S4"],
         "about": "a request-time handler hears the chain and both steps, each step tagged",
-        "handlers": {"h": {}},
         "runnable": _chain(_PROMPT, _MODEL),
-        "config": {"callbacks": ["h"]},
         "modes": _FOUR,
     },
     {
@@ -5111,28 +5115,22 @@ _SCENARIOS: Final[tuple[dict[str, Any], ...]] = (
         "about": "a tool's constructor handler hears the tool, not the model it calls",
         "handlers": {"h": {}, "c": {}},
         "runnable": {**_TOOL, "callbacks": ["c"], "calls": [{"runnable": _MODEL}]},
-        "config": {"callbacks": ["h"]},
-        "modes": ("invoke", "ainvoke"),
     },
     {
         "id": "request-tags-and-metadata-are-inherited-constructor-ones-are-local",
         "rules": ["S3", "S8"],
         "about": "request tags and metadata reach every run; a tool's own reach its run only",
-        "handlers": {"h": {}},
         "runnable": _chain(
             _PROMPT,
             {**_TOOL, "tags": ["own"], "metadata": {"k": "tool"}, "calls": [{"runnable": _DOCS}]},
         ),
         "config": {"callbacks": ["h"], "tags": ["req"], "metadata": {"k": "req", "r": 1}},
-        "modes": ("invoke", "ainvoke"),
     },
     {
         "id": "a-step-tag-marks-one-child",
         "rules": ["S4"],
         "about": "a nested named chain's steps carry their own seq:step tags, not its own",
-        "handlers": {"h": {}},
         "runnable": _chain(_PROMPT, _chain({**_PROMPT, "name": "inner1"}, _MODEL, name="inner")),
-        "config": {"callbacks": ["h"]},
         "modes": ("invoke", "stream"),
     },
     {
@@ -5140,20 +5138,15 @@ _SCENARIOS: Final[tuple[dict[str, Any], ...]] = (
         "rules": ["S6"],
         "differs": {"S6": ("invoke", "ainvoke")},
         "about": "a handler listed twice in the request hears each event once",
-        "handlers": {"h": {}},
         "runnable": _chain(_PROMPT, _MODEL),
         "config": {"callbacks": ["h", "h"]},
-        "modes": ("invoke", "ainvoke"),
     },
     {
         "id": "a-bound-handler-given-again-hears-once",
         "differs": {"S6": ("invoke", "ainvoke")},
         "rules": ["S6", "S9"],
         "about": "a handler both bound and given in the request hears each event once",
-        "handlers": {"h": {}},
         "runnable": {**_calling("outer", _MODEL), "bind": {"callbacks": ["h"]}},
-        "config": {"callbacks": ["h"]},
-        "modes": ("invoke", "ainvoke"),
     },
     {
         "id": "tags-are-an-ordered-set",
@@ -5161,7 +5154,6 @@ _SCENARIOS: Final[tuple[dict[str, Any], ...]] = (
         "differs": {"S7": ("invoke",)},
         "about": "repeated tags are dropped, and a tool's own tag equal to an inherited one "
         "does not stop that tag from reaching the tool's children",
-        "handlers": {"h": {}},
         "runnable": {**_TOOL, "tags": ["x", "t"], "calls": [{"runnable": _MODEL}]},
         "config": {"callbacks": ["h"], "tags": ["x", "y", "x"]},
         "modes": ("invoke",),
@@ -5171,7 +5163,6 @@ _SCENARIOS: Final[tuple[dict[str, Any], ...]] = (
         "rules": ["S8", "S10"],
         "about": "a nested call's metadata adds to the request's, a model's own beats both "
         "for its run, and a sibling called without a config sees the request's",
-        "handlers": {"h": {}},
         "runnable": _calling(
             "outer",
             {
@@ -5181,7 +5172,6 @@ _SCENARIOS: Final[tuple[dict[str, Any], ...]] = (
             _DOCS,
         ),
         "config": {"callbacks": ["h"], "metadata": {"k": "req", "r": 1}},
-        "modes": ("invoke", "ainvoke"),
     },
     {
         "id": "bound-handlers-are-inherited",
@@ -5191,7 +5181,6 @@ _SCENARIOS: Final[tuple[dict[str, Any], ...]] = (
         "runnable": _chain(
             _PROMPT, {**_calling("user", _MODEL), "bind": {"callbacks": ["b"], "tags": ["bound"]}}
         ),
-        "config": {"callbacks": ["h"]},
         "modes": ("invoke", "ainvoke", "stream"),
     },
     {
@@ -5202,15 +5191,12 @@ _SCENARIOS: Final[tuple[dict[str, Any], ...]] = (
         "heard by the inherited handler and the bound one",
         "handlers": {"h": {}, "b": {}},
         "runnable": _calling("outer", {**_MODEL, "bind": {"callbacks": ["b"]}}),
-        "config": {"callbacks": ["h"]},
-        "modes": ("invoke", "ainvoke"),
     },
     {
         "id": "a-binding-beats-inherited-metadata",
         "rules": ["S9", "S8"],
         "differs": {"S9": ("invoke",)},
         "about": "a step's bound metadata beats the request's for that step",
-        "handlers": {"h": {}},
         "runnable": _chain(_PROMPT, {**_PROMPT, "name": "bound", "bind": {"metadata": {"k": "b"}}}),
         "config": {"callbacks": ["h"], "metadata": {"k": "req"}},
         "modes": ("invoke",),
@@ -5220,9 +5206,7 @@ _SCENARIOS: Final[tuple[dict[str, Any], ...]] = (
         "rules": ["S10", "S1"],
         "about": "a lambda's function calls a chat model and a tool without passing a config: "
         "both are the lambda's children",
-        "handlers": {"h": {}},
         "runnable": _calling("agent", _CHAT, _TOOL),
-        "config": {"callbacks": ["h"]},
         "modes": _MODES,
     },
     {
@@ -5234,7 +5218,6 @@ _SCENARIOS: Final[tuple[dict[str, Any], ...]] = (
         "handlers": {"h": {}, "g": {}},
         "runnable": _calling("outer", {"runnable": _MODEL, "config": {"callbacks": ["g"]}}),
         "config": {"callbacks": ["h"], "tags": ["req"], "metadata": {"r": 1}},
-        "modes": ("invoke", "ainvoke"),
     },
     {
         "id": "empty-callbacks-hide-a-subtree",
@@ -5249,23 +5232,18 @@ _SCENARIOS: Final[tuple[dict[str, Any], ...]] = (
                 "config": {"callbacks": []},
             },
         ),
-        "config": {"callbacks": ["h"]},
-        "modes": ("invoke", "ainvoke"),
     },
     {
         "id": "a-nested-config-of-tags-adds-to-the-inherited-manager",
         "rules": ["S10", "S3"],
         "about": "a nested call with tags alone stays in the tree, with both tag sets",
-        "handlers": {"h": {}},
         "runnable": _calling("outer", {"runnable": _MODEL, "config": {"tags": ["extra"]}}),
         "config": {"callbacks": ["h"], "tags": ["req"]},
-        "modes": ("invoke", "ainvoke"),
     },
     {
         "id": "run-name-names-the-receiving-run-only",
         "rules": ["S10"],
         "about": "config run_name renames the root, not its steps",
-        "handlers": {"h": {}},
         "runnable": _chain(_PROMPT, _MODEL),
         "config": {"callbacks": ["h"], "run_name": "renamed"},
         "modes": ("invoke",),
@@ -5275,7 +5253,6 @@ _SCENARIOS: Final[tuple[dict[str, Any], ...]] = (
         "rules": ["S11", "S10", "S4"],
         "about": "each Parallel branch (tagged map:key) runs in a copy of the context, so a "
         "model it calls without a config is its child",
-        "handlers": {"h": {}},
         "runnable": {
             "kind": "parallel",
             "name": "fan",
@@ -5293,17 +5270,13 @@ _SCENARIOS: Final[tuple[dict[str, Any], ...]] = (
         "runnable": _calling(
             "outer", {"runnable": _MODEL, "pass_config": True}, add_handler="late"
         ),
-        "config": {"callbacks": ["h"]},
-        "modes": ("invoke", "ainvoke"),
     },
     {
         "id": "a-chain-batches-input-by-input",
         "rules": ["S1", "R3"],
         "differs": {"R3": ("batch", "abatch")},
         "about": "a batched chain takes each input through every step before the next input",
-        "handlers": {"h": {}},
         "runnable": _chain(_PROMPT, _MODEL),
-        "config": {"callbacks": ["h"]},
         "modes": ("batch", "abatch"),
     },
     {
@@ -5323,7 +5296,6 @@ _SCENARIOS: Final[tuple[dict[str, Any], ...]] = (
         "handlers": {"f": {"fails_on": ["on_chain_start", "on_llm_end"]}, "h": {}},
         "runnable": _chain(_PROMPT, _MODEL),
         "config": {"callbacks": ["f", "h"]},
-        "modes": ("invoke", "ainvoke"),
     },
     {
         "id": "a-raise-error-handler-fails-the-call-after-everyone-heard",
@@ -5334,41 +5306,32 @@ _SCENARIOS: Final[tuple[dict[str, Any], ...]] = (
         "handlers": {"f": {"fails_on": ["on_llm_end"], "raise_error": True}, "h": {}},
         "runnable": _chain(_PROMPT, _MODEL),
         "config": {"callbacks": ["f", "h"]},
-        "modes": ("invoke", "ainvoke"),
     },
     {
         "id": "a-failing-model-closes-every-run-innermost-first",
         "rules": ["D3", "S1"],
         "about": "a model raising inside its run: its error, then the chain's",
-        "handlers": {"h": {}},
         "runnable": _chain(
             _PROMPT, {**_MODEL, "text": "a b c", "error": {"type": "ValueError", "message": "x"}}
         ),
-        "config": {"callbacks": ["h"]},
         "modes": _FOUR,
     },
     {
         "id": "a-failing-tool-inside-a-lambda-closes-both",
         "rules": ["D3"],
         "about": "a tool raising inside a lambda: the tool's error, then the lambda's",
-        "handlers": {"h": {}},
         "runnable": _calling(
             "agent", {**_TOOL, "error": {"type": "LookupError", "message": "none"}}
         ),
-        "config": {"callbacks": ["h"]},
-        "modes": ("invoke", "ainvoke"),
     },
     {
         "id": "an-interrupt-from-a-body-closes-every-run",
         "differs": {"D3": ("ainvoke",)},
         "rules": ["D3"],
         "about": "a KeyboardInterrupt raised by a step still closes both runs",
-        "handlers": {"h": {}},
         "runnable": _chain(
             _PROMPT, {**_PROMPT, "name": "stop", "error": {"type": "KeyboardInterrupt"}}
         ),
-        "config": {"callbacks": ["h"]},
-        "modes": ("invoke", "ainvoke"),
     },
     {
         "id": "a-raise-error-handler-failing-at-a-start-still-closes-the-run",
@@ -5379,7 +5342,6 @@ _SCENARIOS: Final[tuple[dict[str, Any], ...]] = (
         "handlers": {"f": {"fails_on": ["on_chain_start"], "raise_error": True}},
         "runnable": _chain(_PROMPT, _MODEL),
         "config": {"callbacks": ["f"]},
-        "modes": ("invoke", "ainvoke"),
     },
     {
         "id": "a-stream-closed-early-fails-its-runs-innermost-first",
@@ -5387,9 +5349,7 @@ _SCENARIOS: Final[tuple[dict[str, Any], ...]] = (
         "differs": {"D3": ("stream", "astream")},
         "about": "a consumer that stops after the first chunk: the model's run fails with "
         "GeneratorExit, then the chain's",
-        "handlers": {"h": {}},
         "runnable": _chain(_PROMPT, {**_MODEL, "text": "a b c"}),
-        "config": {"callbacks": ["h"]},
         "take": 1,
         "modes": ("stream", "astream"),
     },
@@ -5401,7 +5361,6 @@ _SCENARIOS: Final[tuple[dict[str, Any], ...]] = (
         "handlers": {"n": {"chat_start": False}, "m": {"chat_start": False, "ignore_llm": True}},
         "runnable": _chain(_PROMPT, _CHAT),
         "config": {"callbacks": ["n", "m"]},
-        "modes": ("invoke", "ainvoke"),
     },
     {
         "id": "inline-handlers-go-first-under-async-dispatch",
@@ -5451,6 +5410,7 @@ _SCENARIOS: Final[tuple[dict[str, Any], ...]] = (
         "chain's id as parent",
         "handlers": {"c": {}},
         "runnable": _chain(_PROMPT, {**_MODEL, "callbacks": ["c"]}),
+        "config": None,
         "modes": ("invoke", "ainvoke", "stream"),
     },
     {
@@ -5461,7 +5421,6 @@ _SCENARIOS: Final[tuple[dict[str, Any], ...]] = (
         "handlers": {"b": {"flag_raises": "ignore_chain"}, "h": {}},
         "runnable": _chain(_PROMPT, _MODEL),
         "config": {"callbacks": ["b", "h"]},
-        "modes": ("invoke", "ainvoke"),
     },
     {
         "id": "stop-iteration-from-a-handler-is-an-ordinary-failure",
@@ -5473,7 +5432,6 @@ _SCENARIOS: Final[tuple[dict[str, Any], ...]] = (
         },
         "runnable": _chain(_PROMPT, _MODEL),
         "config": {"callbacks": ["f"]},
-        "modes": ("invoke", "ainvoke"),
     },
 )
 
@@ -5481,21 +5439,26 @@ _SCENARIOS: Final[tuple[dict[str, Any], ...]] = (
 def _corpus(kit: Mapping[str, Callable[..., Any]] = _TOY_KIT) -> dict[str, Any]:
     """The corpus: every scenario in each of its modes, with what playing it gave."""
     entries = []
-    for scenario in _SCENARIOS:
+    for given in _SCENARIOS:
+        scenario = {**_USUAL, **given}
         for mode in scenario["modes"]:
             batch = mode.endswith("batch")
-            skip = ("modes", "take", "config")
-            entry = {key: value for key, value in scenario.items() if key not in skip}
-            entry["id"] = f"{scenario['id']}/{mode}"
-            differs = scenario.get("differs", {})
-            entry["differs"] = [rule for rule, modes in differs.items() if mode in modes]
-            entry["call"] = {"mode": mode, "input": ["a b", "b"] if batch else "a b"}
-            config = scenario.get("config")
+            config = scenario["config"]
             if batch:  # one input after the other: a trace with one order
                 config = {**(config or {}), "max_concurrency": 1}
-            entry["call"]["config"] = config
+            call = {"mode": mode, "input": ["a b", "b"] if batch else "a b", "config": config}
             if "take" in scenario:
-                entry["call"]["take"] = scenario["take"]
+                call["take"] = scenario["take"]
+            differs = scenario.get("differs", {})
+            entry = {
+                "id": f"{scenario['id']}/{mode}",
+                "rules": scenario["rules"],
+                "differs": [rule for rule, modes in differs.items() if mode in modes],
+                "about": scenario["about"],
+                "handlers": scenario["handlers"],
+                "runnable": scenario["runnable"],
+                "call": call,
+            }
             entries.append(_played(entry, kit))
     return {
         "format": "callbacks-scenarios",
