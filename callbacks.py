@@ -58,7 +58,8 @@ Async is the same system called differently. ``ainvoke`` starts runs through an
 the others concurrently; an async handler met by the sync dispatcher is run to completion in
 its turn. Who is called, with what and what a failure means is decided in one place for both.
 Every event reaches every handler before the run goes on, even when the awaiting task is being
-cancelled, so that each handler always sees one end or error for each start.
+cancelled, so that each handler always sees one end or error for each start: the Dispatch
+section tells, case by case, how that holds whatever cuts a call short.
 
 Streaming is a pipeline. Under ``stream()`` each step of a chain is a generator reading the
 step before as it streams: a model anywhere in the chain fires its tokens as it makes them; a
@@ -958,13 +959,58 @@ def _check_handler(obj: object, what: str = "handler") -> None:
 # `_keep`); the sync and async dispatchers differ only in how they call (blinker's
 # ``receivers_for``).
 #
-# What a dispatcher promises (D2, D3, D8): every handler hears the event, whatever the handlers
+# What a dispatcher promises (D2, D8): every handler hears the event, whatever the handlers
 # before it did. A handler's flags are part of the handler: they are read under the guard that
-# catches its method's exceptions, so a flag that raises is that handler's failure. An interrupt
-# (`KeyboardInterrupt`, a cancellation) that arrives while the event is being delivered is held
-# until the event has reached every handler, then raised. Delivery stops short only when Python
-# cannot call the next handler at all (the stack is too deep); the caller is then told which
-# handlers did not hear the event (`_Undelivered`), so that they hear it later (`_Run._finish`).
+# catches its method's exceptions, so a flag that raises is that handler's failure.
+#
+# Interrupts, cancellations and a stack that runs out, the story told once (D3). The promise:
+# each handler hears each event of a run it listens to once, and every start it heard gets one
+# end or error, whatever cuts the work short: an interrupt (a signal handler's
+# `KeyboardInterrupt`, anything not an `Exception`: at any line), a cancellation of the awaiting
+# task (at an ``await``), the stack running out (a `RecursionError`, as Python enters a
+# function). Which exception leaves at the end is decided in one place, `_keep`: the first,
+# unless an interrupt comes after an ordinary failure. The cases, where each arises and where it
+# is handled:
+#
+# 1. Inside an event's delivery (``run.on_chain_end(out)  # <- Ctrl-C in handler 2 of 3``): the
+#    interrupt is held, the handlers not served yet hear the event, then it is raised. So that
+#    the dispatcher knows who was served wherever it lands, the line that calls a handler also
+#    notes that it did (`_dispatch`: ``i``, ``called``, ``result``; the run managers' fast path
+#    hands the same note over, `_RUN_EVENT_FAST`), and `_settle` judges it.
+# 2. While handlers run under a loop (``task.cancel()  # during on_chain_end``): each handler's
+#    delivery is a task of its own, which cancelling the caller does not cancel; the dispatcher
+#    waits until every one is done (`_complete`), then raises the cancellation (`_adispatch`).
+# 3. In a run's body (``chain.invoke(x)  # <- Ctrl-C in a step``): the run closes with an error
+#    event carrying it, then it is re-raised (R1). One that lands during that closing is held
+#    and the closing goes on (`_Run._fail`); one at the entry of `_fail`, before anything can
+#    hold it, leaves the closing to the call's ``finally`` (`_fail_again`).
+# 4. Before every listener heard a run's end (any case above, at its closing event): the run
+#    keeps its one closing event (``_end``, chosen by `_Run._closing`) until all heard it. At a
+#    root, an end or error fired again finishes that delivery; a child's goes to its parent,
+#    which delivers it, innermost first, before its own (``_orphans``, `_Run._cut_short`).
+# 5. When the stack runs out at a handler's call (runs nested too deep): a `RecursionError`
+#    raised before Python entered the method (`_never_entered`) means the handler did not hear
+#    the event. Delivery stops there and the caller learns who did not (`_Undelivered`); they
+#    hear it later, as in case 4, and the run fails with that `RecursionError` (R1). One raised
+#    inside the method is the handler's own failure (D2). Under a loop, a handler's task raises
+#    if and only if it could not call its handler (`_acall_handler`), and its dispatcher counts
+#    those without calling anything that calls a function (`_adispatch`).
+# 6. While work runs in another thread, which nothing can stop: a sync body or handler under
+#    ``ainvoke`` (`_in_thread`), an async handler under ``invoke`` (`_await_handler`), an async
+#    body under ``invoke`` inside a running loop (`_run_coroutine`), a batch's inputs
+#    (`_map_in_threads`). The work is waited for (`_wait_for`, `_complete`, the pool's exit),
+#    so that the runs it started close before the runs around them; then the interrupt is
+#    raised. Work handed to a thread or a task returns an outcome and never raises across
+#    (`_attempt`, `_outcome`): an interrupt there is a result, raised later.
+# 7. While a stream closes early (``stream.close()``, ``await stream.aclose()``): every run left
+#    open inside it closes, innermost first; a failure to close one, or an interrupt meanwhile,
+#    is held until all are closed (`_close_all`, `_aclose_all`).
+# 8. In a coroutine body (``await outer.ainvoke(x)  # <- Ctrl-C inside``): the body runs in the
+#    caller's own task, each step in its run's context (`_run_in`), so an interrupt stays in
+#    frames of ours and the runs around it close; a cancellation is passed on to the body.
+#
+# Where the promise ends (a second interrupt at the entry of case 3, a raw `KeyboardInterrupt`
+# inside an asyncio task, threads that never return): the README, "Where these promises end".
 
 
 class _Undelivered(Exception):
@@ -1296,14 +1342,11 @@ def _dispatch(
     is emptied once taken over: until then, the fast path may hand it over again.
 
     Every handler receives the event even when an earlier one failed or an interrupt arrived
-    meanwhile, so that each handler's trace stays balanced (D3). Then the first non-`Exception`
-    (such as `KeyboardInterrupt`) is raised, else the first failure of a ``raise_error``
-    handler; other failures are only logged (`_settle`). `_Undelivered` if Python cannot call
-    a handler.
-
-    The run's state moves with the delivery, so that an interrupt at any point leaves it
-    truthful: a start event makes ``handlers`` the run's listeners as delivery begins, and a
-    closing event marks the run done once the last has heard it (`_Run._finish`).
+    meanwhile (cases 1 and 5 of the story above). Then the first non-`Exception` is raised,
+    else the first failure of a ``raise_error`` handler; other failures are only logged
+    (`_settle`). `_Undelivered` if Python cannot call a handler. The run's state moves with the
+    delivery: a start event makes ``handlers`` the run's listeners as delivery begins, and a
+    closing event marks the run done once the last has heard it.
     """
     raised: BaseException | None = None
     flag, name, opens, closes, usual, index, repeats = event.dispatch
@@ -1487,9 +1530,7 @@ async def _in_thread(
     """``func(*args, **kwargs)`` in a worker thread with a copy of the context, under an event
     loop, as an outcome (`_attempt`): ``(output, None)`` or ``(None, failure)``.
 
-    If the awaiting task is cancelled meanwhile, the thread cannot be stopped: it is waited
-    for all the same, so that runs it started close before the runs around it (D3), and then
-    the cancellation is raised.
+    A cancellation of the awaiting task meanwhile is raised once the thread is done (case 6).
     """
     loop = asyncio.get_running_loop()
     call = functools.partial(func, *args, **kwargs)
@@ -2277,9 +2318,8 @@ class _Run(_Scope):
     happens, so that an interrupt at any point leaves them truthful: ``_listeners`` are the
     handlers its start event reached (its later events go to them alone), and ``_end`` is None
     while it is open, then its one closing event (``(handlers yet to hear it, event, args,
-    keywords)``), then `_DONE`. A run whose closing event could not reach every listener (the
-    stack too deep for another call) is handed to its parent run (``_orphans``), which
-    delivers it, innermost first, before its own.
+    keywords)``), then `_DONE`. A run whose closing event could not reach every listener is
+    handed to its parent run (``_orphans``): case 4 of the story told in Dispatch.
     """
 
     __slots__ = (
@@ -2448,9 +2488,8 @@ class _Run(_Scope):
 
     def _fail(self, error: BaseException) -> None:
         """Close the run with ``error`` (R1), unless it was closed: what a runnable does when
-        anything went wrong. An interrupt that lands meanwhile, before everyone heard it, is
-        held: the closing goes on, then the interrupt is raised (D3). A handler's failure then
-        leaves as from `_close`, unless an interrupt outranks it (D2)."""
+        anything went wrong. An interrupt meanwhile is held until everyone heard the error (case
+        3); a handler's failure leaves as from `_finish`, unless an interrupt outranks it (D2)."""
         held: BaseException | None = None
         while self._end is not _DONE and (self._listeners or self._orphans):
             try:
@@ -2677,8 +2716,7 @@ class AsyncRunManager(_Run):
 # is open and `_dispatch` has resolved its listeners' methods (``_methods``), it calls them in
 # turn, with the run's keywords made once (D7), and hands over to `_dispatch` at the first
 # thing out of the ordinary: a failure, a returned awaitable, an interrupt, saying how far it
-# got. The line that calls a handler also notes it was called, so that an interrupt landing
-# anywhere leaves a true account: no handler hears the event twice or not at all (D3).
+# got: the line that calls a handler also notes it was called (case 1 of the story in Dispatch).
 # An end or error event of an open run has a fast path too: with no extra keywords and no
 # children left to close, it is kept as the run's end and delivered by `_dispatch` from the
 # method's own frame, as `_Run._finish` would (two frames fewer on every run a handler
@@ -3251,8 +3289,7 @@ class _Step:
 async def _run_in(context: contextvars.Context, coroutine: Coroutine[Any, Any, Any]) -> Any:
     """Await ``coroutine`` with each of its steps run in ``context``, in this very task.
 
-    Unlike a new task with that context, an interrupt raised inside stays in our frames, so
-    the runs around it still close (D3); a cancellation is passed on to the coroutine.
+    Unlike a new task with that context, this keeps an interrupt in frames of ours (case 8).
     """
     error: BaseException | None = None
     while True:
@@ -3541,9 +3578,8 @@ class Runnable:
 
     # The run protocol, one function per call mode. Each makes its run first (no event), then in
     # one ``try``: fires the start (D7: only if someone listens), runs the body, fires the end;
-    # and on any exception fires the error instead (R1, D3). Every step is inside the ``try``,
-    # so that an interrupt anywhere after the start still closes the run; a closing event that
-    # was chosen but not fully delivered is finished rather than replaced (`_Run._finish`).
+    # and on any exception fires the error instead (R1). Every step is inside the ``try``, so
+    # that an interrupt anywhere after the start still closes the run (cases 3 and 4, Dispatch).
 
     def _invoke(self, input: Any, config: Mapping[str, Any], parent: _Manager | None) -> Any:
         run = self._begin(config, parent, RunManager)
