@@ -2848,6 +2848,25 @@ def test_S10_custom_event_belongs_to_the_enclosing_run() -> None:
         dispatch_custom_event("outside", None)
 
 
+def _assert_context_runs(local: Recorder, rec: Recorder) -> None:
+    """The traces of S11's context tests: the model's constructor handler hears its run as the
+    outer Lambda's child, then as a root of its own; the request handler, the two Lambdas."""
+    assert _trace(local) == [
+        ("on_llm_start", 2, 1, [], {}),
+        ("on_llm_end", 2, 1, [], None),
+        ("on_llm_start", 4, None, [], {}),
+        ("on_llm_end", 4, None, [], None),
+    ]
+    assert [(m, i, p) for m, i, p, _, _ in _trace(rec)] == [
+        ("on_chain_start", 1, None),
+        ("on_llm_start", 2, 1),
+        ("on_llm_end", 2, 1),
+        ("on_chain_end", 1, None),
+        ("on_chain_start", 3, None),
+        ("on_chain_error", 3, None),
+    ]
+
+
 def test_S11_context_is_restored_after_a_run() -> None:
     local, rec = Recorder("local"), Recorder("request")
     llm = LLM("x", callbacks=[local])
@@ -2865,20 +2884,7 @@ def test_S11_context_is_restored_after_a_run() -> None:
         llm.invoke("again")  # a root again: nothing of the earlier runs leaked
     assert inside[0] != before  # the check below is not vacuous
     assert dict(contextvars.copy_context()) == before
-    assert _trace(local) == [
-        ("on_llm_start", 2, 1, [], {}),
-        ("on_llm_end", 2, 1, [], None),
-        ("on_llm_start", 4, None, [], {}),
-        ("on_llm_end", 4, None, [], None),
-    ]
-    assert [(m, i, p) for m, i, p, _, _ in _trace(rec)] == [
-        ("on_chain_start", 1, None),
-        ("on_llm_start", 2, 1),
-        ("on_llm_end", 2, 1),
-        ("on_chain_end", 1, None),
-        ("on_chain_start", 3, None),
-        ("on_chain_error", 3, None),
-    ]
+    _assert_context_runs(local, rec)
 
 
 @pytest.mark.parametrize("mode", ["invoke", "stream"])
@@ -3946,17 +3952,21 @@ _calls = st.one_of(
 )
 _bindings = st.none() | st.builds(_Binding, _handler_ids, _tags, _metadata)
 _fails = st.sampled_from([False, False, False, False, True])
+# What every node draws, leaf or not: constructor handlers, tags, metadata, binding, failure.
+_own = {
+    "ctor": _handler_ids,
+    "tags": _tags,
+    "metadata": _metadata,
+    "bound": _bindings,
+    "fails": _fails,
+}
 
 
 def _leaves() -> st.SearchStrategy[_Node]:
     return st.builds(
         _Node,
         kind=st.sampled_from(["llm", "chat", "tool", "retriever", "lambda"]),
-        ctor=_handler_ids,
-        tags=_tags,
-        metadata=_metadata,
-        bound=_bindings,
-        fails=_fails,
+        **_own,
         streaming=st.booleans(),
         emits=st.booleans(),
         async_body=st.booleans(),
@@ -3971,11 +3981,7 @@ def _composites(children: st.SearchStrategy[_Node]) -> st.SearchStrategy[_Node]:
         _Node,
         kind=st.sampled_from(["chain", "parallel", "lambda"]),
         children=kids,
-        ctor=_handler_ids,
-        tags=_tags,
-        metadata=_metadata,
-        bound=_bindings,
-        fails=_fails,
+        **_own,
         catches=st.booleans(),
         emits=st.booleans(),
         async_body=st.booleans(),
@@ -6149,20 +6155,7 @@ def test_S11_ainvoke_leaves_the_callers_context_unchanged() -> None:
 
     with sequential_run_ids():
         asyncio.run(main())
-    assert _trace(local) == [
-        ("on_llm_start", 2, 1, [], {}),
-        ("on_llm_end", 2, 1, [], None),
-        ("on_llm_start", 4, None, [], {}),
-        ("on_llm_end", 4, None, [], None),
-    ]
-    assert [(m, i, p) for m, i, p, _, _ in _trace(rec)] == [
-        ("on_chain_start", 1, None),
-        ("on_llm_start", 2, 1),
-        ("on_llm_end", 2, 1),
-        ("on_chain_end", 1, None),
-        ("on_chain_start", 3, None),
-        ("on_chain_error", 3, None),
-    ]
+    _assert_context_runs(local, rec)
 
 
 _USER_VAR: contextvars.ContextVar[str] = contextvars.ContextVar("user_var", default="caller")
