@@ -3289,7 +3289,8 @@ class _Step:
 async def _run_in(context: contextvars.Context, coroutine: Coroutine[Any, Any, Any]) -> Any:
     """Await ``coroutine`` with each of its steps run in ``context``, in this very task.
 
-    Unlike a new task with that context, this keeps an interrupt in frames of ours (case 8).
+    Unlike a new task with that context, this keeps an interrupt in frames of ours; a
+    cancellation is passed on to the coroutine (case 8 of the story in Dispatch).
     """
     error: BaseException | None = None
     while True:
