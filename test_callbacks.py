@@ -9088,6 +9088,27 @@ def test_X5_the_corpus_covers_every_S_and_D_rule(capsys: pytest.CaptureFixture[s
             assert f"`{entry['id'].split('/')[0]}`" in differences, entry["id"]
 
 
+def test_X5_every_key_a_scenario_gives_reaches_its_corpus_entries() -> None:
+    """What a scenario says is written out in each of its entries, none dropped (``modes`` as
+    one entry per mode, ``differs`` as the rules of that mode); what it leaves out is
+    `_USUAL`'s."""
+    entries = {e["id"]: e for e in callbacks._corpus()["scenarios"]}
+    for written in callbacks._SCENARIOS:
+        scenario = {**callbacks._USUAL, **written}
+        for mode in scenario["modes"]:
+            entry = entries[f"{written['id']}/{mode}"]
+            config = entry["call"]["config"]
+            if mode.endswith("batch"):  # one input after the other
+                assert config == {**(scenario["config"] or {}), "max_concurrency": 1}
+                config = scenario["config"]
+            kept = {**entry, **entry["call"], "id": written["id"], "modes": scenario["modes"]}
+            kept["config"] = config
+            differs = written.get("differs", {})
+            assert entry["differs"] == [rule for rule in differs if mode in differs[rule]]
+            kept["differs"] = differs
+            assert {key: kept.get(key) for key in scenario} == scenario, entry["id"]
+
+
 def test_X5_every_handlers_expected_trace_keeps_the_rules(
     capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
 ) -> None:
